@@ -1,1 +1,90 @@
+//! paramd: a parameter-server daemon whose optimizers reproduce `torch.optim`.
+//!
+//! The math modules (`optim`, `schedule`, `clip`) are pure functions over
+//! slices; `layout`, `pieces`, `store`, `job` and `coordinator` hold a job's
+//! chunks and run its rounds; `service` and `http` are the network surface.
 
+pub mod clip;
+pub mod compute;
+pub mod coordinator;
+pub mod error;
+pub mod http;
+pub mod job;
+pub mod layout;
+pub mod metrics;
+pub mod node;
+pub mod optim;
+pub mod pieces;
+pub mod schedule;
+pub mod service;
+pub mod spec;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use paramd_proto::v1::param_server_server::ParamServerServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use crate::error::{Error, Result};
+pub use crate::node::{Node, NodeConfig};
+
+/// HTTP/2 flow-control windows: large enough that a multi-megabyte push is
+/// not throttled by round trips on a fast link.
+const STREAM_WINDOW: u32 = 8 << 20;
+const CONNECTION_WINDOW: u32 = 32 << 20;
+
+/// Serves gRPC on `grpc` and metrics on `http` until `shutdown` resolves,
+/// then stops accepting calls and returns once in-flight calls finished or
+/// `grace` passed, whichever is first.
+pub async fn serve(
+    grpc: TcpListener,
+    http: TcpListener,
+    config: NodeConfig,
+    grace: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let handle = metrics::install();
+    let max_message = config.max_message_bytes;
+    let node = Arc::new(Node::new(config));
+    let service = ParamServerServer::new(service::Service::new(node))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        // An error means the sender is gone: stop as well.
+        let _ = rx.wait_for(|&s| s).await;
+    };
+    let grpc_server = tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
+    let http_server =
+        axum::serve(http, http::router(handle)).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let servers = async {
+        tokio::try_join!(
+            async { grpc_server.await.map_err(anyhow::Error::from) },
+            async { http_server.await.map_err(anyhow::Error::from) }
+        )
+    };
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    let deadline = async {
+        stopped(stop_rx).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        r = servers => { r?; }
+        () = deadline => { tracing::warn!(grace_secs = grace.as_secs_f64(), "grace period over, exiting with calls in flight"); }
+    }
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! The step decision of a round: once every shard has reported its per-chunk
+//! sums of squares, the coordinator computes the global norm, the clip
+//! coefficient and the learning rates (or the skip), and every shard applies
+//! that same decision.
+//!
+//! In a one-shard cluster the shard reports to an in-process coordinator;
+//! the code path is the same.
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use crate::clip::{clip_coefficient, global_norm};
+use crate::error::{Error, Result};
+use crate::schedule::Schedule;
+
+/// A shard's contribution to a round's norm.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// `(global chunk id, sum of squares of the mean gradient)`.
+    pub sums: Vec<(usize, f64)>,
+    /// Whether any value of the mean gradient was not finite.
+    pub non_finite: bool,
+}
+
+/// What every shard does with round `round`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    pub round: u64,
+    /// The gradient was not finite: apply nothing.
+    pub skip: bool,
+    /// Global L2 norm of the mean gradient, before clipping.
+    pub grad_norm: f32,
+    /// Multiplier of the gradient (1 without clipping).
+    pub coef: f32,
+    /// The learning rate of each param group for this step.
+    pub lrs: Vec<f64>,
+    /// Optimizer steps applied once this decision is applied.
+    pub step: u64,
+}
+
+/// What the coordinator needs of a job's configuration.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub base_lrs: Vec<f64>,
+    pub schedule: Schedule,
+    pub clip: Option<f64>,
+}
+
+impl Policy {
+    /// The learning rate of every group at optimizer step `k`.
+    pub fn lrs(&self, k: u64) -> Vec<f64> {
+        self.base_lrs
+            .iter()
+            .map(|&lr| self.schedule.lr(lr, k))
+            .collect()
+    }
+
+    /// Decides round `round` from all shards' reports, `step` updates having
+    /// been applied before it.
+    pub fn decide(&self, round: u64, step: u64, reports: &[Report]) -> Decision {
+        let mut sums: Vec<(usize, f64)> = reports
+            .iter()
+            .flat_map(|r| r.sums.iter().copied())
+            .collect();
+        // Canonical order: the norm must not depend on where chunks live.
+        sums.sort_unstable_by_key(|&(id, _)| id);
+        let grad_norm = global_norm(sums.iter().map(|&(_, s)| s));
+        let skip = reports.iter().any(|r| r.non_finite) || !grad_norm.is_finite();
+        let coef = match self.clip {
+            Some(max_norm) if !skip => clip_coefficient(grad_norm, max_norm),
+            _ => 1.0,
+        };
+        Decision {
+            round,
+            skip,
+            grad_norm,
+            coef,
+            lrs: self.lrs(step),
+            step: if skip { step } else { step + 1 },
+        }
+    }
+}
+
+/// Gathers the reports of a round and hands the decision to every shard.
+#[derive(Debug)]
+pub struct Coordinator {
+    policy: Policy,
+    shards: usize,
+    state: Mutex<Gather>,
+}
+
+#[derive(Debug)]
+struct Gather {
+    round: u64,
+    step: u64,
+    reports: Vec<Option<Report>>,
+    waiters: Vec<oneshot::Sender<Decision>>,
+}
+
+impl Coordinator {
+    /// A coordinator for `shards` shards, at round `round` after `step`
+    /// applied updates.
+    pub fn new(policy: Policy, shards: usize, round: u64, step: u64) -> Coordinator {
+        Coordinator {
+            policy,
+            shards,
+            state: Mutex::new(Gather {
+                round,
+                step,
+                reports: vec![None; shards],
+                waiters: Vec::new(),
+            }),
+        }
+    }
+
+    /// The schedule and clip this coordinator applies.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Records shard `shard`'s report of `round` and waits for the decision.
+    pub async fn report(&self, round: u64, shard: usize, report: Report) -> Result<Decision> {
+        let rx = {
+            let mut g = self.state.lock();
+            if round != g.round {
+                return Err(Error::Internal(format!(
+                    "shard {shard} reported round {round}, the coordinator is deciding round {}",
+                    g.round
+                )));
+            }
+            let slot = g
+                .reports
+                .get_mut(shard)
+                .ok_or_else(|| Error::Internal(format!("shard {shard} is not in this cluster")))?;
+            *slot = Some(report);
+            let (tx, rx) = oneshot::channel();
+            g.waiters.push(tx);
+            if g.reports.iter().all(Option::is_some) {
+                let reports: Vec<Report> = g.reports.iter_mut().filter_map(Option::take).collect();
+                let decision = self.policy.decide(round, g.step, &reports);
+                g.step = decision.step;
+                g.round += 1;
+                for w in g.waiters.drain(..) {
+                    // A shard that stopped waiting learns the decision when
+                    // it asks again; nothing to do here.
+                    let _ = w.send(decision.clone());
+                }
+            }
+            rx
+        };
+        rx.await
+            .map_err(|_| Error::Internal(format!("round {round} was abandoned by the coordinator")))
+    }
+
+    /// Number of shards reporting to this coordinator.
+    pub fn shards(&self) -> usize {
+        self.shards
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(clip: Option<f64>) -> Policy {
+        Policy {
+            base_lrs: vec![0.1, 0.01],
+            schedule: Schedule::WarmupCosine {
+                warmup_steps: 2,
+                total_steps: 10,
+                min_lr_ratio: 0.0,
+            },
+            clip,
+        }
+    }
+
+    #[test]
+    fn norm_is_independent_of_report_order() {
+        let a = Report {
+            sums: vec![(2, 0.3), (0, 1.7)],
+            non_finite: false,
+        };
+        let b = Report {
+            sums: vec![(1, 2.5e-9), (3, 11.0)],
+            non_finite: false,
+        };
+        let p = policy(Some(1.0));
+        let d1 = p.decide(0, 0, &[a.clone(), b.clone()]);
+        let d2 = p.decide(0, 0, &[b, a]);
+        assert_eq!(d1.grad_norm.to_bits(), d2.grad_norm.to_bits());
+        assert!(d1.coef < 1.0);
+        assert_eq!(d1.lrs, vec![0.0, 0.0], "the first warmup step has lr 0");
+        assert_eq!(d1.step, 1);
+    }
+
+    #[test]
+    fn non_finite_skips_and_keeps_the_step() {
+        let r = Report {
+            sums: vec![(0, 1.0)],
+            non_finite: true,
+        };
+        let d = policy(None).decide(7, 3, &[r]);
+        assert!(d.skip);
+        assert_eq!(d.step, 3);
+        assert_eq!(d.coef, 1.0);
+    }
+
+    #[tokio::test]
+    async fn decides_once_every_shard_reported() {
+        let c = std::sync::Arc::new(Coordinator::new(policy(None), 2, 0, 0));
+        let c2 = c.clone();
+        let first = tokio::spawn(async move { c2.report(0, 0, Report::default()).await });
+        let second = c.report(0, 1, Report::default()).await.expect("decision");
+        let first = first.await.expect("join").expect("decision");
+        assert_eq!(first, second);
+        assert!(
+            c.report(0, 0, Report::default()).await.is_err(),
+            "round 0 is decided"
+        );
+    }
+}

@@ -1,0 +1,75 @@
+//! The one error type of paramd's core, and its mapping onto gRPC codes.
+
+use tonic::{Code, Status};
+
+/// Everything the core refuses or fails at. Messages name the field or the
+/// parameter and the value that was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad configuration or a malformed push: nothing of it was kept.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("job '{0}' does not exist")]
+    NotFound(String),
+    #[error("job '{job}' already exists with a different configuration: {detail}")]
+    JobMismatch { job: String, detail: String },
+    #[error("stale push: round {round} of job '{job}' is complete; the current round is {current}")]
+    Stale {
+        job: String,
+        round: u64,
+        current: u64,
+    },
+    #[error("early push: job '{job}' is collecting round {current}, not round {round}")]
+    Early {
+        job: String,
+        round: u64,
+        current: u64,
+    },
+    #[error("{0}")]
+    Timeout(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Shorthand for an `Error::Invalid` with a formatted message.
+#[macro_export]
+macro_rules! invalid {
+    ($($arg:tt)*) => { $crate::error::Error::Invalid(format!($($arg)*)) };
+}
+
+impl Error {
+    /// A short, bounded label for the `reason` of refusal metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Invalid(_) => "invalid",
+            Error::NotFound(_) => "unknown_job",
+            Error::JobMismatch { .. } => "job_mismatch",
+            Error::Stale { .. } => "stale",
+            Error::Early { .. } => "early",
+            Error::Timeout(_) => "timeout",
+            Error::TooLarge(_) => "too_large",
+            Error::Internal(_) => "internal",
+        }
+    }
+}
+
+/// The result type of the core.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let code = match &e {
+            Error::Invalid(_) => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::JobMismatch { .. } | Error::Stale { .. } | Error::Early { .. } => {
+                Code::FailedPrecondition
+            }
+            Error::Timeout(_) => Code::DeadlineExceeded,
+            Error::TooLarge(_) => Code::ResourceExhausted,
+            Error::Internal(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}

@@ -1,0 +1,445 @@
+//! One job on one shard: its chunks, the round being collected, and the
+//! completion of a round (reduce, report to the coordinator, apply).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use paramd_proto::v1::Segment;
+use parking_lot::{Mutex, RwLock};
+use rayon::prelude::*;
+use tokio::sync::watch;
+
+use crate::clip::sum_squares;
+use crate::compute;
+use crate::coordinator::{Coordinator, Decision, Policy, Report};
+use crate::error::{Error, Result};
+use crate::invalid;
+use crate::layout::Layout;
+use crate::metrics::JobMetrics;
+use crate::pieces::{Ownership, Pieces, Target, copy_into, mean_into, to_le_bytes};
+use crate::spec::{JobConfig, NonFinite};
+use crate::store::ChunkState;
+
+/// The outcome of a completed round, as Status and Pull report it.
+pub type Outcome = Decision;
+
+/// What a push for a round turns out to be before its payload is read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// A new push for the round being collected.
+    Accept,
+    /// A retry of a push already counted: acknowledge, count nothing.
+    Duplicate,
+}
+
+/// A snapshot of a job for Status.
+#[derive(Debug)]
+pub struct JobStatus {
+    pub round: u64,
+    pub step: u64,
+    pub workers_pushed: u32,
+    pub rounds_skipped: u64,
+    pub last: Option<Outcome>,
+    pub parameter_bytes: usize,
+    pub state_bytes: usize,
+}
+
+/// Parameters as of a round, ready to send.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub round: u64,
+    pub last: Option<Outcome>,
+    pub segments: Vec<Segment>,
+}
+
+/// Values and state of the chunks, with the round they reflect, behind one
+/// lock so that a pull never sees a half-applied round.
+struct Store {
+    chunks: Vec<ChunkState>,
+    round: u64,
+    last: Option<Outcome>,
+    skipped: u64,
+}
+
+/// The round being collected.
+struct Collect {
+    round: u64,
+    pushed: Vec<bool>,
+    count: u32,
+    pushes: Vec<Option<Pieces>>,
+}
+
+/// A job as held by one shard.
+pub struct Job {
+    pub name: String,
+    pub config: JobConfig,
+    layout: Layout,
+    own: Ownership,
+    index: HashMap<String, usize>,
+    store: RwLock<Store>,
+    /// One accumulation buffer per chunk, touched only while completing.
+    grads: Mutex<Vec<Vec<f32>>>,
+    collect: Mutex<Collect>,
+    completed: watch::Sender<u64>,
+    coordinator: Coordinator,
+    shard: usize,
+    pub metrics: JobMetrics,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Job {
+    /// Creates job `name` from its validated config and initial values.
+    pub async fn create(
+        name: String,
+        config: JobConfig,
+        chunk_bytes: usize,
+        values: Vec<Segment>,
+    ) -> Result<Job> {
+        let layout = Layout::new(&config.params, chunk_bytes);
+        let own = Ownership::all(&layout);
+        let index: HashMap<String, usize> = config
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name.clone(), i))
+            .collect();
+        let target = Target {
+            params: &config.params,
+            index: &index,
+            layout: &layout,
+            own: &own,
+            finite_only: false,
+        };
+        let pieces = target.split(values).map_err(|e| match e {
+            Error::Invalid(m) => invalid!("initial values: {m}"),
+            e => e,
+        })?;
+        let (chunks, grads) = {
+            let (layout, own, config) = (layout.clone(), own.clone(), config.clone());
+            compute::run(move || {
+                let chunks: Vec<ChunkState> = own
+                    .chunks
+                    .par_iter()
+                    .zip(&pieces.by_chunk)
+                    .map(|(&id, pieces)| {
+                        let chunk = &layout.chunks[id];
+                        let mut values = vec![0.0; chunk.len];
+                        copy_into(pieces, &mut values);
+                        ChunkState::new(values, &config.groups[config.params[chunk.param].group])
+                    })
+                    .collect();
+                let grads = chunks.iter().map(|c| vec![0.0; c.values.len()]).collect();
+                (chunks, grads)
+            })
+            .await?
+        };
+        let policy = Policy {
+            base_lrs: config.groups.iter().map(|g| g.lr()).collect(),
+            schedule: config.schedule.clone(),
+            clip: config.clip,
+        };
+        let metrics = JobMetrics::new(&name, config.groups.len());
+        let workers = config.workers as usize;
+        let job = Job {
+            coordinator: Coordinator::new(policy, 1, 0, 0),
+            shard: 0,
+            store: RwLock::new(Store {
+                chunks,
+                round: 0,
+                last: None,
+                skipped: 0,
+            }),
+            grads: Mutex::new(grads),
+            collect: Mutex::new(Collect {
+                round: 0,
+                pushed: vec![false; workers],
+                count: 0,
+                pushes: (0..workers).map(|_| None).collect(),
+            }),
+            completed: watch::channel(0).0,
+            name,
+            config,
+            layout,
+            own,
+            index,
+            metrics,
+        };
+        let status = job.status();
+        job.metrics
+            .workers_expected
+            .set(f64::from(job.config.workers));
+        job.metrics
+            .parameter_bytes
+            .set(status.parameter_bytes as f64);
+        job.metrics.state_bytes.set(status.state_bytes as f64);
+        job.metrics.round.set(0.0);
+        job.metrics.step.set(0.0);
+        Ok(job)
+    }
+
+    /// Bytes of gradient one worker pushes to this shard per round.
+    pub fn push_bytes(&self) -> usize {
+        self.own
+            .chunks
+            .iter()
+            .map(|&c| self.layout.chunks[c].len * 4)
+            .sum()
+    }
+
+    /// Decides, from the header of a push alone, whether to read its payload.
+    pub fn admit(&self, worker: u32, round: u64) -> Result<Admission> {
+        let c = self.collect.lock();
+        self.admit_locked(&c, worker, round)
+    }
+
+    fn admit_locked(&self, c: &Collect, worker: u32, round: u64) -> Result<Admission> {
+        if worker >= self.config.workers {
+            return Err(invalid!(
+                "worker {worker} is out of range: job '{}' has {} workers (ranks 0..{})",
+                self.name,
+                self.config.workers,
+                self.config.workers - 1
+            ));
+        }
+        if round < c.round {
+            return Err(Error::Stale {
+                job: self.name.clone(),
+                round,
+                current: c.round,
+            });
+        }
+        if round > c.round {
+            return Err(Error::Early {
+                job: self.name.clone(),
+                round,
+                current: c.round,
+            });
+        }
+        if c.pushed[worker as usize] {
+            Ok(Admission::Duplicate)
+        } else {
+            Ok(Admission::Accept)
+        }
+    }
+
+    /// Validates and records worker `worker`'s gradients for `round`. The
+    /// push that completes the round starts its completion, which runs on
+    /// its own task so that a client going away cannot abandon it.
+    pub fn push(
+        self: &Arc<Self>,
+        worker: u32,
+        round: u64,
+        grads: Vec<Segment>,
+    ) -> Result<(Admission, u32)> {
+        let target = Target {
+            params: &self.config.params,
+            index: &self.index,
+            layout: &self.layout,
+            own: &self.own,
+            finite_only: self.config.non_finite == NonFinite::Error,
+        };
+        let pieces = target.split(grads)?;
+        let bytes = pieces.bytes;
+        let mut c = self.collect.lock();
+        if self.admit_locked(&c, worker, round)? == Admission::Duplicate {
+            self.metrics.duplicates.increment(1);
+            return Ok((Admission::Duplicate, c.count));
+        }
+        c.pushed[worker as usize] = true;
+        c.pushes[worker as usize] = Some(pieces);
+        c.count += 1;
+        let count = c.count;
+        self.metrics.pushes.increment(1);
+        self.metrics.push_bytes.increment(bytes as u64);
+        self.metrics.workers_pushed.set(f64::from(count));
+        if count == self.config.workers {
+            // Rank order, whatever the arrival order: the mean is
+            // deterministic.
+            let pushes: Vec<Pieces> = c.pushes.iter_mut().filter_map(Option::take).collect();
+            let job = Arc::clone(self);
+            tokio::spawn(async move {
+                if let Err(e) = job.clone().complete(round, pushes).await {
+                    tracing::error!(job = %job.name, round, error = %e, "round failed");
+                }
+            });
+        }
+        Ok((Admission::Accept, count))
+    }
+
+    async fn complete(self: Arc<Self>, round: u64, pushes: Vec<Pieces>) -> Result<()> {
+        let started = Instant::now();
+        let job = Arc::clone(&self);
+        let report = compute::run(move || job.reduce(&pushes)).await?;
+        let decision = self.coordinator.report(round, self.shard, report).await?;
+        let job = Arc::clone(&self);
+        let d = decision.clone();
+        compute::run(move || job.apply(d)).await?;
+        {
+            let mut c = self.collect.lock();
+            c.round = round + 1;
+            c.pushed.iter_mut().for_each(|p| *p = false);
+            c.count = 0;
+        }
+        self.completed.send_replace(round + 1);
+        self.record(&decision, started.elapsed());
+        Ok(())
+    }
+
+    /// Averages every chunk's pushes in rank order and reports the sums of
+    /// squares. Runs on the compute pool.
+    fn reduce(&self, pushes: &[Pieces]) -> Report {
+        let mut grads = self.grads.lock();
+        let sums: Vec<(usize, f64, bool)> = grads
+            .par_iter_mut()
+            .enumerate()
+            .map(|(local, acc)| {
+                mean_into(pushes.iter().map(|p| &p.by_chunk[local][..]), acc);
+                let (sum, non_finite) = sum_squares(acc);
+                (self.own.chunks[local], sum, non_finite)
+            })
+            .collect();
+        Report {
+            non_finite: sums.iter().any(|s| s.2),
+            sums: sums.into_iter().map(|(id, s, _)| (id, s)).collect(),
+        }
+    }
+
+    /// Applies a decision to every chunk and moves the store to the next
+    /// round, under the store's write lock. Runs on the compute pool.
+    fn apply(&self, d: Decision) {
+        let grads = self.grads.lock();
+        let mut store = self.store.write();
+        if !d.skip {
+            store
+                .chunks
+                .par_iter_mut()
+                .zip(grads.par_iter())
+                .zip(self.own.chunks.par_iter())
+                .for_each(|((chunk, grad), &id)| {
+                    let group = self.config.params[self.layout.chunks[id].param].group;
+                    chunk.apply(&self.config.groups[group], d.lrs[group], d.coef, grad);
+                });
+        } else {
+            store.skipped += 1;
+        }
+        store.round = d.round + 1;
+        store.last = Some(d);
+    }
+
+    fn record(&self, d: &Decision, took: Duration) {
+        let m = &self.metrics;
+        m.apply_duration.record(took.as_secs_f64());
+        m.round.set((d.round + 1) as f64);
+        m.workers_pushed.set(0.0);
+        m.grad_norm.set(f64::from(d.grad_norm));
+        m.clip_coefficient.set(f64::from(d.coef));
+        m.step.set(d.step as f64);
+        for (g, lr) in m.lr.iter().zip(&d.lrs) {
+            g.set(*lr);
+        }
+        if d.skip {
+            m.skipped.increment(1);
+            tracing::warn!(job = %self.name, round = d.round, grad_norm = d.grad_norm, "round skipped: gradient not finite");
+        } else {
+            tracing::debug!(job = %self.name, round = d.round, step = d.step, grad_norm = d.grad_norm, coef = d.coef, "round applied");
+        }
+    }
+
+    /// Waits until `round` rounds have completed, at most `wait`.
+    pub async fn wait_round(&self, round: u64, wait: Duration) -> Result<()> {
+        let started = Instant::now();
+        let mut rx = self.completed.subscribe();
+        let done = tokio::time::timeout(wait, rx.wait_for(|&r| r >= round)).await;
+        self.metrics
+            .pull_wait
+            .record(started.elapsed().as_secs_f64());
+        match done {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(Error::NotFound(self.name.clone())),
+            Err(_) => {
+                let c = self.collect.lock();
+                Err(Error::Timeout(format!(
+                    "job '{}': round {round} not reached after {:.1}s: collecting round {} with {} of {} workers pushed",
+                    self.name,
+                    wait.as_secs_f64(),
+                    c.round,
+                    c.count,
+                    self.config.workers
+                )))
+            }
+        }
+    }
+
+    /// The current parameters (all, or those named), consistent with one
+    /// round.
+    pub fn snapshot(&self, names: &[String]) -> Result<Snapshot> {
+        let wanted: Option<Vec<bool>> = if names.is_empty() {
+            None
+        } else {
+            let mut w = vec![false; self.config.params.len()];
+            for n in names {
+                let &i = self
+                    .index
+                    .get(n)
+                    .ok_or_else(|| invalid!("unknown parameter '{n}'"))?;
+                w[i] = true;
+            }
+            Some(w)
+        };
+        let store = self.store.read();
+        let segments: Vec<Segment> = self
+            .own
+            .chunks
+            .iter()
+            .zip(&store.chunks)
+            .filter(|&(&id, _)| {
+                wanted
+                    .as_ref()
+                    .is_none_or(|w| w[self.layout.chunks[id].param])
+            })
+            .map(|(&id, chunk)| {
+                let meta = &self.layout.chunks[id];
+                Segment {
+                    param: self.config.params[meta.param].name.clone(),
+                    offset: meta.offset as u64,
+                    data: to_le_bytes(&chunk.values),
+                }
+            })
+            .collect();
+        let bytes: usize = segments.iter().map(|s| s.data.len()).sum();
+        self.metrics.pull_bytes.increment(bytes as u64);
+        Ok(Snapshot {
+            round: store.round,
+            last: store.last.clone(),
+            segments,
+        })
+    }
+
+    /// Round, step and sizes of the job.
+    pub fn status(&self) -> JobStatus {
+        let workers_pushed = self.collect.lock().count;
+        let store = self.store.read();
+        JobStatus {
+            round: store.round,
+            step: store.last.as_ref().map_or(0, |d| d.step),
+            workers_pushed,
+            rounds_skipped: store.skipped,
+            last: store.last.clone(),
+            parameter_bytes: store.chunks.iter().map(|c| c.values.len() * 4).sum(),
+            state_bytes: store.chunks.iter().map(ChunkState::state_bytes).sum(),
+        }
+    }
+
+    /// The round workers push next.
+    pub fn round(&self) -> u64 {
+        *self.completed.borrow()
+    }
+}

@@ -1,0 +1,169 @@
+//! Prometheus metrics: every name declared once, with its unit, and the
+//! per-job handles resolved once per job so a round allocates no labels.
+
+use std::sync::OnceLock;
+
+use metrics::{
+    Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram,
+    gauge, histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Seconds buckets for latencies, from 100 µs to a minute.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once) and returns the
+/// handle that renders `/metrics`.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .and_then(|b| Ok(b.build_recorder()));
+            match recorder {
+                Ok(recorder) => {
+                    let handle = recorder.handle();
+                    // Fails only if another recorder was installed first, as
+                    // in a test process embedding something else; rendering
+                    // then shows nothing, which the tests would notice.
+                    let _ = metrics::set_global_recorder(recorder);
+                    describe();
+                    handle
+                }
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_gauge!(
+        "paramd_learning_rate",
+        "Learning rate of a param group in the last round"
+    );
+    describe_gauge!(
+        "paramd_grad_norm",
+        "Global L2 norm of the mean gradient of the last round, before clipping"
+    );
+    describe_gauge!(
+        "paramd_grad_clip_coefficient",
+        "Factor the last round's gradient was multiplied by (1: not clipped)"
+    );
+    describe_gauge!("paramd_optimizer_step", "Optimizer updates applied");
+    describe_gauge!("paramd_round", "Rounds completed");
+    describe_gauge!("paramd_workers_expected", "Workers a round waits for");
+    describe_gauge!(
+        "paramd_workers_pushed",
+        "Workers that pushed for the round being collected"
+    );
+    describe_gauge!("paramd_jobs", "Jobs held by this process");
+    describe_gauge!(
+        "paramd_shard_parameter_bytes",
+        Unit::Bytes,
+        "Bytes of parameters held by this shard"
+    );
+    describe_gauge!(
+        "paramd_shard_optimizer_state_bytes",
+        Unit::Bytes,
+        "Bytes of optimizer state held by this shard"
+    );
+    describe_counter!(
+        "paramd_rounds_skipped_total",
+        "Rounds skipped because the gradient was not finite"
+    );
+    describe_counter!(
+        "paramd_pushes_total",
+        "Pushes counted towards a round (retries excluded)"
+    );
+    describe_counter!(
+        "paramd_duplicate_pushes_total",
+        "Retried pushes acknowledged without counting again"
+    );
+    describe_counter!("paramd_refused_pushes_total", "Pushes refused, by reason");
+    describe_counter!(
+        "paramd_push_bytes_total",
+        Unit::Bytes,
+        "Gradient bytes received in counted pushes"
+    );
+    describe_counter!(
+        "paramd_pull_bytes_total",
+        Unit::Bytes,
+        "Parameter bytes served by pulls"
+    );
+    describe_histogram!(
+        "paramd_push_duration_seconds",
+        Unit::Seconds,
+        "Time to receive and validate a push"
+    );
+    describe_histogram!(
+        "paramd_pull_wait_seconds",
+        Unit::Seconds,
+        "Time a pull waited for its round"
+    );
+    describe_histogram!(
+        "paramd_apply_duration_seconds",
+        Unit::Seconds,
+        "Time to reduce and apply a round"
+    );
+}
+
+/// A refused push, counted by reason.
+pub fn refused(job: &str, reason: &'static str) {
+    counter!("paramd_refused_pushes_total", "job" => job.to_owned(), "reason" => reason)
+        .increment(1);
+}
+
+/// Handles of one job's series.
+#[derive(Debug)]
+pub struct JobMetrics {
+    pub lr: Vec<Gauge>,
+    pub grad_norm: Gauge,
+    pub clip_coefficient: Gauge,
+    pub step: Gauge,
+    pub round: Gauge,
+    pub workers_expected: Gauge,
+    pub workers_pushed: Gauge,
+    pub parameter_bytes: Gauge,
+    pub state_bytes: Gauge,
+    pub skipped: Counter,
+    pub pushes: Counter,
+    pub duplicates: Counter,
+    pub push_bytes: Counter,
+    pub pull_bytes: Counter,
+    pub push_duration: Histogram,
+    pub pull_wait: Histogram,
+    pub apply_duration: Histogram,
+}
+
+impl JobMetrics {
+    /// Resolves the series of job `job` with `groups` param groups.
+    pub fn new(job: &str, groups: usize) -> JobMetrics {
+        let j = job.to_owned();
+        JobMetrics {
+            lr: (0..groups)
+                .map(|g| gauge!("paramd_learning_rate", "job" => j.clone(), "group" => g.to_string()))
+                .collect(),
+            grad_norm: gauge!("paramd_grad_norm", "job" => j.clone()),
+            clip_coefficient: gauge!("paramd_grad_clip_coefficient", "job" => j.clone()),
+            step: gauge!("paramd_optimizer_step", "job" => j.clone()),
+            round: gauge!("paramd_round", "job" => j.clone()),
+            workers_expected: gauge!("paramd_workers_expected", "job" => j.clone()),
+            workers_pushed: gauge!("paramd_workers_pushed", "job" => j.clone()),
+            parameter_bytes: gauge!("paramd_shard_parameter_bytes", "job" => j.clone()),
+            state_bytes: gauge!("paramd_shard_optimizer_state_bytes", "job" => j.clone()),
+            skipped: counter!("paramd_rounds_skipped_total", "job" => j.clone()),
+            pushes: counter!("paramd_pushes_total", "job" => j.clone()),
+            duplicates: counter!("paramd_duplicate_pushes_total", "job" => j.clone()),
+            push_bytes: counter!("paramd_push_bytes_total", "job" => j.clone()),
+            pull_bytes: counter!("paramd_pull_bytes_total", "job" => j.clone()),
+            push_duration: histogram!("paramd_push_duration_seconds", "job" => j.clone()),
+            pull_wait: histogram!("paramd_pull_wait_seconds", "job" => j.clone()),
+            apply_duration: histogram!("paramd_apply_duration_seconds", "job" => j),
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! Optimizer updates over contiguous f32 slices, written to match
+//! `torch.optim`'s single-tensor (`foreach=False`) kernels operation by
+//! operation: scalars are computed in f64 as Python computes them, then used
+//! as f32 in the element-wise arithmetic, in the same order torch evaluates it.
+//!
+//! Pure functions: no I/O, no allocation, no knowledge of chunks or rounds.
+
+/// Hyperparameters of SGD, resolved (torch's defaults applied).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SgdHyper {
+    /// Base learning rate, before the schedule.
+    pub lr: f64,
+    pub momentum: f64,
+    pub dampening: f64,
+    pub weight_decay: f64,
+    pub nesterov: bool,
+}
+
+/// Hyperparameters of Adam and AdamW, resolved.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamHyper {
+    /// Base learning rate, before the schedule.
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub amsgrad: bool,
+    /// AdamW: `p *= 1 - lr * wd` instead of adding `wd * p` to the gradient.
+    pub decoupled: bool,
+}
+
+/// The optimizer of one param group.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Hyper {
+    Sgd(SgdHyper),
+    Adam(AdamHyper),
+}
+
+impl Hyper {
+    /// The group's base learning rate.
+    pub fn lr(&self) -> f64 {
+        match self {
+            Hyper::Sgd(h) => h.lr,
+            Hyper::Adam(h) => h.lr,
+        }
+    }
+
+    /// How many f32 state buffers of a parameter's size this optimizer keeps.
+    pub fn state_buffers(&self) -> usize {
+        match self {
+            Hyper::Sgd(h) => usize::from(h.momentum != 0.0),
+            Hyper::Adam(h) => 2 + usize::from(h.amsgrad),
+        }
+    }
+}
+
+/// Reads the `i`-th little-endian f32 of a byte slice.
+#[inline]
+pub fn le_f32(bytes: &[u8], i: usize) -> f32 {
+    let b = &bytes[4 * i..4 * i + 4];
+    f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// One SGD step, `torch.optim.SGD` with `foreach=False`.
+///
+/// `grad` is the round's gradient before clipping and `coef` the clip
+/// coefficient (1 without clipping: multiplying by 1 is exact).
+/// `buf` is the momentum buffer (empty when momentum is 0); `buf_init` says
+/// whether it holds a value yet (torch creates it from the first gradient).
+pub fn sgd(
+    h: &SgdHyper,
+    lr: f64,
+    coef: f32,
+    grad: &[f32],
+    param: &mut [f32],
+    buf: &mut [f32],
+    buf_init: bool,
+) {
+    let wd = h.weight_decay as f32;
+    let neg_lr = (-lr) as f32;
+    let decay = h.weight_decay != 0.0;
+    if h.momentum == 0.0 {
+        for (p, g) in param.iter_mut().zip(grad) {
+            let mut d = *g * coef;
+            if decay {
+                d += wd * *p;
+            }
+            *p += neg_lr * d;
+        }
+        return;
+    }
+    let m = h.momentum as f32;
+    let one_minus_damp = (1.0 - h.dampening) as f32;
+    for ((p, g), b) in param.iter_mut().zip(grad).zip(buf.iter_mut()) {
+        let mut d = *g * coef;
+        if decay {
+            d += wd * *p;
+        }
+        *b = if buf_init {
+            *b * m + one_minus_damp * d
+        } else {
+            d
+        };
+        let d = if h.nesterov { d + m * *b } else { *b };
+        *p += neg_lr * d;
+    }
+}
+
+/// The buffers of one parameter's Adam state.
+pub struct AdamState<'a> {
+    pub exp_avg: &'a mut [f32],
+    pub exp_avg_sq: &'a mut [f32],
+    /// Empty unless amsgrad.
+    pub max_exp_avg_sq: &'a mut [f32],
+}
+
+/// One Adam or AdamW step, `torch.optim.Adam`/`AdamW` with `foreach=False`.
+///
+/// `step` is the parameter's step count after this update (torch increments
+/// `state['step']` first), so the bias corrections use `step >= 1`.
+pub fn adam(
+    h: &AdamHyper,
+    lr: f64,
+    step: u64,
+    coef: f32,
+    grad: &[f32],
+    param: &mut [f32],
+    s: AdamState<'_>,
+) {
+    let step = step as f64;
+    let bias_correction1 = 1.0 - h.beta1.powf(step);
+    let bias_correction2 = 1.0 - h.beta2.powf(step);
+    let step_size = lr / bias_correction1;
+    let neg_step_size = (-step_size) as f32;
+    let bc2_sqrt = bias_correction2.sqrt() as f32;
+    let eps = h.eps as f32;
+    let wd = h.weight_decay as f32;
+    let decay_factor = (1.0 - lr * h.weight_decay) as f32;
+    let coupled = h.weight_decay != 0.0 && !h.decoupled;
+    let decoupled = h.weight_decay != 0.0 && h.decoupled;
+    // torch's lerp(m, g, w) switches formula at |w| = 0.5 for accuracy.
+    let w = (1.0 - h.beta1) as f32;
+    let small_w = w.abs() < 0.5;
+    let one_minus_w = 1.0 - w;
+    let b2 = h.beta2 as f32;
+    let one_minus_b2 = (1.0 - h.beta2) as f32;
+
+    let it = param
+        .iter_mut()
+        .zip(grad)
+        .zip(s.exp_avg.iter_mut())
+        .zip(s.exp_avg_sq.iter_mut());
+    if h.amsgrad {
+        for ((((p, g), m), v), vmax) in it.zip(s.max_exp_avg_sq.iter_mut()) {
+            let g = grad_with_decay(*g * coef, p, coupled, decoupled, wd, decay_factor);
+            *m = lerp(*m, g, w, small_w, one_minus_w);
+            *v = *v * b2 + one_minus_b2 * g * g;
+            *vmax = vmax.max(*v);
+            let denom = vmax.sqrt() / bc2_sqrt + eps;
+            *p += neg_step_size * *m / denom;
+        }
+    } else {
+        for (((p, g), m), v) in it {
+            let g = grad_with_decay(*g * coef, p, coupled, decoupled, wd, decay_factor);
+            *m = lerp(*m, g, w, small_w, one_minus_w);
+            *v = *v * b2 + one_minus_b2 * g * g;
+            let denom = v.sqrt() / bc2_sqrt + eps;
+            *p += neg_step_size * *m / denom;
+        }
+    }
+}
+
+/// Applies weight decay the way torch's Adam (`g + wd * p`) or AdamW
+/// (`p *= 1 - lr * wd`, before the moments) does, returning the gradient.
+#[inline(always)]
+fn grad_with_decay(
+    g: f32,
+    p: &mut f32,
+    coupled: bool,
+    decoupled: bool,
+    wd: f32,
+    decay_factor: f32,
+) -> f32 {
+    if decoupled {
+        *p *= decay_factor;
+    }
+    if coupled { g + wd * *p } else { g }
+}
+
+#[inline(always)]
+fn lerp(start: f32, end: f32, w: f32, small_w: bool, one_minus_w: f32) -> f32 {
+    if small_w {
+        start + w * (end - start)
+    } else {
+        end - (end - start) * one_minus_w
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sgd_hyper(momentum: f64, dampening: f64, weight_decay: f64, nesterov: bool) -> SgdHyper {
+        SgdHyper {
+            lr: 0.1,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+        }
+    }
+
+    fn adam_hyper(weight_decay: f64, amsgrad: bool, decoupled: bool) -> AdamHyper {
+        AdamHyper {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            amsgrad,
+            decoupled,
+        }
+    }
+
+    fn close(a: f32, b: f64) -> bool {
+        (f64::from(a) - b).abs() <= 1e-6 + 1e-5 * b.abs()
+    }
+
+    #[test]
+    fn plain_sgd_is_p_minus_lr_g() {
+        let h = sgd_hyper(0.0, 0.0, 0.0, false);
+        let mut p = [1.0f32, -2.0];
+        sgd(&h, 0.1, 1.0, &[0.5, 0.25], &mut p, &mut [], false);
+        assert!(close(p[0], 0.95) && close(p[1], -2.025), "{p:?}");
+    }
+
+    #[test]
+    fn sgd_momentum_dampening_and_decay_follow_torch() {
+        // torch: d = g + wd*p; buf = d (first step), then buf = m*buf + (1-damp)*d.
+        let h = sgd_hyper(0.9, 0.1, 0.01, false);
+        let (mut p, mut buf) = ([1.0f32], [0.0f32]);
+        sgd(&h, 0.1, 1.0, &[0.5], &mut p, &mut buf, false);
+        // d = 0.5 + 0.01 = 0.51, buf = 0.51, p = 1 - 0.051 = 0.949
+        assert!(close(buf[0], 0.51) && close(p[0], 0.949), "{p:?} {buf:?}");
+        sgd(&h, 0.1, 1.0, &[0.5], &mut p, &mut buf, true);
+        // d = 0.5 + 0.00949 = 0.50949, buf = 0.459 + 0.9*0.50949 = 0.917541
+        assert!(close(buf[0], 0.917_541), "{buf:?}");
+        assert!(close(p[0], 0.949 - 0.091_754_1), "{p:?}");
+    }
+
+    #[test]
+    fn sgd_nesterov_looks_ahead() {
+        let h = sgd_hyper(0.9, 0.0, 0.0, true);
+        let (mut p, mut buf) = ([0.0f32], [0.0f32]);
+        sgd(&h, 1.0, 1.0, &[1.0], &mut p, &mut buf, false);
+        // buf = 1, d = 1 + 0.9 * 1 = 1.9
+        assert!(close(p[0], -1.9), "{p:?}");
+        sgd(&h, 1.0, 1.0, &[1.0], &mut p, &mut buf, true);
+        // buf = 1.9, d = 1 + 0.9 * 1.9 = 2.71
+        assert!(close(p[0], -4.61), "{p:?}");
+    }
+
+    #[test]
+    fn clip_coefficient_scales_the_gradient() {
+        let h = sgd_hyper(0.0, 0.0, 0.0, false);
+        let mut p = [0.0f32];
+        sgd(&h, 1.0, 0.5, &[2.0], &mut p, &mut [], false);
+        assert_eq!(p[0], -1.0);
+    }
+
+    /// Reference Adam step in f64, straight from torch's formulas.
+    fn adam_ref(h: &AdamHyper, lr: f64, steps: &[f64], mut p: f64) -> f64 {
+        let (mut m, mut v, mut vmax) = (0.0, 0.0, 0.0f64);
+        for (i, &g0) in steps.iter().enumerate() {
+            let t = (i + 1) as f64;
+            let mut g = g0;
+            if h.decoupled {
+                p *= 1.0 - lr * h.weight_decay;
+            } else {
+                g += h.weight_decay * p;
+            }
+            m = h.beta1 * m + (1.0 - h.beta1) * g;
+            v = h.beta2 * v + (1.0 - h.beta2) * g * g;
+            vmax = vmax.max(v);
+            let vv = if h.amsgrad { vmax } else { v };
+            let denom = vv.sqrt() / (1.0 - h.beta2.powf(t)).sqrt() + h.eps;
+            p -= lr / (1.0 - h.beta1.powf(t)) * m / denom;
+        }
+        p
+    }
+
+    fn run_adam(h: &AdamHyper, grads: &[f64]) -> f32 {
+        let (mut p, mut m, mut v, mut vmax) = ([0.5f32], [0f32], [0f32], [0f32]);
+        for (i, g) in grads.iter().enumerate() {
+            let vmax: &mut [f32] = if h.amsgrad { &mut vmax } else { &mut [] };
+            let s = AdamState {
+                exp_avg: &mut m,
+                exp_avg_sq: &mut v,
+                max_exp_avg_sq: vmax,
+            };
+            adam(h, h.lr, i as u64 + 1, 1.0, &[*g as f32], &mut p, s);
+        }
+        p[0]
+    }
+
+    #[test]
+    fn adam_first_step_moves_by_lr() {
+        // With bias correction the first Adam step is lr * sign(g).
+        let h = adam_hyper(0.0, false, false);
+        assert!(close(run_adam(&h, &[3.0]), 0.49));
+    }
+
+    #[test]
+    fn adam_adamw_and_amsgrad_match_the_f64_reference() {
+        let grads = [0.3, -1.2, 0.05, 2.0, -0.7, 0.0, 1.1];
+        for h in [
+            adam_hyper(0.0, false, false),
+            adam_hyper(0.1, false, false),
+            adam_hyper(0.1, false, true),
+            adam_hyper(0.0, true, false),
+            adam_hyper(0.05, true, true),
+        ] {
+            let want = adam_ref(&h, h.lr, &grads, 0.5);
+            let got = run_adam(&h, &grads);
+            assert!(close(got, want), "{h:?}: got {got}, want {want}");
+        }
+    }
+
+    #[test]
+    fn adam_with_zero_lr_only_updates_moments() {
+        let h = adam_hyper(0.1, false, true);
+        let (mut p, mut m, mut v) = ([0.5f32], [0f32], [0f32]);
+        let s = AdamState {
+            exp_avg: &mut m,
+            exp_avg_sq: &mut v,
+            max_exp_avg_sq: &mut [],
+        };
+        adam(&h, 0.0, 1, 1.0, &[1.0], &mut p, s);
+        assert_eq!(p[0], 0.5);
+        assert!(close(m[0], 0.1) && close(v[0], 0.001));
+    }
+}

@@ -1,0 +1,269 @@
+//! The `paramd.v1.ParamServer` gRPC service: thin handlers that read the
+//! streams, call the core and map its results.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use paramd_proto::v1 as pb;
+use paramd_proto::v1::param_server_server::ParamServer;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::Error;
+use crate::invalid;
+use crate::job::{Admission, Outcome};
+use crate::metrics;
+use crate::node::Node;
+use crate::spec::JobConfig;
+
+/// Bytes of segments packed into one Pull message. Well under the message
+/// limit, and large enough that framing costs nothing.
+const PULL_MESSAGE_BYTES: usize = 4 << 20;
+
+/// Slack allowed over a payload's expected size before reading stops, so a
+/// slightly wrong push still gets a precise error but a flood does not grow
+/// memory without bound.
+const PAYLOAD_SLACK: usize = 1 << 20;
+
+/// The gRPC service over a node.
+#[derive(Clone, Debug)]
+pub struct Service {
+    node: Arc<Node>,
+}
+
+impl Service {
+    /// A service over `node`.
+    pub fn new(node: Arc<Node>) -> Service {
+        Service { node }
+    }
+}
+
+/// Reads the segments of a stream's remaining messages after `first`,
+/// refusing once they exceed `budget` bytes.
+async fn read_segments<M>(
+    mut segments: Vec<pb::Segment>,
+    stream: &mut Streaming<M>,
+    budget: usize,
+    what: &str,
+    take: impl Fn(M) -> Vec<pb::Segment>,
+) -> Result<Vec<pb::Segment>, Status> {
+    let mut bytes: usize = segments.iter().map(|s| s.data.len()).sum();
+    loop {
+        if bytes > budget {
+            return Err(Error::TooLarge(format!(
+                "{what}: more than {budget} bytes sent, the job expects {} at most",
+                budget.saturating_sub(PAYLOAD_SLACK) / 2
+            ))
+            .into());
+        }
+        let Some(msg) = stream.message().await? else {
+            return Ok(segments);
+        };
+        let more = take(msg);
+        bytes += more.iter().map(|s| s.data.len()).sum::<usize>();
+        segments.extend(more);
+    }
+}
+
+/// The deadline a client set with `grpc-timeout`, if any.
+fn grpc_timeout(md: &MetadataMap) -> Option<Duration> {
+    let v = md.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn outcome_pb(d: &Outcome) -> pb::RoundOutcome {
+    pb::RoundOutcome {
+        round: d.round,
+        step: d.step,
+        skipped: d.skip,
+        grad_norm: d.grad_norm,
+        clip_coefficient: d.coef,
+        lr: d.lrs.clone(),
+    }
+}
+
+type PullStream = Pin<Box<dyn Stream<Item = Result<pb::PullResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ParamServer for Service {
+    async fn init(
+        &self,
+        request: Request<Streaming<pb::InitRequest>>,
+    ) -> Result<Response<pb::InitResponse>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty Init stream"))?;
+        let spec = first.spec.as_ref().ok_or_else(|| {
+            Status::invalid_argument("spec is required in the first Init message")
+        })?;
+        let config = JobConfig::try_from(spec)?;
+        if let Some(job) = self.node.existing(&first.job, &config)? {
+            return Ok(Response::new(pb::InitResponse {
+                round: job.round(),
+                created: false,
+            }));
+        }
+        let budget = 2 * config.numel() * 4 + PAYLOAD_SLACK;
+        let what = format!("initial values of job '{}'", first.job);
+        let values = read_segments(first.values, &mut stream, budget, &what, |m| m.values).await?;
+        let created = self.node.create(&first.job, config, values).await?;
+        Ok(Response::new(pb::InitResponse {
+            round: created.job.round(),
+            created: created.created,
+        }))
+    }
+
+    async fn push(
+        &self,
+        request: Request<Streaming<pb::PushRequest>>,
+    ) -> Result<Response<pb::PushResponse>, Status> {
+        let started = Instant::now();
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty Push stream"))?;
+        let job = self.node.job(&first.job)?;
+        let refused = |e: Error| {
+            metrics::refused(&job.name, e.reason());
+            tracing::debug!(job = %job.name, worker = first.worker, round = first.round, error = %e, "push refused");
+            Status::from(e)
+        };
+        // Refuse a stale, early or duplicate push before reading its payload.
+        let pushed = |n: u32, duplicate: bool| {
+            Response::new(pb::PushResponse {
+                duplicate,
+                pushed: n,
+            })
+        };
+        match job.admit(first.worker, first.round).map_err(refused)? {
+            Admission::Duplicate => {
+                job.metrics.duplicates.increment(1);
+                return Ok(pushed(job.status().workers_pushed, true));
+            }
+            Admission::Accept => {}
+        }
+        let budget = 2 * job.push_bytes() + PAYLOAD_SLACK;
+        let what = format!("push of worker {} for round {}", first.worker, first.round);
+        let grads = read_segments(first.grads, &mut stream, budget, &what, |m| m.grads).await?;
+        let (admission, count) = job
+            .push(first.worker, first.round, grads)
+            .map_err(refused)?;
+        job.metrics
+            .push_duration
+            .record(started.elapsed().as_secs_f64());
+        Ok(pushed(count, admission == Admission::Duplicate))
+    }
+
+    type PullStream = PullStream;
+
+    async fn pull(
+        &self,
+        request: Request<pb::PullRequest>,
+    ) -> Result<Response<PullStream>, Status> {
+        let wait = grpc_timeout(request.metadata()).map_or(self.node.config.max_pull_wait, |t| {
+            t.min(self.node.config.max_pull_wait)
+        });
+        let req = request.into_inner();
+        let job = self.node.job(&req.job)?;
+        job.wait_round(req.round, wait).await?;
+        let snap = job.snapshot(&req.params)?;
+        let mut messages = vec![pb::PullResponse {
+            round: snap.round,
+            last: snap.last.as_ref().map(outcome_pb),
+            params: Vec::new(),
+        }];
+        let mut size = 0;
+        for seg in snap.segments {
+            let last = messages.len() - 1;
+            if size + seg.data.len() > PULL_MESSAGE_BYTES && !messages[last].params.is_empty() {
+                messages.push(pb::PullResponse::default());
+                size = 0;
+            }
+            size += seg.data.len();
+            let last = messages.len() - 1;
+            messages[last].params.push(seg);
+        }
+        let stream = futures::stream::iter(messages.into_iter().map(Ok));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let req = request.into_inner();
+        let jobs = if req.job.is_empty() {
+            self.node.jobs()
+        } else {
+            vec![self.node.job(&req.job)?]
+        };
+        let jobs = jobs
+            .iter()
+            .map(|job| {
+                let s = job.status();
+                pb::JobStatus {
+                    job: job.name.clone(),
+                    round: s.round,
+                    step: s.step,
+                    workers_expected: job.config.workers,
+                    workers_pushed: s.workers_pushed,
+                    rounds_skipped: s.rounds_skipped,
+                    last: s.last.as_ref().map(outcome_pb),
+                    parameters: job.config.numel() as u64,
+                    parameter_bytes: s.parameter_bytes as u64,
+                    optimizer_state_bytes: s.state_bytes as u64,
+                    optimizer: job.config.optimizer_name().to_owned(),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::StatusResponse { jobs }))
+    }
+
+    async fn delete_job(
+        &self,
+        request: Request<pb::DeleteJobRequest>,
+    ) -> Result<Response<pb::DeleteJobResponse>, Status> {
+        let job = request.into_inner().job;
+        if job.is_empty() {
+            return Err(invalid!("job is required").into());
+        }
+        self.node.delete(&job)?;
+        Ok(Response::new(pb::DeleteJobResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        let mut md = MetadataMap::new();
+        for (v, want) in [
+            ("5S", Duration::from_secs(5)),
+            ("250m", Duration::from_millis(250)),
+            ("2M", Duration::from_secs(120)),
+            ("7u", Duration::from_micros(7)),
+        ] {
+            md.insert("grpc-timeout", v.parse().expect("ascii"));
+            assert_eq!(grpc_timeout(&md), Some(want), "{v}");
+        }
+        md.insert("grpc-timeout", "abc".parse().expect("ascii"));
+        assert_eq!(grpc_timeout(&md), None);
+    }
+}

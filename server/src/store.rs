@@ -1,0 +1,60 @@
+//! A chunk's parameters and optimizer state, allocated once when the job is
+//! created so that a step allocates nothing.
+
+use crate::optim::{self, AdamState, Hyper};
+
+/// The values of one chunk and its optimizer state, named like torch's
+/// `state[p]` entries.
+#[derive(Debug)]
+pub struct ChunkState {
+    pub values: Vec<f32>,
+    /// SGD: `[momentum_buffer]` (none without momentum); Adam and AdamW:
+    /// `[exp_avg, exp_avg_sq]` and `max_exp_avg_sq` with amsgrad.
+    pub buffers: Vec<Vec<f32>>,
+    /// torch's `state['step']`: updates applied to this parameter.
+    pub step: u64,
+}
+
+impl ChunkState {
+    /// A chunk holding `values`, with zeroed state for `hyper`.
+    pub fn new(values: Vec<f32>, hyper: &Hyper) -> ChunkState {
+        let buffers = (0..hyper.state_buffers())
+            .map(|_| vec![0.0; values.len()])
+            .collect();
+        ChunkState {
+            values,
+            buffers,
+            step: 0,
+        }
+    }
+
+    /// Bytes of optimizer state.
+    pub fn state_bytes(&self) -> usize {
+        self.buffers.iter().map(|b| b.len() * 4).sum()
+    }
+
+    /// Applies one optimizer step with learning rate `lr` to the gradient
+    /// `grad` scaled by the clip coefficient `coef`.
+    pub fn apply(&mut self, hyper: &Hyper, lr: f64, coef: f32, grad: &[f32]) {
+        self.step += 1;
+        match hyper {
+            Hyper::Sgd(h) => {
+                // torch creates the momentum buffer from the first gradient.
+                let buf_init = self.step > 1;
+                let buf = self.buffers.first_mut().map_or(&mut [][..], |b| &mut b[..]);
+                optim::sgd(h, lr, coef, grad, &mut self.values, buf, buf_init);
+            }
+            Hyper::Adam(h) => {
+                let (exp_avg, rest) = self.buffers.split_at_mut(1);
+                let (exp_avg_sq, rest) = rest.split_at_mut(1);
+                let max_exp_avg_sq = rest.first_mut().map_or(&mut [][..], |b| &mut b[..]);
+                let state = AdamState {
+                    exp_avg: &mut exp_avg[0],
+                    exp_avg_sq: &mut exp_avg_sq[0],
+                    max_exp_avg_sq,
+                };
+                optim::adam(h, lr, self.step, coef, grad, &mut self.values, state);
+            }
+        }
+    }
+}
