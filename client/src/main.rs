@@ -1,1 +1,187 @@
-fn main() {}
+//! paramctl: inspect a paramd server and replay PyTorch traces against it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use paramd_client::replay::{ReplayOptions, replay};
+use paramd_client::trace::{Tolerance, compare, read_tensors};
+use paramd_client::{Client, v1 as pb};
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Inspect a paramd server and replay PyTorch traces against it")]
+struct Args {
+    /// The server (the coordinator of a cluster).
+    #[arg(long, global = true, env = "PARAMD_SERVER", default_value = "http://127.0.0.1:50051")]
+    server: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Round, step, lr, grad norm and workers of one job or of every job.
+    Status {
+        #[arg(long)]
+        job: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drive the server with a trace's gradients as its workers would, and
+    /// write what the server computed.
+    Replay {
+        trace: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Also record the parameters after every step.
+        #[arg(long)]
+        every_step: bool,
+        /// Job name (a fresh one by default).
+        #[arg(long)]
+        job: Option<String>,
+    },
+    /// Check a replay result against a trace with the golden tolerance.
+    Compare {
+        trace: PathBuf,
+        result: PathBuf,
+        #[arg(long, default_value_t = Tolerance::default().rtol)]
+        rtol: f64,
+        #[arg(long, default_value_t = Tolerance::default().atol)]
+        atol: f64,
+    },
+    /// Delete a job and free its memory.
+    Delete { job: String },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("paramctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    match args.command {
+        Command::Status { job, json } => {
+            let mut client = Client::connect(&args.server).await?;
+            let status = client.status(job.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status_json(&status))?);
+            } else if status.jobs.is_empty() {
+                println!("no jobs");
+            } else {
+                for j in &status.jobs {
+                    print_status(j);
+                }
+            }
+        }
+        Command::Replay {
+            trace,
+            out,
+            every_step,
+            job,
+        } => {
+            let opts = ReplayOptions {
+                server: args.server,
+                job,
+                every_step,
+            };
+            let result = replay(&trace, &opts).await?;
+            result.write(&out)?;
+            println!(
+                "replayed {} steps of {} as job '{}' into {}",
+                result.lr.len(),
+                trace.display(),
+                result.job,
+                out.display()
+            );
+        }
+        Command::Compare {
+            trace,
+            result,
+            rtol,
+            atol,
+        } => {
+            let (want, _) = read_tensors(&std::fs::read(&trace)?)?;
+            let (got, _) = read_tensors(&std::fs::read(&result)?)?;
+            let c = compare(&want, &got, Tolerance { atol, rtol });
+            for f in &c.failures {
+                println!("{f}");
+            }
+            println!("worst relative deviation {:.3e}", c.worst);
+            println!("{} passed, {} failed", c.passed, c.failures.len());
+            if !c.failures.is_empty() || c.passed == 0 {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Delete { job } => {
+            Client::connect(&args.server).await?.delete_job(&job).await?;
+            println!("deleted job '{job}'");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_status(j: &pb::JobStatus) {
+    println!("job {}", j.job);
+    println!("  optimizer        {}", j.optimizer);
+    println!("  round            {}", j.round);
+    println!("  optimizer step   {}", j.step);
+    println!("  workers          {} of {} pushed", j.workers_pushed, j.workers_expected);
+    println!("  rounds skipped   {}", j.rounds_skipped);
+    println!(
+        "  parameters       {} ({} bytes, optimizer state {} bytes)",
+        j.parameters, j.parameter_bytes, j.optimizer_state_bytes
+    );
+    match &j.last {
+        None => println!("  last round       none yet"),
+        Some(l) => {
+            let lrs: Vec<String> = l.lr.iter().map(|lr| format!("{lr:.6e}")).collect();
+            println!(
+                "  last round       {}{}",
+                l.round,
+                if l.skipped { " (skipped: gradient not finite)" } else { "" }
+            );
+            println!("  lr per group     [{}]", lrs.join(", "));
+            println!("  grad norm        {:.6e}", l.grad_norm);
+            println!("  clip coefficient {:.6}", l.clip_coefficient);
+        }
+    }
+}
+
+fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
+    let jobs: Vec<serde_json::Value> = s
+        .jobs
+        .iter()
+        .map(|j| {
+            json!({
+                "job": j.job,
+                "optimizer": j.optimizer,
+                "round": j.round,
+                "step": j.step,
+                "workers_expected": j.workers_expected,
+                "workers_pushed": j.workers_pushed,
+                "rounds_skipped": j.rounds_skipped,
+                "parameters": j.parameters,
+                "parameter_bytes": j.parameter_bytes,
+                "optimizer_state_bytes": j.optimizer_state_bytes,
+                "last": j.last.as_ref().map(|l| json!({
+                    "round": l.round,
+                    "step": l.step,
+                    "skipped": l.skipped,
+                    "grad_norm": l.grad_norm,
+                    "clip_coefficient": l.clip_coefficient,
+                    "lr": l.lr,
+                })),
+            })
+        })
+        .collect();
+    json!({ "jobs": jobs })
+}

@@ -1,0 +1,305 @@
+//! Training traces computed by PyTorch (`paramd-trace/1`, safetensors), the
+//! job they describe, and checking a replay's result against them.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use paramd_proto::v1 as pb;
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+/// The trace format this module reads.
+pub const FORMAT: &str = "paramd-trace/1";
+
+/// A tensor of a trace or a result, widened to f64 for comparison.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub values: Vec<f64>,
+}
+
+/// A loaded trace.
+#[derive(Debug)]
+pub struct Trace {
+    /// Parameter names, in torch's order.
+    pub params: Vec<String>,
+    pub shapes: Vec<Vec<u64>>,
+    pub workers: u32,
+    pub steps: u64,
+    pub groups: usize,
+    /// The job the trace was computed with.
+    pub spec: pb::JobSpec,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+/// Reads every tensor of a safetensors buffer (f32 or f64) as f64, and the
+/// header's metadata.
+pub fn read_tensors(buf: &[u8]) -> anyhow::Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+    let (_, meta) = SafeTensors::read_metadata(buf)?;
+    let st = SafeTensors::deserialize(buf)?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let values = match view.dtype() {
+            Dtype::F32 => view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                .collect(),
+            Dtype::F64 => view
+                .data()
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+                .collect(),
+            other => anyhow::bail!("tensor '{name}' has dtype {other:?}; expected F32 or F64"),
+        };
+        out.insert(
+            name,
+            Tensor {
+                shape: view.shape().to_vec(),
+                values,
+            },
+        );
+    }
+    Ok((out, meta.metadata().clone().unwrap_or_default()))
+}
+
+impl Trace {
+    /// Loads a trace file.
+    pub fn load(path: &Path) -> anyhow::Result<Trace> {
+        let buf = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        let (tensors, meta) = read_tensors(&buf)?;
+        match meta.get("format").map(String::as_str) {
+            Some(FORMAT) => {}
+            other => anyhow::bail!("{}: format is {other:?}, expected {FORMAT:?}", path.display()),
+        }
+        let config: Value = serde_json::from_str(
+            meta.get("config")
+                .ok_or_else(|| anyhow::anyhow!("{}: no config in the metadata", path.display()))?,
+        )?;
+        let params: Vec<String> = serde_json::from_value(config["params"].clone())?;
+        let mut shapes = Vec::with_capacity(params.len());
+        for p in &params {
+            let t = tensors
+                .get(&format!("init/{p}"))
+                .ok_or_else(|| anyhow::anyhow!("trace has no init/{p}"))?;
+            shapes.push(t.shape.iter().map(|&d| d as u64).collect());
+        }
+        let workers = config["workers"]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("config.workers is missing"))? as u32;
+        let steps = config["steps"]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("config.steps is missing"))?;
+        let spec = job_spec(&config, &params, &shapes, workers)?;
+        Ok(Trace {
+            groups: spec.param_groups.len().max(1),
+            params,
+            shapes,
+            workers,
+            steps,
+            spec,
+            tensors,
+        })
+    }
+
+    /// A tensor of the trace as f32 values.
+    pub fn f32s(&self, name: &str) -> anyhow::Result<Vec<f32>> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| anyhow::anyhow!("trace has no tensor '{name}'"))?;
+        Ok(t.values.iter().map(|&v| v as f32).collect())
+    }
+
+    /// The initial values of every parameter, in order.
+    pub fn init(&self) -> anyhow::Result<Vec<Vec<f32>>> {
+        self.params.iter().map(|p| self.f32s(&format!("init/{p}"))).collect()
+    }
+
+    /// The gradients worker `w` pushes at step `t`, in parameter order.
+    pub fn grads(&self, t: u64, w: u32) -> anyhow::Result<Vec<Vec<f32>>> {
+        self.params.iter().map(|p| self.f32s(&format!("grad/{t}/{w}/{p}"))).collect()
+    }
+}
+
+/// Translates a trace's config into a JobSpec, refusing options paramd does
+/// not reproduce rather than ignoring them.
+fn job_spec(config: &Value, params: &[String], shapes: &[Vec<u64>], workers: u32) -> anyhow::Result<pb::JobSpec> {
+    let opt = &config["optimizer"];
+    let kind = match opt["kind"].as_str() {
+        Some("sgd") => pb::OptimizerKind::Sgd,
+        Some("adam") => pb::OptimizerKind::Adam,
+        Some("adamw") => pb::OptimizerKind::Adamw,
+        other => anyhow::bail!("optimizer.kind {other:?} is not sgd, adam or adamw"),
+    };
+    let hyper = |v: &Value, field: &str| -> anyhow::Result<pb::Hyperparameters> {
+        let mut h = pb::Hyperparameters::default();
+        let Some(obj) = v.as_object() else {
+            return Ok(h);
+        };
+        let num = |key: &str| -> anyhow::Result<f64> {
+            obj[key].as_f64().ok_or_else(|| anyhow::anyhow!("{field}.{key} is not a number"))
+        };
+        let flag = |key: &str| -> anyhow::Result<bool> {
+            obj[key].as_bool().ok_or_else(|| anyhow::anyhow!("{field}.{key} is not a boolean"))
+        };
+        for key in obj.keys() {
+            match key.as_str() {
+                "kind" | "params" => {}
+                "lr" => h.lr = Some(num(key)?),
+                "weight_decay" => h.weight_decay = Some(num(key)?),
+                "momentum" => h.momentum = Some(num(key)?),
+                "dampening" => h.dampening = Some(num(key)?),
+                "nesterov" => h.nesterov = Some(flag(key)?),
+                "eps" => h.eps = Some(num(key)?),
+                "amsgrad" => h.amsgrad = Some(flag(key)?),
+                "betas" => {
+                    let b = obj[key]
+                        .as_array()
+                        .filter(|b| b.len() == 2)
+                        .ok_or_else(|| anyhow::anyhow!("{field}.betas is not a pair"))?;
+                    h.beta1 = b[0].as_f64();
+                    h.beta2 = b[1].as_f64();
+                }
+                // Implementation switches of torch that do not change the
+                // numerics paramd reproduces.
+                "foreach" | "fused" | "capturable" | "differentiable" => {}
+                "maximize" if obj[key] == Value::Bool(false) => {}
+                other => anyhow::bail!("{field}.{other} is not supported by paramd"),
+            }
+        }
+        Ok(h)
+    };
+    let optimizer = pb::Optimizer {
+        kind: kind as i32,
+        hyper: Some(hyper(opt, "optimizer")?),
+    };
+    let mut param_groups = Vec::new();
+    if let Some(groups) = config["param_groups"].as_array() {
+        for (i, g) in groups.iter().enumerate() {
+            param_groups.push(pb::ParamGroup {
+                params: serde_json::from_value(g["params"].clone())?,
+                hyper: Some(hyper(g, &format!("param_groups[{i}]"))?),
+            });
+        }
+    }
+    let s = &config["schedule"];
+    let u = |key: &str| -> anyhow::Result<u64> {
+        s[key].as_u64().ok_or_else(|| anyhow::anyhow!("schedule.{key} is missing"))
+    };
+    let kind = match s["kind"].as_str() {
+        None | Some("constant") => pb::schedule::Kind::Constant(pb::Constant {}),
+        Some("warmup_cosine") => pb::schedule::Kind::WarmupCosine(pb::WarmupCosine {
+            warmup_steps: u("warmup_steps")?,
+            total_steps: u("total_steps")?,
+            min_lr_ratio: s["min_lr_ratio"].as_f64().unwrap_or(0.0),
+        }),
+        Some("cosine_annealing") => pb::schedule::Kind::CosineAnnealing(pb::CosineAnnealing {
+            t_max: u("t_max")?,
+            eta_min: s["eta_min"].as_f64().unwrap_or(0.0),
+        }),
+        Some(other) => anyhow::bail!("schedule.kind {other:?} is not supported"),
+    };
+    let clip = match &config["clip"] {
+        Value::Null => None,
+        c => Some(pb::Clip {
+            max_norm: c["max_norm"]
+                .as_f64()
+                .ok_or_else(|| anyhow::anyhow!("clip.max_norm is not a number"))?,
+        }),
+    };
+    Ok(pb::JobSpec {
+        params: params
+            .iter()
+            .zip(shapes)
+            .map(|(name, shape)| pb::ParamSpec {
+                name: name.clone(),
+                shape: shape.clone(),
+            })
+            .collect(),
+        optimizer: Some(optimizer),
+        param_groups,
+        schedule: Some(pb::Schedule { kind: Some(kind) }),
+        clip,
+        workers,
+        non_finite: pb::NonFinitePolicy::Skip as i32,
+    })
+}
+
+/// Tolerances of a comparison: `|got - want| <= atol + rtol * |want|`, with
+/// ten times `rtol` for grad norms.
+#[derive(Debug, Clone, Copy)]
+pub struct Tolerance {
+    pub atol: f64,
+    pub rtol: f64,
+}
+
+impl Default for Tolerance {
+    /// The golden traces' tolerance.
+    fn default() -> Self {
+        Tolerance { atol: 1e-6, rtol: 1e-4 }
+    }
+}
+
+/// The verdict of comparing a result with a trace.
+#[derive(Debug, Default)]
+pub struct Comparison {
+    pub passed: usize,
+    pub failures: Vec<String>,
+    /// Largest `|got - want| / (atol + |want|)` seen.
+    pub worst: f64,
+}
+
+/// Checks a replay result against a trace's expectations, as the golden
+/// README's `compare.py` does.
+pub fn compare(trace: &HashMap<String, Tensor>, result: &HashMap<String, Tensor>, tol: Tolerance) -> Comparison {
+    let mut c = Comparison::default();
+    let mut keys: Vec<&String> = trace.keys().collect();
+    keys.sort();
+    for key in keys {
+        let want = &trace[key];
+        let got_key = if let Some(rest) = key.strip_prefix("expect/") {
+            let Some((step, name)) = rest.split_once('/') else {
+                continue;
+            };
+            if step == "final" {
+                format!("final/{name}")
+            } else {
+                let k = format!("params/{step}/{name}");
+                if !result.contains_key(&k) {
+                    continue;
+                }
+                k
+            }
+        } else if key.starts_with("lr/") || key.starts_with("grad_norm/") {
+            key.clone()
+        } else {
+            continue;
+        };
+        let Some(got) = result.get(&got_key) else {
+            c.failures.push(format!("missing {got_key}"));
+            continue;
+        };
+        if got.shape != want.shape {
+            c.failures
+                .push(format!("shape {got_key}: got {:?}, want {:?}", got.shape, want.shape));
+            continue;
+        }
+        let rtol = tol.rtol * if key.starts_with("grad_norm/") { 10.0 } else { 1.0 };
+        let mut bad = false;
+        let mut max_abs: f64 = 0.0;
+        for (&g, &w) in got.values.iter().zip(&want.values) {
+            let diff = (g - w).abs();
+            max_abs = max_abs.max(diff);
+            c.worst = c.worst.max(diff / (tol.atol + w.abs()));
+            bad |= !g.is_finite() || diff > tol.atol + rtol * w.abs();
+        }
+        if bad {
+            c.failures
+                .push(format!("mismatch {got_key}: max |got-want| = {max_abs:.3e}"));
+        } else {
+            c.passed += 1;
+        }
+    }
+    c
+}
