@@ -108,7 +108,12 @@ impl Client {
     }
 
     /// Creates job `job` with `spec` and initial `values`, or finds it.
-    pub async fn init(&mut self, job: &str, spec: pb::JobSpec, values: &[(&str, &[f32])]) -> Result<pb::InitResponse> {
+    pub async fn init(
+        &mut self,
+        job: &str,
+        spec: pb::JobSpec,
+        values: &[(&str, &[f32])],
+    ) -> Result<pb::InitResponse> {
         let mut messages: Vec<pb::InitRequest> = pack(values)
             .into_iter()
             .map(|values| pb::InitRequest {
@@ -127,7 +132,13 @@ impl Client {
 
     /// Pushes worker `worker`'s gradients for `round`. Safe to retry: the
     /// server counts a (worker, round) once.
-    pub async fn push(&mut self, job: &str, worker: u32, round: u64, grads: &[(&str, &[f32])]) -> Result<pb::PushResponse> {
+    pub async fn push(
+        &mut self,
+        job: &str,
+        worker: u32,
+        round: u64,
+        grads: &[(&str, &[f32])],
+    ) -> Result<pb::PushResponse> {
         let mut messages: Vec<pb::PushRequest> = pack(grads)
             .into_iter()
             .map(|grads| pb::PushRequest {
@@ -152,7 +163,12 @@ impl Client {
 
     /// Pulls the named parameters (all when empty) once `round` rounds have
     /// completed.
-    pub async fn pull_params(&mut self, job: &str, round: u64, params: &[String]) -> Result<Pulled> {
+    pub async fn pull_params(
+        &mut self,
+        job: &str,
+        round: u64,
+        params: &[String],
+    ) -> Result<Pulled> {
         let req = self.request(pb::PullRequest {
             job: job.to_owned(),
             round,
@@ -188,7 +204,9 @@ impl Client {
 
     /// Deletes job `job`.
     pub async fn delete_job(&mut self, job: &str) -> Result<()> {
-        let req = self.request(pb::DeleteJobRequest { job: job.to_owned() });
+        let req = self.request(pb::DeleteJobRequest {
+            job: job.to_owned(),
+        });
         self.inner.delete_job(req).await?;
         Ok(())
     }
@@ -239,20 +257,24 @@ fn pack(tensors: &[(&str, &[f32])]) -> Vec<Vec<pb::Segment>> {
 
 /// Writes a pulled segment into its parameter's values.
 fn place(params: &mut HashMap<String, Vec<f32>>, seg: pb::Segment) -> Result<()> {
-    if seg.data.len() % 4 != 0 {
+    if !seg.data.len().is_multiple_of(4) {
         return Err(ClientError::Invalid(format!(
             "server sent {} bytes for '{}', not a multiple of 4",
             seg.data.len(),
             seg.param
         )));
     }
-    let offset = usize::try_from(seg.offset).map_err(|_| ClientError::Invalid(format!("offset {} too large", seg.offset)))?;
+    let offset = usize::try_from(seg.offset)
+        .map_err(|_| ClientError::Invalid(format!("offset {} too large", seg.offset)))?;
     let n = seg.data.len() / 4;
     let values = params.entry(seg.param).or_default();
     if values.len() < offset + n {
         values.resize(offset + n, 0.0);
     }
-    for (d, b) in values[offset..offset + n].iter_mut().zip(seg.data.chunks_exact(4)) {
+    for (d, b) in values[offset..offset + n]
+        .iter_mut()
+        .zip(seg.data.chunks_exact(4))
+    {
         *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     }
     Ok(())

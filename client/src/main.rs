@@ -10,10 +10,18 @@ use paramd_client::{Client, v1 as pb};
 use serde_json::json;
 
 #[derive(Debug, Parser)]
-#[command(version, about = "Inspect a paramd server and replay PyTorch traces against it")]
+#[command(
+    version,
+    about = "Inspect a paramd server and replay PyTorch traces against it"
+)]
 struct Args {
     /// The server (the coordinator of a cluster).
-    #[arg(long, global = true, env = "PARAMD_SERVER", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "PARAMD_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
     server: String,
     #[command(subcommand)]
     command: Command,
@@ -122,7 +130,10 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Delete { job } => {
-            Client::connect(&args.server).await?.delete_job(&job).await?;
+            Client::connect(&args.server)
+                .await?
+                .delete_job(&job)
+                .await?;
             println!("deleted job '{job}'");
         }
     }
@@ -134,7 +145,10 @@ fn print_status(j: &pb::JobStatus) {
     println!("  optimizer        {}", j.optimizer);
     println!("  round            {}", j.round);
     println!("  optimizer step   {}", j.step);
-    println!("  workers          {} of {} pushed", j.workers_pushed, j.workers_expected);
+    println!(
+        "  workers          {} of {} pushed",
+        j.workers_pushed, j.workers_expected
+    );
     println!("  rounds skipped   {}", j.rounds_skipped);
     println!(
         "  parameters       {} ({} bytes, optimizer state {} bytes)",
@@ -147,7 +161,11 @@ fn print_status(j: &pb::JobStatus) {
             println!(
                 "  last round       {}{}",
                 l.round,
-                if l.skipped { " (skipped: gradient not finite)" } else { "" }
+                if l.skipped {
+                    " (skipped: gradient not finite)"
+                } else {
+                    ""
+                }
             );
             println!("  lr per group     [{}]", lrs.join(", "));
             println!("  grad norm        {:.6e}", l.grad_norm);

@@ -46,7 +46,13 @@ fn fresh_job_name(trace: &Path) -> String {
         .and_then(|s| s.to_str())
         .unwrap_or("trace")
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(64)
         .collect();
     let nanos = std::time::SystemTime::now()
@@ -88,13 +94,25 @@ pub async fn replay(path: &Path, opts: &ReplayOptions) -> anyhow::Result<ReplayR
         }
     }
     let mut result = result.ok_or_else(|| anyhow::anyhow!("the trace has no workers"))?;
-    result.params = trace.params.iter().cloned().zip(trace.shapes.iter().cloned()).collect();
+    result.params = trace
+        .params
+        .iter()
+        .cloned()
+        .zip(trace.shapes.iter().cloned())
+        .collect();
     result.job = job;
     Ok(result)
 }
 
 /// One worker: push each step's gradients, pull the parameters after it.
-async fn run_worker(trace: &Trace, job: &str, server: &str, w: u32, start: u64, keep_steps: bool) -> anyhow::Result<ReplayResult> {
+async fn run_worker(
+    trace: &Trace,
+    job: &str,
+    server: &str,
+    w: u32,
+    start: u64,
+    keep_steps: bool,
+) -> anyhow::Result<ReplayResult> {
     let mut client = Client::connect(server).await?;
     let mut out = ReplayResult::default();
     for t in 0..trace.steps {
@@ -146,20 +164,33 @@ impl ReplayResult {
             blobs.push((format!("lr/{t}"), Dtype::F64, vec![lrs.len()], bytes));
         }
         for (t, n) in self.grad_norm.iter().enumerate() {
-            blobs.push((format!("grad_norm/{t}"), Dtype::F32, vec![], n.to_le_bytes().to_vec()));
+            blobs.push((
+                format!("grad_norm/{t}"),
+                Dtype::F32,
+                vec![],
+                n.to_le_bytes().to_vec(),
+            ));
         }
         for (t, params) in self.steps.iter().enumerate() {
             for ((name, s), values) in self.params.iter().zip(params) {
-                blobs.push((format!("params/{t}/{name}"), Dtype::F32, shape(s), f32s(values)));
+                blobs.push((
+                    format!("params/{t}/{name}"),
+                    Dtype::F32,
+                    shape(s),
+                    f32s(values),
+                ));
             }
         }
         let views = blobs
             .iter()
-            .map(|(name, dtype, shape, data)| Ok((name.clone(), TensorView::new(*dtype, shape.clone(), data)?)))
+            .map(|(name, dtype, shape, data)| {
+                Ok((name.clone(), TensorView::new(*dtype, shape.clone(), data)?))
+            })
             .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
         let meta = HashMap::from([("format".to_owned(), "paramd-replay/1".to_owned())]);
         let bytes = safetensors::serialize(views, Some(meta))?;
-        std::fs::write(path, bytes).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        std::fs::write(path, bytes)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
         Ok(())
     }
 }

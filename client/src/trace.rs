@@ -34,7 +34,9 @@ pub struct Trace {
 
 /// Reads every tensor of a safetensors buffer (f32 or f64) as f64, and the
 /// header's metadata.
-pub fn read_tensors(buf: &[u8]) -> anyhow::Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+pub fn read_tensors(
+    buf: &[u8],
+) -> anyhow::Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     let (_, meta) = SafeTensors::read_metadata(buf)?;
     let st = SafeTensors::deserialize(buf)?;
     let mut out = HashMap::new();
@@ -66,16 +68,20 @@ pub fn read_tensors(buf: &[u8]) -> anyhow::Result<(HashMap<String, Tensor>, Hash
 impl Trace {
     /// Loads a trace file.
     pub fn load(path: &Path) -> anyhow::Result<Trace> {
-        let buf = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        let buf = std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
         let (tensors, meta) = read_tensors(&buf)?;
         match meta.get("format").map(String::as_str) {
             Some(FORMAT) => {}
-            other => anyhow::bail!("{}: format is {other:?}, expected {FORMAT:?}", path.display()),
+            other => anyhow::bail!(
+                "{}: format is {other:?}, expected {FORMAT:?}",
+                path.display()
+            ),
         }
-        let config: Value = serde_json::from_str(
-            meta.get("config")
-                .ok_or_else(|| anyhow::anyhow!("{}: no config in the metadata", path.display()))?,
-        )?;
+        let config: Value =
+            serde_json::from_str(meta.get("config").ok_or_else(|| {
+                anyhow::anyhow!("{}: no config in the metadata", path.display())
+            })?)?;
         let params: Vec<String> = serde_json::from_value(config["params"].clone())?;
         let mut shapes = Vec::with_capacity(params.len());
         for p in &params {
@@ -86,7 +92,8 @@ impl Trace {
         }
         let workers = config["workers"]
             .as_u64()
-            .ok_or_else(|| anyhow::anyhow!("config.workers is missing"))? as u32;
+            .ok_or_else(|| anyhow::anyhow!("config.workers is missing"))?
+            as u32;
         let steps = config["steps"]
             .as_u64()
             .ok_or_else(|| anyhow::anyhow!("config.steps is missing"))?;
@@ -113,18 +120,29 @@ impl Trace {
 
     /// The initial values of every parameter, in order.
     pub fn init(&self) -> anyhow::Result<Vec<Vec<f32>>> {
-        self.params.iter().map(|p| self.f32s(&format!("init/{p}"))).collect()
+        self.params
+            .iter()
+            .map(|p| self.f32s(&format!("init/{p}")))
+            .collect()
     }
 
     /// The gradients worker `w` pushes at step `t`, in parameter order.
     pub fn grads(&self, t: u64, w: u32) -> anyhow::Result<Vec<Vec<f32>>> {
-        self.params.iter().map(|p| self.f32s(&format!("grad/{t}/{w}/{p}"))).collect()
+        self.params
+            .iter()
+            .map(|p| self.f32s(&format!("grad/{t}/{w}/{p}")))
+            .collect()
     }
 }
 
 /// Translates a trace's config into a JobSpec, refusing options paramd does
 /// not reproduce rather than ignoring them.
-fn job_spec(config: &Value, params: &[String], shapes: &[Vec<u64>], workers: u32) -> anyhow::Result<pb::JobSpec> {
+fn job_spec(
+    config: &Value,
+    params: &[String],
+    shapes: &[Vec<u64>],
+    workers: u32,
+) -> anyhow::Result<pb::JobSpec> {
     let opt = &config["optimizer"];
     let kind = match opt["kind"].as_str() {
         Some("sgd") => pb::OptimizerKind::Sgd,
@@ -138,10 +156,14 @@ fn job_spec(config: &Value, params: &[String], shapes: &[Vec<u64>], workers: u32
             return Ok(h);
         };
         let num = |key: &str| -> anyhow::Result<f64> {
-            obj[key].as_f64().ok_or_else(|| anyhow::anyhow!("{field}.{key} is not a number"))
+            obj[key]
+                .as_f64()
+                .ok_or_else(|| anyhow::anyhow!("{field}.{key} is not a number"))
         };
         let flag = |key: &str| -> anyhow::Result<bool> {
-            obj[key].as_bool().ok_or_else(|| anyhow::anyhow!("{field}.{key} is not a boolean"))
+            obj[key]
+                .as_bool()
+                .ok_or_else(|| anyhow::anyhow!("{field}.{key} is not a boolean"))
         };
         for key in obj.keys() {
             match key.as_str() {
@@ -185,7 +207,9 @@ fn job_spec(config: &Value, params: &[String], shapes: &[Vec<u64>], workers: u32
     }
     let s = &config["schedule"];
     let u = |key: &str| -> anyhow::Result<u64> {
-        s[key].as_u64().ok_or_else(|| anyhow::anyhow!("schedule.{key} is missing"))
+        s[key]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("schedule.{key} is missing"))
     };
     let kind = match s["kind"].as_str() {
         None | Some("constant") => pb::schedule::Kind::Constant(pb::Constant {}),
@@ -237,7 +261,10 @@ pub struct Tolerance {
 impl Default for Tolerance {
     /// The golden traces' tolerance.
     fn default() -> Self {
-        Tolerance { atol: 1e-6, rtol: 1e-4 }
+        Tolerance {
+            atol: 1e-6,
+            rtol: 1e-4,
+        }
     }
 }
 
@@ -252,7 +279,11 @@ pub struct Comparison {
 
 /// Checks a replay result against a trace's expectations, as the golden
 /// README's `compare.py` does.
-pub fn compare(trace: &HashMap<String, Tensor>, result: &HashMap<String, Tensor>, tol: Tolerance) -> Comparison {
+pub fn compare(
+    trace: &HashMap<String, Tensor>,
+    result: &HashMap<String, Tensor>,
+    tol: Tolerance,
+) -> Comparison {
     let mut c = Comparison::default();
     let mut keys: Vec<&String> = trace.keys().collect();
     keys.sort();
@@ -281,11 +312,18 @@ pub fn compare(trace: &HashMap<String, Tensor>, result: &HashMap<String, Tensor>
             continue;
         };
         if got.shape != want.shape {
-            c.failures
-                .push(format!("shape {got_key}: got {:?}, want {:?}", got.shape, want.shape));
+            c.failures.push(format!(
+                "shape {got_key}: got {:?}, want {:?}",
+                got.shape, want.shape
+            ));
             continue;
         }
-        let rtol = tol.rtol * if key.starts_with("grad_norm/") { 10.0 } else { 1.0 };
+        let rtol = tol.rtol
+            * if key.starts_with("grad_norm/") {
+                10.0
+            } else {
+                1.0
+            };
         let mut bad = false;
         let mut max_abs: f64 = 0.0;
         for (&g, &w) in got.values.iter().zip(&want.values) {
@@ -295,8 +333,9 @@ pub fn compare(trace: &HashMap<String, Tensor>, result: &HashMap<String, Tensor>
             bad |= !g.is_finite() || diff > tol.atol + rtol * w.abs();
         }
         if bad {
-            c.failures
-                .push(format!("mismatch {got_key}: max |got-want| = {max_abs:.3e}"));
+            c.failures.push(format!(
+                "mismatch {got_key}: max |got-want| = {max_abs:.3e}"
+            ));
         } else {
             c.passed += 1;
         }

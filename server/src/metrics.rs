@@ -24,7 +24,7 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
-                .and_then(|b| Ok(b.build_recorder()));
+                .map(PrometheusBuilder::build_recorder);
             match recorder {
                 Ok(recorder) => {
                     let handle = recorder.handle();

@@ -70,7 +70,7 @@ impl Target<'_> {
                 .index
                 .get(&s.param)
                 .ok_or_else(|| invalid!("unknown parameter '{}'", s.param))?;
-            if s.data.len() % 4 != 0 {
+            if !s.data.len().is_multiple_of(4) {
                 return Err(invalid!(
                     "parameter '{}': {} bytes at element {} is not a multiple of 4 (f32)",
                     s.param,
@@ -113,15 +113,14 @@ impl Target<'_> {
                 ));
             }
             end[p] = offset + n;
-            if self.finite_only {
-                if let Some(i) = (0..n as usize).find(|&i| !le_f32(&data, i).is_finite()) {
-                    return Err(invalid!(
-                        "parameter '{}': element {} is {}, and the job refuses non-finite gradients",
-                        info.name,
-                        offset as usize + i,
-                        le_f32(&data, i)
-                    ));
-                }
+            let bad = || (0..n as usize).find(|&i| !le_f32(&data, i).is_finite());
+            if let Some(i) = bad().filter(|_| self.finite_only) {
+                return Err(invalid!(
+                    "parameter '{}': element {} is {}, and the job refuses non-finite gradients",
+                    info.name,
+                    offset as usize + i,
+                    le_f32(&data, i)
+                ));
             }
             bytes += data.len();
             self.cut(p, offset as usize, data, &mut by_chunk)?;

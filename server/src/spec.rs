@@ -424,42 +424,51 @@ mod tests {
         assert_eq!(c.schedule, Schedule::Constant);
     }
 
+    fn with_hyper(h: pb::Hyperparameters) -> pb::JobSpec {
+        let mut s = spec();
+        s.optimizer = Some(pb::Optimizer {
+            kind: pb::OptimizerKind::Adamw as i32,
+            hyper: Some(h),
+        });
+        s
+    }
+
     #[test]
     fn refusals_name_the_field_and_value() {
-        let cases: Vec<(Box<dyn Fn(&mut pb::JobSpec)>, &str)> = vec![
+        let no_workers = pb::JobSpec {
+            workers: 0,
+            ..spec()
+        };
+        let no_params = pb::JobSpec {
+            params: vec![],
+            ..spec()
+        };
+        let cases = [
             (
-                Box::new(|s| {
-                    s.optimizer.as_mut().unwrap().hyper = Some(pb::Hyperparameters {
-                        lr: Some(-1.0),
-                        ..Default::default()
-                    })
+                with_hyper(pb::Hyperparameters {
+                    lr: Some(-1.0),
+                    ..Default::default()
                 }),
                 "optimizer.lr must be >= 0, got -1",
             ),
             (
-                Box::new(|s| {
-                    s.optimizer.as_mut().unwrap().hyper = Some(pb::Hyperparameters {
-                        beta2: Some(1.0),
-                        ..Default::default()
-                    })
+                with_hyper(pb::Hyperparameters {
+                    beta2: Some(1.0),
+                    ..Default::default()
                 }),
                 "optimizer.beta2 must be in [0, 1), got 1",
             ),
             (
-                Box::new(|s| {
-                    s.optimizer.as_mut().unwrap().hyper = Some(pb::Hyperparameters {
-                        momentum: Some(0.9),
-                        ..Default::default()
-                    })
+                with_hyper(pb::Hyperparameters {
+                    momentum: Some(0.9),
+                    ..Default::default()
                 }),
                 "optimizer.momentum is not an option of AdamW",
             ),
-            (Box::new(|s| s.workers = 0), "workers must be between 1"),
-            (Box::new(|s| s.params.clear()), "params is empty"),
+            (no_workers, "workers must be between 1"),
+            (no_params, "params is empty"),
         ];
-        for (edit, want) in cases {
-            let mut s = spec();
-            edit(&mut s);
+        for (s, want) in cases {
             let err = JobConfig::try_from(&s).expect_err(want).to_string();
             assert!(err.contains(want), "{err:?} should contain {want:?}");
         }

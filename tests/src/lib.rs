@@ -1,1 +1,209 @@
-//! Shared helpers of the integration tests.
+//! Shared helpers of the integration tests: an in-process server on
+//! loopback ports the OS picked, the golden traces, and a tiny HTTP GET.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use paramd::NodeConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A paramd serving in this process on `127.0.0.1:0`, shut down on drop.
+#[derive(Debug)]
+pub struct TestServer {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    /// Starts a server with default settings.
+    pub async fn start() -> TestServer {
+        Self::with_config(NodeConfig::default()).await
+    }
+
+    /// Starts a server with `config`. The listeners are bound before the
+    /// server task starts, so the addresses accept connections at once.
+    pub async fn with_config(config: NodeConfig) -> TestServer {
+        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+        let (grpc_addr, http_addr) = (
+            grpc.local_addr().expect("addr"),
+            http.local_addr().expect("addr"),
+        );
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(paramd::serve(
+            grpc,
+            http,
+            config,
+            Duration::from_secs(5),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        TestServer {
+            grpc: grpc_addr,
+            http: http_addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// The gRPC URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// A connected client.
+    pub async fn client(&self) -> paramd_client::Client {
+        paramd_client::Client::connect(&self.url())
+            .await
+            .expect("connect")
+    }
+
+    /// Stops the server and waits until it has returned.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task").expect("server result");
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The golden traces copied into the repository.
+pub fn golden_traces() -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("golden");
+    let mut traces: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("tests/golden")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    traces.sort();
+    assert!(!traces.is_empty(), "no traces in {}", dir.display());
+    traces
+}
+
+/// `GET path` over HTTP/1.1, returning the status code and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).await?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("no HTTP header in {text:?}"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("bad status line in {head:?}"))?;
+    Ok((code, body.to_owned()))
+}
+
+/// The value of the Prometheus sample whose name and labels start with
+/// `prefix` (e.g. `paramd_round{job="a"`), if present.
+pub fn metric(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let rest = series.strip_prefix(name)?;
+            if !(rest.is_empty() || rest.starts_with('{')) {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            if all { value.parse().ok() } else { None }
+        })
+}
+
+/// A binary of the workspace (`paramd`, `paramctl`), next to the test
+/// executables. `cargo test --workspace` builds both before running tests.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build --workspace --bins` or run `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
+
+/// A real `paramd` process, killed when dropped.
+#[derive(Debug)]
+pub struct Daemon {
+    pub child: tokio::process::Child,
+    /// What the daemon logged until it was serving.
+    pub log: Vec<String>,
+}
+
+impl Daemon {
+    /// Starts `paramd args...` and waits until it logs that it is serving.
+    pub async fn start(args: &[&str]) -> anyhow::Result<Daemon> {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(binary("paramd"))
+            .args(args)
+            .env("PARAMD_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let mut log = Vec::new();
+        let serving = async {
+            while let Some(line) = lines.next_line().await? {
+                let done = line.contains("paramd serving");
+                log.push(line);
+                if done {
+                    return Ok(true);
+                }
+            }
+            anyhow::Ok(false)
+        };
+        let ok = tokio::time::timeout(Duration::from_secs(30), serving).await??;
+        anyhow::ensure!(ok, "paramd exited before serving: {log:?}");
+        // Keep draining the log so the daemon never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Daemon { child, log })
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub async fn terminate(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self
+            .child
+            .id()
+            .ok_or_else(|| anyhow::anyhow!("already exited"))?;
+        let kill = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await?;
+        anyhow::ensure!(kill.success(), "kill -TERM {pid} failed");
+        Ok(tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??)
+    }
+}
