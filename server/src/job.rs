@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use paramd_proto::v1::Segment;
@@ -82,6 +83,8 @@ pub struct Job {
     grads: Mutex<Vec<Vec<f32>>>,
     collect: Mutex<Collect>,
     completed: watch::Sender<u64>,
+    /// Set when the job is deleted, so that waiting pulls end at once.
+    deleted: AtomicBool,
     coordinator: Coordinator,
     shard: usize,
     pub metrics: JobMetrics,
@@ -165,6 +168,7 @@ impl Job {
                 pushes: (0..workers).map(|_| None).collect(),
             }),
             completed: watch::channel(0).0,
+            deleted: AtomicBool::new(false),
             name,
             config,
             layout,
@@ -357,13 +361,14 @@ impl Job {
     pub async fn wait_round(&self, round: u64, wait: Duration) -> Result<()> {
         let started = Instant::now();
         let mut rx = self.completed.subscribe();
-        let done = tokio::time::timeout(wait, rx.wait_for(|&r| r >= round)).await;
+        let reached = |&r: &u64| r >= round || self.deleted.load(Ordering::Acquire);
+        let done = tokio::time::timeout(wait, rx.wait_for(reached)).await;
         self.metrics
             .pull_wait
             .record(started.elapsed().as_secs_f64());
         match done {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) => Err(Error::NotFound(self.name.clone())),
+            Ok(Ok(_)) if !self.deleted.load(Ordering::Acquire) => Ok(()),
+            Ok(_) => Err(Error::NotFound(self.name.clone())),
             Err(_) => {
                 let c = self.collect.lock();
                 Err(Error::Timeout(format!(
@@ -436,6 +441,12 @@ impl Job {
             parameter_bytes: store.chunks.iter().map(|c| c.values.len() * 4).sum(),
             state_bytes: store.chunks.iter().map(ChunkState::state_bytes).sum(),
         }
+    }
+
+    /// Marks the job deleted and wakes every pull waiting on it.
+    pub fn close(&self) {
+        self.deleted.store(true, Ordering::Release);
+        self.completed.send_modify(|_| {});
     }
 
     /// The round workers push next.

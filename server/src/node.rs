@@ -138,10 +138,13 @@ impl Node {
 
     /// Drops job `name`; its memory is freed once in-flight calls finish.
     pub fn delete(&self, name: &str) -> Result<()> {
-        self.jobs
+        let (_, job) = self
+            .jobs
             .remove(name)
-            .map(|_| tracing::info!(job = %name, "job deleted"))
-            .ok_or_else(|| Error::NotFound(name.to_owned()))
+            .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+        job.close();
+        tracing::info!(job = %name, "job deleted");
+        Ok(())
     }
 }
 

@@ -94,22 +94,24 @@ impl Target<'_> {
         for (p, offset, data) in by_param {
             let info = &self.params[p];
             let n = (data.len() / 4) as u64;
+            let numel = info.numel as u64;
+            // Checked: offset comes from the client and may be anything.
+            if offset > numel || n > numel - offset {
+                return Err(invalid!(
+                    "parameter '{}' {:?}: expected {} bytes, got {} ({} bytes at element {offset})",
+                    info.name,
+                    info.shape,
+                    info.numel * 4,
+                    got[p],
+                    data.len(),
+                ));
+            }
             if offset < end[p] {
                 return Err(invalid!(
                     "parameter '{}' is sent twice: elements {}..{} overlap",
                     info.name,
                     offset,
                     end[p].min(offset + n)
-                ));
-            }
-            if offset + n > info.numel as u64 {
-                return Err(invalid!(
-                    "parameter '{}' {:?}: expected {} bytes, got {} (up to byte {})",
-                    info.name,
-                    info.shape,
-                    info.numel * 4,
-                    got[p],
-                    (offset + n) * 4
                 ));
             }
             end[p] = offset + n;

@@ -22,6 +22,9 @@ use crate::spec::JobConfig;
 /// limit, and large enough that framing costs nothing.
 const PULL_MESSAGE_BYTES: usize = 4 << 20;
 
+/// How long before a client's deadline a waiting pull gives up.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(200);
+
 /// Slack allowed over a payload's expected size before reading stops, so a
 /// slightly wrong push still gets a precise error but a flood does not grow
 /// memory without bound.
@@ -175,8 +178,11 @@ impl ParamServer for Service {
         &self,
         request: Request<pb::PullRequest>,
     ) -> Result<Response<PullStream>, Status> {
+        // Answer DEADLINE_EXCEEDED with the reason a little before the
+        // client's deadline, rather than letting the call be cancelled.
         let wait = grpc_timeout(request.metadata()).map_or(self.node.config.max_pull_wait, |t| {
-            t.min(self.node.config.max_pull_wait)
+            t.saturating_sub((t / 10).min(DEADLINE_MARGIN))
+                .min(self.node.config.max_pull_wait)
         });
         let req = request.into_inner();
         let job = self.node.job(&req.job)?;

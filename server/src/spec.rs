@@ -83,22 +83,36 @@ impl JobConfig {
                 ),
             };
         }
+        let differ = |field: &str, here: &dyn std::fmt::Debug, there: &dyn std::fmt::Debug| {
+            format!("{field} is {here:?} here, {there:?} in the request")
+        };
         if self.workers != other.workers {
-            return format!(
-                "workers is {} here, {} in the request",
-                self.workers, other.workers
+            return differ("workers", &self.workers, &other.workers);
+        }
+        if let Some(g) = (0..self.groups.len().max(other.groups.len()))
+            .find(|&g| self.groups.get(g) != other.groups.get(g))
+        {
+            return differ(
+                &format!("param group {g}"),
+                &self.groups.get(g),
+                &other.groups.get(g),
             );
         }
-        if self.groups != other.groups {
-            return format!("optimizer or param_groups differ: {:?} here", self.groups);
+        if let Some(p) =
+            (0..self.params.len()).find(|&p| self.params[p].group != other.params[p].group)
+        {
+            return format!(
+                "parameter '{}' is in group {} here, {} in the request",
+                self.params[p].name, self.params[p].group, other.params[p].group
+            );
         }
         if self.schedule != other.schedule {
-            return format!("schedule is {:?} here", self.schedule);
+            return differ("schedule", &self.schedule, &other.schedule);
         }
         if self.clip != other.clip {
-            return format!("clip is {:?} here", self.clip);
+            return differ("clip max_norm", &self.clip, &other.clip);
         }
-        format!("non_finite is {:?} here", self.non_finite)
+        differ("non_finite", &self.non_finite, &other.non_finite)
     }
 }
 
