@@ -13,6 +13,7 @@ pub mod replay;
 pub mod trace;
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -40,15 +41,22 @@ pub enum ClientError {
     },
     #[error("{}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
+    /// A shard of a cluster answered with an error, or could not be reached.
+    #[error("shard {shard} at {url}: {}: {}", .status.code(), .status.message())]
+    Shard {
+        shard: usize,
+        url: String,
+        status: tonic::Status,
+    },
     #[error("{0}")]
     Invalid(String),
 }
 
 impl ClientError {
-    /// The gRPC status, when the server answered with an error.
+    /// The gRPC status, when a server answered with an error.
     pub fn status(&self) -> Option<&tonic::Status> {
         match self {
-            ClientError::Status(s) => Some(s),
+            ClientError::Status(s) | ClientError::Shard { status: s, .. } => Some(s),
             _ => None,
         }
     }
@@ -68,35 +76,82 @@ pub struct Pulled {
     pub params: HashMap<String, Vec<f32>>,
 }
 
-/// A connection to one paramd server.
+/// Where a job's chunks live, and a connection to every shard.
+#[derive(Debug)]
+struct Route {
+    chunk_elems: usize,
+    /// First chunk id and element count of every parameter.
+    params: HashMap<String, (usize, usize)>,
+    owners: Vec<u32>,
+    shards: Vec<(String, ParamServerClient<Channel>)>,
+}
+
+impl Route {
+    /// Cuts tensors into one list of segments per shard. A tensor the
+    /// layout does not describe (unknown, or of the wrong size) goes whole
+    /// to shard 0, whose refusal names what is wrong.
+    fn split(&self, tensors: &[(&str, &[f32])]) -> Vec<Vec<pb::Segment>> {
+        let mut out = vec![Vec::new(); self.shards.len()];
+        for (name, values) in tensors {
+            match self.params.get(*name) {
+                Some(&(first, numel)) if numel == values.len() => {
+                    for (k, part) in values.chunks(self.chunk_elems).enumerate() {
+                        out[self.owners[first + k] as usize].push(pb::Segment {
+                            param: (*name).to_owned(),
+                            offset: (k * self.chunk_elems) as u64,
+                            data: to_le_bytes(part),
+                        });
+                    }
+                }
+                _ => out[0].extend(segments(name, values)),
+            }
+        }
+        out
+    }
+}
+
+/// A connection to a paramd server or cluster (through its coordinator).
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: ParamServerClient<Channel>,
+    url: String,
+    routes: Arc<Mutex<HashMap<String, Arc<Route>>>>,
     /// Deadline of every call (a pull's wait included).
     pub timeout: Duration,
 }
 
-impl Client {
-    /// Connects to `url` (`http://host:port`).
-    pub async fn connect(url: &str) -> Result<Client> {
-        let connect_err = |source| ClientError::Connect {
+fn endpoint(url: &str) -> Result<Endpoint> {
+    Ok(Endpoint::from_shared(url.to_owned())
+        .map_err(|source| ClientError::Connect {
             url: url.to_owned(),
             source,
-        };
-        let channel = Endpoint::from_shared(url.to_owned())
-            .map_err(connect_err)?
-            .connect_timeout(Duration::from_secs(10))
-            .initial_stream_window_size(8 << 20)
-            .initial_connection_window_size(32 << 20)
-            .tcp_nodelay(true)
+        })?
+        .connect_timeout(Duration::from_secs(10))
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(32 << 20)
+        .tcp_nodelay(true))
+}
+
+fn grpc_client(channel: Channel) -> ParamServerClient<Channel> {
+    ParamServerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+impl Client {
+    /// Connects to `url` (`http://host:port`), the coordinator of a cluster.
+    pub async fn connect(url: &str) -> Result<Client> {
+        let channel = endpoint(url)?
             .connect()
             .await
-            .map_err(connect_err)?;
-        let inner = ParamServerClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            .map_err(|source| ClientError::Connect {
+                url: url.to_owned(),
+                source,
+            })?;
         Ok(Client {
-            inner,
+            inner: grpc_client(channel),
+            url: url.to_owned(),
+            routes: Arc::default(),
             timeout: Duration::from_secs(300),
         })
     }
@@ -107,6 +162,61 @@ impl Client {
         r
     }
 
+    /// The layout of `job`, fetched from the coordinator once.
+    async fn route(&self, job: &str) -> Result<Arc<Route>> {
+        if let Some(r) = self.routes.lock().ok().and_then(|m| m.get(job).cloned()) {
+            return Ok(r);
+        }
+        let req = self.request(pb::LayoutRequest {
+            job: job.to_owned(),
+        });
+        let layout = self.inner.clone().layout(req).await?.into_inner();
+        let chunk_elems = usize::try_from(layout.chunk_elems)
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| {
+                ClientError::Invalid(format!(
+                    "layout of '{job}': chunk_elems is {}",
+                    layout.chunk_elems
+                ))
+            })?;
+        let mut params = HashMap::new();
+        let mut next = 0;
+        for p in &layout.params {
+            let numel = p.shape.iter().product::<u64>() as usize;
+            params.insert(p.name.clone(), (next, numel));
+            next += numel.div_ceil(chunk_elems);
+        }
+        if next != layout.owners.len() {
+            return Err(ClientError::Invalid(format!(
+                "layout of '{job}' has {} owners for {next} chunks",
+                layout.owners.len()
+            )));
+        }
+        // Shard 0 is reached as the coordinator was; the others at the
+        // addresses the cluster was started with.
+        let mut shards = vec![(self.url.clone(), self.inner.clone())];
+        for url in layout.shards.iter().skip(1) {
+            shards.push((url.clone(), grpc_client(endpoint(url)?.connect_lazy())));
+        }
+        if let Some(&bad) = layout.owners.iter().find(|&&o| o as usize >= shards.len()) {
+            return Err(ClientError::Invalid(format!(
+                "layout of '{job}' names shard {bad} of {}",
+                shards.len()
+            )));
+        }
+        let route = Arc::new(Route {
+            chunk_elems,
+            params,
+            owners: layout.owners,
+            shards,
+        });
+        if let Ok(mut m) = self.routes.lock() {
+            m.insert(job.to_owned(), Arc::clone(&route));
+        }
+        Ok(route)
+    }
+
     /// Creates job `job` with `spec` and initial `values`, or finds it.
     pub async fn init(
         &mut self,
@@ -114,7 +224,8 @@ impl Client {
         spec: pb::JobSpec,
         values: &[(&str, &[f32])],
     ) -> Result<pb::InitResponse> {
-        let mut messages: Vec<pb::InitRequest> = pack(values)
+        let all: Vec<pb::Segment> = values.iter().flat_map(|(n, v)| segments(n, v)).collect();
+        let mut messages: Vec<pb::InitRequest> = pack(all)
             .into_iter()
             .map(|values| pb::InitRequest {
                 values,
@@ -130,8 +241,9 @@ impl Client {
         Ok(self.inner.init(req).await?.into_inner())
     }
 
-    /// Pushes worker `worker`'s gradients for `round`. Safe to retry: the
-    /// server counts a (worker, round) once.
+    /// Pushes worker `worker`'s gradients for `round`, each chunk straight
+    /// to its shard, all shards at once. Safe to retry: a shard counts a
+    /// (worker, round) once.
     pub async fn push(
         &mut self,
         job: &str,
@@ -139,21 +251,41 @@ impl Client {
         round: u64,
         grads: &[(&str, &[f32])],
     ) -> Result<pb::PushResponse> {
-        let mut messages: Vec<pb::PushRequest> = pack(grads)
-            .into_iter()
-            .map(|grads| pb::PushRequest {
-                grads,
-                ..Default::default()
-            })
-            .collect();
-        if messages.is_empty() {
-            messages.push(pb::PushRequest::default());
+        let route = self.route(job).await?;
+        let calls = route.split(grads).into_iter().enumerate().map(|(i, segs)| {
+            let mut messages: Vec<pb::PushRequest> = pack(segs)
+                .into_iter()
+                .map(|grads| pb::PushRequest {
+                    grads,
+                    ..Default::default()
+                })
+                .collect();
+            if messages.is_empty() {
+                messages.push(pb::PushRequest::default());
+            }
+            messages[0].job = job.to_owned();
+            messages[0].worker = worker;
+            messages[0].round = round;
+            let req = self.request(futures::stream::iter(messages));
+            let (url, mut client) = route.shards[i].clone();
+            let n = route.shards.len();
+            async move {
+                client
+                    .push(req)
+                    .await
+                    .map_err(|s| shard_error(i, &url, s, n))
+            }
+        });
+        let mut out = pb::PushResponse {
+            duplicate: true,
+            pushed: u32::MAX,
+        };
+        for r in futures::future::join_all(calls).await {
+            let r = r?.into_inner();
+            out.duplicate &= r.duplicate;
+            out.pushed = out.pushed.min(r.pushed);
         }
-        messages[0].job = job.to_owned();
-        messages[0].worker = worker;
-        messages[0].round = round;
-        let req = self.request(futures::stream::iter(messages));
-        Ok(self.inner.push(req).await?.into_inner())
+        Ok(out)
     }
 
     /// Pulls every parameter once `round` rounds have completed.
@@ -161,40 +293,69 @@ impl Client {
         self.pull_params(job, round, &[]).await
     }
 
-    /// Pulls the named parameters (all when empty) once `round` rounds have
-    /// completed.
+    /// Pulls the named parameters (all when empty) from every shard once
+    /// `round` rounds have completed there.
     pub async fn pull_params(
         &mut self,
         job: &str,
         round: u64,
         params: &[String],
     ) -> Result<Pulled> {
-        let req = self.request(pb::PullRequest {
-            job: job.to_owned(),
-            round,
-            params: params.to_vec(),
+        let route = self.route(job).await?;
+        let calls = route.shards.iter().enumerate().map(|(i, (url, client))| {
+            let req = self.request(pb::PullRequest {
+                job: job.to_owned(),
+                round,
+                params: params.to_vec(),
+            });
+            let mut client = client.clone();
+            let n = route.shards.len();
+            async move {
+                let mut stream = client
+                    .pull(req)
+                    .await
+                    .map_err(|s| shard_error(i, url, s, n))?
+                    .into_inner();
+                let mut messages = Vec::new();
+                while let Some(m) = stream
+                    .message()
+                    .await
+                    .map_err(|s| shard_error(i, url, s, n))?
+                {
+                    messages.push(m);
+                }
+                Ok::<_, ClientError>(messages)
+            }
         });
-        let mut stream = self.inner.pull(req).await?.into_inner();
         let mut pulled = Pulled {
-            round: 0,
+            round: u64::MAX,
             last: None,
             params: HashMap::new(),
         };
-        let mut first = true;
-        while let Some(msg) = stream.message().await? {
-            if first {
-                pulled.round = msg.round;
-                pulled.last = msg.last;
-                first = false;
+        for (i, r) in futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            for (k, msg) in r?.into_iter().enumerate() {
+                if k == 0 {
+                    pulled.round = pulled.round.min(msg.round);
+                    if i == 0 {
+                        pulled.last = msg.last;
+                    }
+                }
+                for seg in msg.params {
+                    place(&mut pulled.params, seg)?;
+                }
             }
-            for seg in msg.params {
-                place(&mut pulled.params, seg)?;
-            }
+        }
+        if pulled.round == u64::MAX {
+            pulled.round = 0;
         }
         Ok(pulled)
     }
 
-    /// Status of job `job`, or of every job.
+    /// Status of job `job`, or of every job, with every shard's part.
     pub async fn status(&mut self, job: Option<&str>) -> Result<pb::StatusResponse> {
         let req = self.request(pb::StatusRequest {
             job: job.unwrap_or_default().to_owned(),
@@ -202,14 +363,50 @@ impl Client {
         Ok(self.inner.status(req).await?.into_inner())
     }
 
-    /// Deletes job `job`.
+    /// Deletes job `job` on every shard.
     pub async fn delete_job(&mut self, job: &str) -> Result<()> {
         let req = self.request(pb::DeleteJobRequest {
             job: job.to_owned(),
         });
         self.inner.delete_job(req).await?;
+        if let Ok(mut m) = self.routes.lock() {
+            m.remove(job);
+        }
         Ok(())
     }
+}
+
+/// An error of shard `i`; a one-shard cluster's errors stay plain.
+fn shard_error(i: usize, url: &str, status: tonic::Status, shards: usize) -> ClientError {
+    if shards == 1 {
+        ClientError::Status(status)
+    } else {
+        ClientError::Shard {
+            shard: i,
+            url: url.to_owned(),
+            status,
+        }
+    }
+}
+
+/// Cuts a tensor into segments of at most `MESSAGE_BYTES`.
+fn segments(name: &str, values: &[f32]) -> Vec<pb::Segment> {
+    if values.is_empty() {
+        return vec![pb::Segment {
+            param: name.to_owned(),
+            offset: 0,
+            data: Bytes::new(),
+        }];
+    }
+    values
+        .chunks(MESSAGE_BYTES / 4)
+        .enumerate()
+        .map(|(k, part)| pb::Segment {
+            param: name.to_owned(),
+            offset: (k * (MESSAGE_BYTES / 4)) as u64,
+            data: to_le_bytes(part),
+        })
+        .collect()
 }
 
 /// Encodes f32 values as little-endian bytes.
@@ -221,33 +418,18 @@ pub fn to_le_bytes(values: &[f32]) -> Bytes {
     Bytes::from(out)
 }
 
-/// Cuts tensors into segments of at most `MESSAGE_BYTES` and packs them
-/// into messages of at most that many payload bytes.
-fn pack(tensors: &[(&str, &[f32])]) -> Vec<Vec<pb::Segment>> {
-    let per = MESSAGE_BYTES / 4;
+/// Packs segments into messages of at most `MESSAGE_BYTES` of payload.
+fn pack(segments: Vec<pb::Segment>) -> Vec<Vec<pb::Segment>> {
     let mut messages: Vec<Vec<pb::Segment>> = Vec::new();
     let mut current = Vec::new();
     let mut size = 0;
-    for (name, values) in tensors {
-        let mut offset = 0;
-        loop {
-            let end = (offset + per).min(values.len());
-            let n = end - offset;
-            if size + 4 * n > MESSAGE_BYTES && !current.is_empty() {
-                messages.push(std::mem::take(&mut current));
-                size = 0;
-            }
-            current.push(pb::Segment {
-                param: (*name).to_owned(),
-                offset: offset as u64,
-                data: to_le_bytes(&values[offset..end]),
-            });
-            size += 4 * n;
-            offset = end;
-            if offset >= values.len() {
-                break;
-            }
+    for seg in segments {
+        if size + seg.data.len() > MESSAGE_BYTES && !current.is_empty() {
+            messages.push(std::mem::take(&mut current));
+            size = 0;
         }
+        size += seg.data.len();
+        current.push(seg);
     }
     if !current.is_empty() {
         messages.push(current);
@@ -288,7 +470,8 @@ mod tests {
     fn packing_splits_large_tensors_and_round_trips() {
         let big: Vec<f32> = (0..(MESSAGE_BYTES / 4 * 2 + 3)).map(|i| i as f32).collect();
         let small = [1.5f32, -2.0];
-        let messages = pack(&[("big", &big), ("small", &small)]);
+        let all = [segments("big", &big), segments("small", &small)].concat();
+        let messages = pack(all);
         assert!(messages.len() >= 3);
         for m in &messages {
             assert!(m.iter().map(|s| s.data.len()).sum::<usize>() <= MESSAGE_BYTES);

@@ -154,6 +154,24 @@ fn print_status(j: &pb::JobStatus) {
         "  parameters       {} ({} bytes, optimizer state {} bytes)",
         j.parameters, j.parameter_bytes, j.optimizer_state_bytes
     );
+    if j.shards.len() > 1 {
+        println!("  shards");
+        for sh in &j.shards {
+            if sh.up {
+                println!(
+                    "    {} {:<24} up    chunks {:<6} parameter bytes {:<12} state bytes {:<12} round {}",
+                    sh.index,
+                    sh.address,
+                    sh.chunks,
+                    sh.parameter_bytes,
+                    sh.optimizer_state_bytes,
+                    sh.round
+                );
+            } else {
+                println!("    {} {:<24} DOWN  {}", sh.index, sh.address, sh.error);
+            }
+        }
+    }
     match &j.last {
         None => println!("  last round       none yet"),
         Some(l) => {
@@ -190,6 +208,16 @@ fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
                 "parameters": j.parameters,
                 "parameter_bytes": j.parameter_bytes,
                 "optimizer_state_bytes": j.optimizer_state_bytes,
+                "shards": j.shards.iter().map(|sh| json!({
+                    "index": sh.index,
+                    "address": sh.address,
+                    "up": sh.up,
+                    "chunks": sh.chunks,
+                    "parameter_bytes": sh.parameter_bytes,
+                    "optimizer_state_bytes": sh.optimizer_state_bytes,
+                    "round": sh.round,
+                    "error": sh.error,
+                })).collect::<Vec<_>>(),
                 "last": j.last.as_ref().map(|l| json!({
                     "round": l.round,
                     "step": l.step,

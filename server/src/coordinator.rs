@@ -6,6 +6,9 @@
 //! In a one-shard cluster the shard reports to an in-process coordinator;
 //! the code path is the same.
 
+use std::time::{Duration, Instant};
+
+use metrics::Histogram;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
@@ -87,6 +90,8 @@ pub struct Coordinator {
     policy: Policy,
     shards: usize,
     state: Mutex<Gather>,
+    /// Time from a round's first report to its last.
+    shard_wait: Histogram,
 }
 
 #[derive(Debug)]
@@ -95,12 +100,21 @@ struct Gather {
     step: u64,
     reports: Vec<Option<Report>>,
     waiters: Vec<oneshot::Sender<Decision>>,
+    first_report: Option<Instant>,
+    /// The decision of the round before `round`, for shards that ask again.
+    last: Option<Decision>,
 }
 
 impl Coordinator {
     /// A coordinator for `shards` shards, at round `round` after `step`
     /// applied updates.
-    pub fn new(policy: Policy, shards: usize, round: u64, step: u64) -> Coordinator {
+    pub fn new(
+        policy: Policy,
+        shards: usize,
+        round: u64,
+        step: u64,
+        shard_wait: Histogram,
+    ) -> Coordinator {
         Coordinator {
             policy,
             shards,
@@ -109,19 +123,29 @@ impl Coordinator {
                 step,
                 reports: vec![None; shards],
                 waiters: Vec::new(),
+                first_report: None,
+                last: None,
             }),
+            shard_wait,
         }
     }
 
-    /// The schedule and clip this coordinator applies.
-    pub fn policy(&self) -> &Policy {
-        &self.policy
-    }
-
-    /// Records shard `shard`'s report of `round` and waits for the decision.
-    pub async fn report(&self, round: u64, shard: usize, report: Report) -> Result<Decision> {
+    /// Records shard `shard`'s report of `round` and waits, at most `wait`,
+    /// for the decision. Reporting again is harmless: the report replaces
+    /// the previous one, and a shard asking about the round just decided
+    /// gets its decision.
+    pub async fn report(
+        &self,
+        round: u64,
+        shard: usize,
+        report: Report,
+        wait: Duration,
+    ) -> Result<Decision> {
         let rx = {
             let mut g = self.state.lock();
+            if let Some(last) = g.last.as_ref().filter(|d| d.round == round) {
+                return Ok(last.clone());
+            }
             if round != g.round {
                 return Err(Error::Internal(format!(
                     "shard {shard} reported round {round}, the coordinator is deciding round {}",
@@ -135,21 +159,39 @@ impl Coordinator {
             *slot = Some(report);
             let (tx, rx) = oneshot::channel();
             g.waiters.push(tx);
+            let first = *g.first_report.get_or_insert_with(Instant::now);
             if g.reports.iter().all(Option::is_some) {
+                self.shard_wait.record(first.elapsed().as_secs_f64());
                 let reports: Vec<Report> = g.reports.iter_mut().filter_map(Option::take).collect();
                 let decision = self.policy.decide(round, g.step, &reports);
                 g.step = decision.step;
                 g.round += 1;
+                g.first_report = None;
+                g.last = Some(decision.clone());
                 for w in g.waiters.drain(..) {
-                    // A shard that stopped waiting learns the decision when
-                    // it asks again; nothing to do here.
+                    // A shard that stopped waiting asks again and gets
+                    // `last`.
                     let _ = w.send(decision.clone());
                 }
             }
             rx
         };
-        rx.await
-            .map_err(|_| Error::Internal(format!("round {round} was abandoned by the coordinator")))
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(d)) => Ok(d),
+            Ok(Err(_)) => Err(Error::Internal(format!(
+                "round {round} was abandoned by the coordinator"
+            ))),
+            Err(_) => {
+                let g = self.state.lock();
+                let missing: Vec<usize> = (0..self.shards)
+                    .filter(|&s| g.round == round && g.reports[s].is_none())
+                    .collect();
+                Err(Error::Timeout(format!(
+                    "round {round} undecided after {:.1}s: shards {missing:?} have not reported",
+                    wait.as_secs_f64()
+                )))
+            }
+        }
     }
 
     /// Number of shards reporting to this coordinator.
@@ -207,15 +249,38 @@ mod tests {
 
     #[tokio::test]
     async fn decides_once_every_shard_reported() {
-        let c = std::sync::Arc::new(Coordinator::new(policy(None), 2, 0, 0));
+        let wait = Duration::from_secs(30);
+        let c = std::sync::Arc::new(Coordinator::new(policy(None), 2, 0, 0, Histogram::noop()));
         let c2 = c.clone();
-        let first = tokio::spawn(async move { c2.report(0, 0, Report::default()).await });
-        let second = c.report(0, 1, Report::default()).await.expect("decision");
+        let first = tokio::spawn(async move { c2.report(0, 0, Report::default(), wait).await });
+        let second = c
+            .report(0, 1, Report::default(), wait)
+            .await
+            .expect("decision");
         let first = first.await.expect("join").expect("decision");
         assert_eq!(first, second);
+        let again = c
+            .report(0, 0, Report::default(), wait)
+            .await
+            .expect("asked again");
+        assert_eq!(again, first, "a shard asking again gets the same decision");
         assert!(
-            c.report(0, 0, Report::default()).await.is_err(),
-            "round 0 is decided"
+            c.report(5, 0, Report::default(), wait).await.is_err(),
+            "round 5 is not open"
         );
+    }
+
+    #[tokio::test]
+    async fn an_undecided_round_times_out_naming_the_missing_shards() {
+        let c = Coordinator::new(policy(None), 3, 0, 0, Histogram::noop());
+        let err = c
+            .report(0, 1, Report::default(), Duration::from_millis(20))
+            .await
+            .expect_err("shards 0 and 2 never report");
+        assert!(
+            err.to_string().contains("shards [0, 2] have not reported"),
+            "{err}"
+        );
+        assert!(err.retryable());
     }
 }

@@ -31,6 +31,17 @@ pub enum Error {
     TooLarge(String),
     #[error("{0}")]
     Internal(String),
+    /// A call to another shard failed; its code is kept.
+    #[error("shard {shard} at {address}: {message}")]
+    Shard {
+        shard: usize,
+        address: String,
+        code: Code,
+        message: String,
+    },
+    /// The request belongs on another shard.
+    #[error("{0}")]
+    WrongShard(String),
 }
 
 /// Shorthand for an `Error::Invalid` with a formatted message.
@@ -51,6 +62,40 @@ impl Error {
             Error::Timeout(_) => "timeout",
             Error::TooLarge(_) => "too_large",
             Error::Internal(_) => "internal",
+            Error::Shard { .. } => "shard",
+            Error::WrongShard(_) => "wrong_shard",
+        }
+    }
+
+    /// Whether trying again later may succeed: another shard was down or
+    /// slow.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Error::Timeout(_) => true,
+            Error::Shard { code, .. } => matches!(
+                code,
+                Code::Unavailable
+                    | Code::DeadlineExceeded
+                    | Code::Cancelled
+                    | Code::Unknown
+                    | Code::ResourceExhausted
+            ),
+            _ => false,
+        }
+    }
+
+    /// The error of a call to shard `shard` that answered `status`.
+    pub fn from_shard(shard: usize, address: &str, status: &Status) -> Error {
+        // tonic reports a client-side deadline as CANCELLED.
+        let code = match status.code() {
+            Code::Cancelled => Code::DeadlineExceeded,
+            c => c,
+        };
+        Error::Shard {
+            shard,
+            address: address.to_owned(),
+            code,
+            message: status.message().to_owned(),
         }
     }
 }
@@ -69,6 +114,8 @@ impl From<Error> for Status {
             Error::Timeout(_) => Code::DeadlineExceeded,
             Error::TooLarge(_) => Code::ResourceExhausted,
             Error::Internal(_) => Code::Internal,
+            Error::Shard { code, .. } => *code,
+            Error::WrongShard(_) => Code::FailedPrecondition,
         };
         Status::new(code, e.to_string())
     }

@@ -6,12 +6,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use paramd_proto::v1 as pb;
 use paramd_proto::v1::Segment;
 use parking_lot::{Mutex, RwLock};
 use rayon::prelude::*;
 use tokio::sync::watch;
 
 use crate::clip::sum_squares;
+use crate::cluster::Cluster;
 use crate::compute;
 use crate::coordinator::{Coordinator, Decision, Policy, Report};
 use crate::error::{Error, Result};
@@ -83,10 +85,13 @@ pub struct Job {
     grads: Mutex<Vec<Vec<f32>>>,
     collect: Mutex<Collect>,
     completed: watch::Sender<u64>,
+    /// The coordinator's side of the step decision, on shard 0.
+    coordinator: Option<Coordinator>,
+    cluster: Arc<Cluster>,
+    /// The shard of every chunk.
+    owners: Vec<u32>,
     /// Set when the job is deleted, so that waiting pulls end at once.
     deleted: AtomicBool,
-    coordinator: Coordinator,
-    shard: usize,
     pub metrics: JobMetrics,
 }
 
@@ -99,15 +104,26 @@ impl std::fmt::Debug for Job {
 }
 
 impl Job {
-    /// Creates job `name` from its validated config and initial values.
+    /// Creates this shard's part of job `name`: the chunks `owners` gives
+    /// it, with their initial `values`.
     pub async fn create(
         name: String,
         config: JobConfig,
-        chunk_bytes: usize,
+        layout: Layout,
+        owners: Vec<u32>,
+        cluster: Arc<Cluster>,
         values: Vec<Segment>,
     ) -> Result<Job> {
-        let layout = Layout::new(&config.params, chunk_bytes);
-        let own = Ownership::all(&layout);
+        if owners.len() != layout.chunks.len()
+            || owners.iter().any(|&o| o as usize >= cluster.size())
+        {
+            return Err(invalid!(
+                "layout.owners must name one of {} shards for each of {} chunks",
+                cluster.size(),
+                layout.chunks.len()
+            ));
+        }
+        let own = Ownership::of(&owners, cluster.shard as u32);
         let index: HashMap<String, usize> = config
             .params
             .iter()
@@ -151,9 +167,12 @@ impl Job {
         };
         let metrics = JobMetrics::new(&name, config.groups.len());
         let workers = config.workers as usize;
+        let coordinator = (cluster.shard == 0)
+            .then(|| Coordinator::new(policy, cluster.size(), 0, 0, metrics.shard_wait.clone()));
         let job = Job {
-            coordinator: Coordinator::new(policy, 1, 0, 0),
-            shard: 0,
+            coordinator,
+            cluster,
+            owners,
             store: RwLock::new(Store {
                 chunks,
                 round: 0,
@@ -184,6 +203,7 @@ impl Job {
             .parameter_bytes
             .set(status.parameter_bytes as f64);
         job.metrics.state_bytes.set(status.state_bytes as f64);
+        job.metrics.chunks.set(job.own.chunks.len() as f64);
         job.metrics.round.set(0.0);
         job.metrics.step.set(0.0);
         Ok(job)
@@ -282,7 +302,7 @@ impl Job {
         let started = Instant::now();
         let job = Arc::clone(&self);
         let report = compute::run(move || job.reduce(&pushes)).await?;
-        let decision = self.coordinator.report(round, self.shard, report).await?;
+        let decision = self.decide(round, report).await?;
         let job = Arc::clone(&self);
         let d = decision.clone();
         compute::run(move || job.apply(d)).await?;
@@ -295,6 +315,83 @@ impl Job {
         self.completed.send_replace(round + 1);
         self.record(&decision, started.elapsed());
         Ok(())
+    }
+
+    /// Reports a round to the coordinator (in-process on shard 0, over gRPC
+    /// elsewhere) until it answers with the decision. A coordinator or shard
+    /// that is down delays the round; it never decides without every shard.
+    async fn decide(&self, round: u64, report: Report) -> Result<Decision> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let answer = match &self.coordinator {
+                Some(c) => {
+                    c.report(
+                        round,
+                        self.cluster.shard,
+                        report.clone(),
+                        self.cluster.round_timeout,
+                    )
+                    .await
+                }
+                None => self.cluster.report(&self.name, round, &report).await,
+            };
+            match answer {
+                Ok(d) => return Ok(d),
+                Err(e) if e.retryable() && !self.deleted.load(Ordering::Acquire) => {
+                    tracing::warn!(job = %self.name, round, error = %e, "round not decided yet; reporting again");
+                    // Pacing the retries of an unreachable peer, not
+                    // waiting for an event.
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The coordinator's answer to shard `shard`'s report of `round`.
+    pub async fn coordinate(&self, round: u64, shard: usize, report: Report) -> Result<Decision> {
+        let c = self.coordinator.as_ref().ok_or_else(|| {
+            Error::WrongShard(format!(
+                "shard {} is not the coordinator of job '{}'",
+                self.cluster.shard, self.name
+            ))
+        })?;
+        c.report(round, shard, report, self.cluster.round_timeout)
+            .await
+    }
+
+    /// Where every chunk lives.
+    pub fn layout(&self) -> pb::LayoutResponse {
+        pb::LayoutResponse {
+            shards: self.cluster.urls.clone(),
+            chunk_elems: self.layout.chunk_elems as u64,
+            params: self
+                .config
+                .params
+                .iter()
+                .map(|p| pb::ParamSpec {
+                    name: p.name.clone(),
+                    shape: p.shape.clone(),
+                })
+                .collect(),
+            owners: self.owners.clone(),
+        }
+    }
+
+    /// This shard's part of the job, for the cluster's status.
+    pub fn shard_info(&self) -> pb::ShardInfo {
+        let s = self.status();
+        pb::ShardInfo {
+            index: self.cluster.shard as u32,
+            address: self.cluster.address(self.cluster.shard),
+            up: true,
+            chunks: self.own.chunks.len() as u64,
+            parameter_bytes: s.parameter_bytes as u64,
+            optimizer_state_bytes: s.state_bytes as u64,
+            round: s.round,
+            error: String::new(),
+        }
     }
 
     /// Averages every chunk's pushes in rank order and reports the sums of

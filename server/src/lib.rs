@@ -5,6 +5,7 @@
 //! chunks and run its rounds; `service` and `http` are the network surface.
 
 pub mod clip;
+pub mod cluster;
 pub mod compute;
 pub mod coordinator;
 pub mod error;
@@ -17,6 +18,7 @@ pub mod optim;
 pub mod pieces;
 pub mod schedule;
 pub mod service;
+pub mod shard_service;
 pub mod spec;
 pub mod store;
 
@@ -25,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use paramd_proto::v1::param_server_server::ParamServerServer;
+use paramd_proto::v1::shard_server::ShardServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -47,11 +50,13 @@ pub async fn serve(
     grace: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    config.validate()?;
     let handle = metrics::install();
     let max_message = config.max_message_bytes;
-    let node = Arc::new(Node::new(config));
-    let service = ParamServerServer::new(service::Service::new(node))
+    let node = Arc::new(Node::new(config)?);
+    let service = ParamServerServer::new(service::Service::new(Arc::clone(&node)))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let shard_service = ShardServer::new(shard_service::ShardService::new(node))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
 
@@ -64,6 +69,7 @@ pub async fn serve(
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .add_service(service)
+        .add_service(shard_service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
     let http_server =
         axum::serve(http, http::router(handle)).with_graceful_shutdown(stopped(stop_rx.clone()));

@@ -28,6 +28,19 @@ struct Args {
     /// Longest a pull waits for its round without a client deadline, in seconds.
     #[arg(long, env = "PARAMD_MAX_PULL_WAIT", default_value_t = 300.0)]
     max_pull_wait: f64,
+    /// This shard's index in --cluster; 0 is the coordinator.
+    #[arg(long, env = "PARAMD_SHARD_INDEX", default_value_t = 0)]
+    shard_index: usize,
+    /// URLs of every shard, comma-separated, in shard order. Without it,
+    /// paramd is a one-shard cluster.
+    #[arg(long, env = "PARAMD_CLUSTER", value_delimiter = ',')]
+    cluster: Vec<String>,
+    /// Deadline of a call to another shard, in seconds.
+    #[arg(long, env = "PARAMD_PEER_TIMEOUT", default_value_t = 10.0)]
+    peer_timeout: f64,
+    /// Longest the coordinator waits for every shard's report of a round, in seconds.
+    #[arg(long, env = "PARAMD_ROUND_TIMEOUT", default_value_t = 60.0)]
+    round_timeout: f64,
     /// Seconds in-flight calls get to finish after SIGTERM or SIGINT.
     #[arg(long, env = "PARAMD_SHUTDOWN_GRACE", default_value_t = 20.0)]
     shutdown_grace: f64,
@@ -57,15 +70,13 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    let config = NodeConfig {
-        chunk_bytes: args.chunk_bytes,
-        max_message_bytes: args.max_message_bytes,
-        max_pull_wait: Duration::from_secs_f64(args.max_pull_wait.max(0.0)),
+    let config = match node_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("paramd: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
     };
-    if let Err(e) = config.validate() {
-        eprintln!("paramd: {e}");
-        return ExitCode::from(EXIT_CONFIG);
-    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -82,11 +93,31 @@ fn main() -> ExitCode {
     }
 }
 
+/// The node settings the flags describe, checked.
+fn node_config(args: &Args) -> Result<NodeConfig, String> {
+    let seconds = |name: &str, v: f64| {
+        Duration::try_from_secs_f64(v)
+            .map_err(|_| format!("{name} must be a non-negative number of seconds, got {v}"))
+    };
+    let config = NodeConfig {
+        chunk_bytes: args.chunk_bytes,
+        max_message_bytes: args.max_message_bytes,
+        max_pull_wait: seconds("max_pull_wait", args.max_pull_wait)?,
+        shard_index: args.shard_index,
+        cluster: args.cluster.clone(),
+        peer_timeout: seconds("peer_timeout", args.peer_timeout)?,
+        round_timeout: seconds("round_timeout", args.round_timeout)?,
+    };
+    config.validate().map_err(|e| e.to_string())?;
+    seconds("shutdown_grace", args.shutdown_grace)?;
+    Ok(config)
+}
+
 async fn run(args: Args, config: NodeConfig) -> anyhow::Result<()> {
     let grpc = TcpListener::bind(args.listen).await?;
     let http = TcpListener::bind(args.http_listen).await?;
-    tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, "paramd serving");
-    let grace = Duration::from_secs_f64(args.shutdown_grace.max(0.0));
+    tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, shard = args.shard_index, shards = args.cluster.len().max(1), "paramd serving");
+    let grace = Duration::try_from_secs_f64(args.shutdown_grace)?;
     paramd::serve(grpc, http, config, grace, shutdown_signal()).await
 }
 

@@ -1,17 +1,25 @@
-//! The jobs of one paramd process.
+//! The jobs of one paramd process, and the cluster-wide operations the
+//! coordinator runs for them (create, status, delete on every shard).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
+use paramd_proto::v1 as pb;
 use paramd_proto::v1::Segment;
 
+use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::invalid;
 use crate::job::Job;
-use crate::layout::DEFAULT_CHUNK_BYTES;
+use crate::layout::{DEFAULT_CHUNK_BYTES, Layout};
+use crate::pieces::{Ownership, Target, pack};
 use crate::spec::{JobConfig, validate_job_name};
+
+/// Payload bytes per message when the coordinator forwards initial values.
+const FORWARD_MESSAGE_BYTES: usize = 4 << 20;
 
 /// Settings of a node that jobs and the service rely on.
 #[derive(Clone, Debug)]
@@ -22,6 +30,14 @@ pub struct NodeConfig {
     pub max_message_bytes: usize,
     /// Longest a pull waits for its round when the call has no deadline.
     pub max_pull_wait: Duration,
+    /// This shard's index in `cluster`.
+    pub shard_index: usize,
+    /// Every shard's URL; empty for a one-shard cluster.
+    pub cluster: Vec<String>,
+    /// Deadline of a call to another shard.
+    pub peer_timeout: Duration,
+    /// Longest the coordinator waits for every shard's report of a round.
+    pub round_timeout: Duration,
 }
 
 impl Default for NodeConfig {
@@ -30,6 +46,10 @@ impl Default for NodeConfig {
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             max_message_bytes: 64 << 20,
             max_pull_wait: Duration::from_secs(300),
+            shard_index: 0,
+            cluster: Vec::new(),
+            peer_timeout: Duration::from_secs(10),
+            round_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -57,15 +77,24 @@ impl NodeConfig {
                 self.max_message_bytes
             ));
         }
-        Ok(())
+        for (name, d) in [
+            ("peer_timeout", self.peer_timeout),
+            ("round_timeout", self.round_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid!("{name} must be positive"));
+            }
+        }
+        Cluster::check(self.shard_index, &self.cluster)
     }
 }
 
 /// Every job of this process, by name.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Node {
     jobs: DashMap<String, Arc<Job>>,
     pub config: NodeConfig,
+    pub cluster: Arc<Cluster>,
 }
 
 /// What Init did.
@@ -77,11 +106,19 @@ pub struct Created {
 
 impl Node {
     /// A node without jobs.
-    pub fn new(config: NodeConfig) -> Node {
-        Node {
+    pub fn new(config: NodeConfig) -> Result<Node> {
+        config.validate()?;
+        let cluster = Arc::new(Cluster::new(
+            config.shard_index,
+            config.cluster.clone(),
+            config.peer_timeout,
+            config.round_timeout,
+        )?);
+        Ok(Node {
             jobs: DashMap::new(),
             config,
-        }
+            cluster,
+        })
     }
 
     /// The job named `name`.
@@ -99,31 +136,160 @@ impl Node {
         jobs
     }
 
+    fn coordinator_only(&self, what: &str) -> Result<()> {
+        if self.cluster.shard == 0 {
+            Ok(())
+        } else {
+            Err(Error::WrongShard(format!(
+                "this is shard {}; {what} goes to the coordinator, shard 0 at {}",
+                self.cluster.shard,
+                self.cluster.address(0)
+            )))
+        }
+    }
+
     /// The existing job `name` if its configuration is `config`, an error if
     /// it differs, `None` if there is no such job.
     pub fn existing(&self, name: &str, config: &JobConfig) -> Result<Option<Arc<Job>>> {
         validate_job_name(name)?;
+        self.coordinator_only("Init")?;
         match self.jobs.get(name) {
             None => Ok(None),
             Some(j) => same_job(j.value(), config).map(|()| Some(Arc::clone(j.value()))),
         }
     }
 
-    /// Creates job `name` with initial `values`, unless an equal job was
-    /// created meanwhile.
+    /// Creates job `name` on every shard: places its chunks, hands each
+    /// shard its chunks' initial values, and creates this shard's part. If
+    /// a shard cannot create its part, the parts made are dropped and the
+    /// error names the shard.
     pub async fn create(
         &self,
         name: &str,
+        spec: &pb::JobSpec,
         config: JobConfig,
         values: Vec<Segment>,
     ) -> Result<Created> {
         validate_job_name(name)?;
-        let job = Job::create(name.to_owned(), config, self.config.chunk_bytes, values).await?;
-        match self.jobs.entry(name.to_owned()) {
+        self.coordinator_only("Init")?;
+        let layout = Layout::new(&config.params, self.config.chunk_bytes);
+        let shards = self.cluster.size();
+        let owners = layout.place(shards);
+        let index: HashMap<String, usize> = config
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name.clone(), i))
+            .collect();
+        let all = Ownership::all(&layout);
+        let target = Target {
+            params: &config.params,
+            index: &index,
+            layout: &layout,
+            own: &all,
+            finite_only: false,
+        };
+        let pieces = target.split(values).map_err(|e| match e {
+            Error::Invalid(m) => invalid!("initial values: {m}"),
+            e => e,
+        })?;
+        let mut per_shard = pieces.by_shard(&layout, &config.params, &owners, shards);
+        let local_values = std::mem::take(&mut per_shard[0]);
+
+        let layout_pb = pb::LayoutResponse {
+            shards: self.cluster.urls.clone(),
+            chunk_elems: layout.chunk_elems as u64,
+            params: spec.params.clone(),
+            owners: owners.clone(),
+        };
+        let calls = per_shard
+            .into_iter()
+            .enumerate()
+            .skip(1)
+            .map(|(i, values)| {
+                let mut messages: Vec<pb::CreateShardRequest> = pack(values, FORWARD_MESSAGE_BYTES)
+                    .into_iter()
+                    .map(|values| pb::CreateShardRequest {
+                        values,
+                        ..Default::default()
+                    })
+                    .collect();
+                if messages.is_empty() {
+                    messages.push(pb::CreateShardRequest::default());
+                }
+                messages[0].job = name.to_owned();
+                messages[0].spec = Some(spec.clone());
+                messages[0].shard = i as u32;
+                messages[0].layout = Some(layout_pb.clone());
+                async move { (i, self.cluster.create_shard(i, messages).await) }
+            });
+        let mut made = Vec::new();
+        let mut failure = None;
+        for (i, r) in futures::future::join_all(calls).await {
+            match r {
+                Ok(c) if c.created => made.push(i),
+                Ok(_) => {}
+                Err(e) => failure = failure.or(Some(e)),
+            }
+        }
+        if let Some(e) = failure {
+            for i in made {
+                if let Err(drop) = self.cluster.drop_shard(i, name).await {
+                    tracing::warn!(job = %name, shard = i, error = %drop, "cannot drop a part of a job that failed to start");
+                }
+            }
+            return Err(e);
+        }
+        let job = Job::create(
+            name.to_owned(),
+            config,
+            layout,
+            owners,
+            Arc::clone(&self.cluster),
+            local_values,
+        )
+        .await?;
+        self.insert(job)
+    }
+
+    /// Creates this shard's part of a job the coordinator placed.
+    pub async fn create_shard(
+        &self,
+        name: &str,
+        config: JobConfig,
+        layout: &pb::LayoutResponse,
+        values: Vec<Segment>,
+    ) -> Result<Created> {
+        validate_job_name(name)?;
+        if let Some(j) = self.jobs.get(name) {
+            same_job(j.value(), &config)?;
+            return Ok(Created {
+                job: Arc::clone(j.value()),
+                created: false,
+            });
+        }
+        let chunk_elems = usize::try_from(layout.chunk_elems)
+            .map_err(|_| invalid!("layout.chunk_elems is too large"))?;
+        let l = Layout::with_chunk_elems(&config.params, chunk_elems);
+        let job = Job::create(
+            name.to_owned(),
+            config,
+            l,
+            layout.owners.clone(),
+            Arc::clone(&self.cluster),
+            values,
+        )
+        .await?;
+        self.insert(job)
+    }
+
+    fn insert(&self, job: Job) -> Result<Created> {
+        let name = job.name.clone();
+        match self.jobs.entry(name.clone()) {
             Entry::Vacant(v) => {
                 let job = Arc::new(job);
                 v.insert(Arc::clone(&job));
-                tracing::info!(job = %name, params = job.config.params.len(), workers = job.config.workers, optimizer = job.config.optimizer_name(), "job created");
+                tracing::info!(job = %name, shard = self.cluster.shard, params = job.config.params.len(), workers = job.config.workers, optimizer = job.config.optimizer_name(), "job created");
                 Ok(Created { job, created: true })
             }
             Entry::Occupied(o) => {
@@ -136,14 +302,73 @@ impl Node {
         }
     }
 
-    /// Drops job `name`; its memory is freed once in-flight calls finish.
-    pub fn delete(&self, name: &str) -> Result<()> {
+    /// Every shard's part of `job`: this one's, and the others' as they
+    /// answer within the peer deadline (down ones say why).
+    pub async fn shard_infos(&self, job: &Job) -> Vec<pb::ShardInfo> {
+        let mut infos = vec![job.shard_info()];
+        if self.cluster.shard != 0 {
+            return infos;
+        }
+        let calls = (1..self.cluster.size()).map(|i| async move {
+            self.cluster
+                .shard_status(i, &job.name)
+                .await
+                .unwrap_or_else(|e| pb::ShardInfo {
+                    index: i as u32,
+                    address: self.cluster.address(i),
+                    up: false,
+                    error: e.to_string(),
+                    ..Default::default()
+                })
+        });
+        infos.extend(futures::future::join_all(calls).await);
+        infos
+    }
+
+    /// Drops job `name` here and, on the coordinator, on every shard. The
+    /// job is gone here even if a shard cannot be reached; the error then
+    /// names the shards that still hold their part.
+    pub async fn delete(&self, name: &str) -> Result<()> {
         let (_, job) = self
             .jobs
             .remove(name)
             .ok_or_else(|| Error::NotFound(name.to_owned()))?;
         job.close();
-        tracing::info!(job = %name, "job deleted");
+        tracing::info!(job = %name, shard = self.cluster.shard, "job deleted");
+        if self.cluster.shard != 0 {
+            return Ok(());
+        }
+        let calls =
+            (1..self.cluster.size()).map(|i| async move { self.cluster.drop_shard(i, name).await });
+        let failed: Vec<Error> = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .filter_map(|r| {
+                r.err().filter(|e| {
+                    !matches!(
+                        e,
+                        Error::Shard {
+                            code: tonic::Code::NotFound,
+                            ..
+                        }
+                    )
+                })
+            })
+            .collect();
+        match failed.into_iter().next() {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+
+    /// Drops this shard's part of `name` (called by the coordinator).
+    pub fn drop_shard(&self, name: &str) -> Result<()> {
+        let (_, job) = self
+            .jobs
+            .remove(name)
+            .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+        job.close();
+        tracing::info!(job = %name, shard = self.cluster.shard, "job part dropped");
         Ok(())
     }
 }

@@ -35,11 +35,17 @@ pub struct Ownership {
 impl Ownership {
     /// Every chunk of the layout: a one-shard cluster.
     pub fn all(layout: &Layout) -> Ownership {
-        let n = layout.chunks.len();
-        Ownership {
-            local: (0..n).map(Some).collect(),
-            chunks: (0..n).collect(),
+        Ownership::of(&vec![0; layout.chunks.len()], 0)
+    }
+
+    /// The chunks `owners` gives to shard `shard`.
+    pub fn of(owners: &[u32], shard: u32) -> Ownership {
+        let chunks: Vec<usize> = (0..owners.len()).filter(|&c| owners[c] == shard).collect();
+        let mut local = vec![None; owners.len()];
+        for (i, &c) in chunks.iter().enumerate() {
+            local[c] = Some(i);
         }
+        Ownership { local, chunks }
     }
 }
 
@@ -216,6 +222,51 @@ pub fn mean_into<'a>(pushes: impl ExactSizeIterator<Item = &'a [Piece]>, acc: &m
 /// Copies a chunk's pieces (initial values) into `dst`.
 pub fn copy_into(pieces: &[Piece], dst: &mut [f32]) {
     mean_into(std::iter::once(pieces), dst);
+}
+
+impl Pieces {
+    /// The pieces as segments of their parameters, grouped by the shard
+    /// `owners` gives each chunk (pieces of every chunk, `Ownership::all`).
+    pub fn by_shard(
+        self,
+        layout: &Layout,
+        params: &[ParamInfo],
+        owners: &[u32],
+        shards: usize,
+    ) -> Vec<Vec<Segment>> {
+        let mut out = vec![Vec::new(); shards];
+        for (id, pieces) in self.by_chunk.into_iter().enumerate() {
+            let chunk = &layout.chunks[id];
+            for piece in pieces {
+                out[owners[id] as usize].push(Segment {
+                    param: params[chunk.param].name.clone(),
+                    offset: (chunk.offset + piece.start) as u64,
+                    data: piece.data,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// Packs segments into messages of at most `max_bytes` of payload (a single
+/// larger segment gets a message of its own).
+pub fn pack(segments: Vec<Segment>, max_bytes: usize) -> Vec<Vec<Segment>> {
+    let mut messages: Vec<Vec<Segment>> = Vec::new();
+    let mut current = Vec::new();
+    let mut size = 0;
+    for seg in segments {
+        if size + seg.data.len() > max_bytes && !current.is_empty() {
+            messages.push(std::mem::take(&mut current));
+            size = 0;
+        }
+        size += seg.data.len();
+        current.push(seg);
+    }
+    if !current.is_empty() {
+        messages.push(current);
+    }
+    messages
 }
 
 /// Encodes f32 values as little-endian bytes.

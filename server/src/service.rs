@@ -16,6 +16,7 @@ use crate::invalid;
 use crate::job::{Admission, Outcome};
 use crate::metrics;
 use crate::node::Node;
+use crate::pieces::pack;
 use crate::spec::JobConfig;
 
 /// Bytes of segments packed into one Pull message. Well under the message
@@ -28,7 +29,7 @@ const DEADLINE_MARGIN: Duration = Duration::from_millis(200);
 /// Slack allowed over a payload's expected size before reading stops, so a
 /// slightly wrong push still gets a precise error but a flood does not grow
 /// memory without bound.
-const PAYLOAD_SLACK: usize = 1 << 20;
+pub(crate) const PAYLOAD_SLACK: usize = 1 << 20;
 
 /// The gRPC service over a node.
 #[derive(Clone, Debug)]
@@ -45,7 +46,7 @@ impl Service {
 
 /// Reads the segments of a stream's remaining messages after `first`,
 /// refusing once they exceed `budget` bytes.
-async fn read_segments<M>(
+pub(crate) async fn read_segments<M>(
     mut segments: Vec<pb::Segment>,
     stream: &mut Streaming<M>,
     budget: usize,
@@ -86,7 +87,7 @@ fn grpc_timeout(md: &MetadataMap) -> Option<Duration> {
     })
 }
 
-fn outcome_pb(d: &Outcome) -> pb::RoundOutcome {
+pub(crate) fn outcome_pb(d: &Outcome) -> pb::RoundOutcome {
     pb::RoundOutcome {
         round: d.round,
         step: d.step,
@@ -110,10 +111,10 @@ impl ParamServer for Service {
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("empty Init stream"))?;
-        let spec = first.spec.as_ref().ok_or_else(|| {
+        let spec = first.spec.clone().ok_or_else(|| {
             Status::invalid_argument("spec is required in the first Init message")
         })?;
-        let config = JobConfig::try_from(spec)?;
+        let config = JobConfig::try_from(&spec)?;
         if let Some(job) = self.node.existing(&first.job, &config)? {
             return Ok(Response::new(pb::InitResponse {
                 round: job.round(),
@@ -123,7 +124,7 @@ impl ParamServer for Service {
         let budget = 2 * config.numel() * 4 + PAYLOAD_SLACK;
         let what = format!("initial values of job '{}'", first.job);
         let values = read_segments(first.values, &mut stream, budget, &what, |m| m.values).await?;
-        let created = self.node.create(&first.job, config, values).await?;
+        let created = self.node.create(&first.job, &spec, config, values).await?;
         Ok(Response::new(pb::InitResponse {
             round: created.job.round(),
             created: created.created,
@@ -188,22 +189,18 @@ impl ParamServer for Service {
         let job = self.node.job(&req.job)?;
         job.wait_round(req.round, wait).await?;
         let snap = job.snapshot(&req.params)?;
-        let mut messages = vec![pb::PullResponse {
-            round: snap.round,
-            last: snap.last.as_ref().map(outcome_pb),
-            params: Vec::new(),
-        }];
-        let mut size = 0;
-        for seg in snap.segments {
-            let last = messages.len() - 1;
-            if size + seg.data.len() > PULL_MESSAGE_BYTES && !messages[last].params.is_empty() {
-                messages.push(pb::PullResponse::default());
-                size = 0;
-            }
-            size += seg.data.len();
-            let last = messages.len() - 1;
-            messages[last].params.push(seg);
+        let mut messages: Vec<pb::PullResponse> = pack(snap.segments, PULL_MESSAGE_BYTES)
+            .into_iter()
+            .map(|params| pb::PullResponse {
+                params,
+                ..Default::default()
+            })
+            .collect();
+        if messages.is_empty() {
+            messages.push(pb::PullResponse::default());
         }
+        messages[0].round = snap.round;
+        messages[0].last = snap.last.as_ref().map(outcome_pb);
         let stream = futures::stream::iter(messages.into_iter().map(Ok));
         Ok(Response::new(Box::pin(stream)))
     }
@@ -218,26 +215,26 @@ impl ParamServer for Service {
         } else {
             vec![self.node.job(&req.job)?]
         };
-        let jobs = jobs
-            .iter()
-            .map(|job| {
-                let s = job.status();
-                pb::JobStatus {
-                    job: job.name.clone(),
-                    round: s.round,
-                    step: s.step,
-                    workers_expected: job.config.workers,
-                    workers_pushed: s.workers_pushed,
-                    rounds_skipped: s.rounds_skipped,
-                    last: s.last.as_ref().map(outcome_pb),
-                    parameters: job.config.numel() as u64,
-                    parameter_bytes: s.parameter_bytes as u64,
-                    optimizer_state_bytes: s.state_bytes as u64,
-                    optimizer: job.config.optimizer_name().to_owned(),
-                }
-            })
-            .collect();
-        Ok(Response::new(pb::StatusResponse { jobs }))
+        let mut out = Vec::with_capacity(jobs.len());
+        for job in &jobs {
+            let shards = self.node.shard_infos(job).await;
+            let s = job.status();
+            out.push(pb::JobStatus {
+                job: job.name.clone(),
+                round: s.round,
+                step: s.step,
+                workers_expected: job.config.workers,
+                workers_pushed: s.workers_pushed,
+                rounds_skipped: s.rounds_skipped,
+                last: s.last.as_ref().map(outcome_pb),
+                parameters: job.config.numel() as u64,
+                parameter_bytes: s.parameter_bytes as u64,
+                optimizer_state_bytes: s.state_bytes as u64,
+                optimizer: job.config.optimizer_name().to_owned(),
+                shards,
+            });
+        }
+        Ok(Response::new(pb::StatusResponse { jobs: out }))
     }
 
     async fn delete_job(
@@ -248,8 +245,16 @@ impl ParamServer for Service {
         if job.is_empty() {
             return Err(invalid!("job is required").into());
         }
-        self.node.delete(&job)?;
+        self.node.delete(&job).await?;
         Ok(Response::new(pb::DeleteJobResponse {}))
+    }
+
+    async fn layout(
+        &self,
+        request: Request<pb::LayoutRequest>,
+    ) -> Result<Response<pb::LayoutResponse>, Status> {
+        let job = self.node.job(&request.into_inner().job)?;
+        Ok(Response::new(job.layout()))
     }
 }
 

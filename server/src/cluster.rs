@@ -1,0 +1,196 @@
+//! The shards of a cluster and the calls between them. Every call carries a
+//! deadline; a shard that is down makes calls fail fast with an error naming
+//! it, never wait.
+
+use std::time::Duration;
+
+use paramd_proto::v1 as pb;
+use paramd_proto::v1::shard_client::ShardClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::coordinator::{Decision, Report};
+use crate::error::{Error, Result};
+use crate::invalid;
+
+/// Where this process stands in its cluster.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// This shard's index; 0 is the coordinator.
+    pub shard: usize,
+    /// Address of every shard; empty for a one-shard cluster.
+    pub urls: Vec<String>,
+    peers: Vec<Option<ShardClient<Channel>>>,
+    /// Deadline of a call to another shard.
+    pub peer_timeout: Duration,
+    /// Longest the coordinator waits for every shard's report of a round.
+    pub round_timeout: Duration,
+}
+
+impl Cluster {
+    /// Shard `shard` of the cluster at `urls` (empty: a one-shard cluster).
+    /// Connections to other shards are made lazily, so shards may start in
+    /// any order.
+    pub fn new(
+        shard: usize,
+        urls: Vec<String>,
+        peer_timeout: Duration,
+        round_timeout: Duration,
+    ) -> Result<Cluster> {
+        Cluster::check(shard, &urls)?;
+        let mut peers = Vec::with_capacity(urls.len());
+        for (i, url) in urls.iter().enumerate() {
+            if i == shard {
+                peers.push(None);
+                continue;
+            }
+            let endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|e| invalid!("cluster[{i}] {url:?} is not a URL: {e}"))?
+                .connect_timeout(peer_timeout)
+                .tcp_nodelay(true)
+                .initial_stream_window_size(8 << 20)
+                .initial_connection_window_size(32 << 20);
+            let client = ShardClient::new(endpoint.connect_lazy())
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20);
+            peers.push(Some(client));
+        }
+        Ok(Cluster {
+            shard,
+            urls,
+            peers,
+            peer_timeout,
+            round_timeout,
+        })
+    }
+
+    /// Checks a shard index and the cluster's URLs, without connecting.
+    pub fn check(shard: usize, urls: &[String]) -> Result<()> {
+        if urls.is_empty() && shard != 0 {
+            return Err(invalid!(
+                "shard_index is {shard}, but without a cluster there is only shard 0"
+            ));
+        }
+        if !urls.is_empty() && shard >= urls.len() {
+            return Err(invalid!(
+                "shard_index is {shard}, but the cluster lists {} shards",
+                urls.len()
+            ));
+        }
+        for (i, url) in urls.iter().enumerate() {
+            let uri: tonic::transport::Uri = url
+                .parse()
+                .map_err(|e| invalid!("cluster[{i}] {url:?} is not a URL: {e}"))?;
+            if uri.scheme().is_none() || uri.host().is_none() {
+                return Err(invalid!(
+                    "cluster[{i}] {url:?} is not a URL like http://host:port"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of shards.
+    pub fn size(&self) -> usize {
+        self.urls.len().max(1)
+    }
+
+    /// Address of shard `i` as configured ("local" in a one-shard cluster).
+    pub fn address(&self, i: usize) -> String {
+        self.urls
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| "local".to_owned())
+    }
+
+    fn peer(&self, i: usize) -> Result<ShardClient<Channel>> {
+        self.peers.get(i).and_then(Clone::clone).ok_or_else(|| {
+            Error::Internal(format!("shard {i} is not a peer of shard {}", self.shard))
+        })
+    }
+
+    fn request<T>(&self, msg: T, timeout: Duration) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(timeout);
+        r
+    }
+
+    fn err(&self, i: usize) -> impl Fn(tonic::Status) -> Error + '_ {
+        move |s| Error::from_shard(i, &self.address(i), &s)
+    }
+
+    /// Creates a job's part on shard `i`.
+    pub async fn create_shard(
+        &self,
+        i: usize,
+        messages: Vec<pb::CreateShardRequest>,
+    ) -> Result<pb::CreateShardResponse> {
+        let req = self.request(futures::stream::iter(messages), self.peer_timeout);
+        Ok(self
+            .peer(i)?
+            .create_shard(req)
+            .await
+            .map_err(self.err(i))?
+            .into_inner())
+    }
+
+    /// Reports a round to the coordinator and returns its decision.
+    pub async fn report(&self, job: &str, round: u64, report: &Report) -> Result<Decision> {
+        let msg = pb::ReportRequest {
+            job: job.to_owned(),
+            round,
+            shard: self.shard as u32,
+            chunks: report.sums.iter().map(|&(c, _)| c as u64).collect(),
+            sum_squares: report.sums.iter().map(|&(_, s)| s).collect(),
+            non_finite: report.non_finite,
+        };
+        // The coordinator may hold the call for a whole round timeout.
+        let req = self.request(msg, self.round_timeout + self.peer_timeout);
+        let resp = self
+            .peer(0)?
+            .report(req)
+            .await
+            .map_err(self.err(0))?
+            .into_inner();
+        let d = resp
+            .decision
+            .ok_or_else(|| Error::Internal("the coordinator sent no decision".into()))?;
+        Ok(Decision {
+            round: d.round,
+            skip: d.skipped,
+            grad_norm: d.grad_norm,
+            coef: d.clip_coefficient,
+            lrs: d.lr,
+            step: d.step,
+        })
+    }
+
+    /// A job's part on shard `i`.
+    pub async fn shard_status(&self, i: usize, job: &str) -> Result<pb::ShardInfo> {
+        let req = self.request(
+            pb::ShardStatusRequest {
+                job: job.to_owned(),
+            },
+            self.peer_timeout,
+        );
+        let resp = self
+            .peer(i)?
+            .shard_status(req)
+            .await
+            .map_err(self.err(i))?
+            .into_inner();
+        resp.shard
+            .ok_or_else(|| Error::Internal(format!("shard {i} sent no status")))
+    }
+
+    /// Drops a job's part on shard `i`.
+    pub async fn drop_shard(&self, i: usize, job: &str) -> Result<()> {
+        let req = self.request(
+            pb::DeleteJobRequest {
+                job: job.to_owned(),
+            },
+            self.peer_timeout,
+        );
+        self.peer(i)?.drop_shard(req).await.map_err(self.err(i))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,112 @@
+//! The `paramd.v1.Shard` service: the calls shards make to each other.
+
+use std::sync::Arc;
+
+use paramd_proto::v1 as pb;
+use paramd_proto::v1::shard_server::Shard;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::coordinator::Report;
+use crate::node::Node;
+use crate::service::{PAYLOAD_SLACK, outcome_pb, read_segments};
+use crate::spec::JobConfig;
+
+/// The shard-to-shard service over a node.
+#[derive(Clone, Debug)]
+pub struct ShardService {
+    node: Arc<Node>,
+}
+
+impl ShardService {
+    /// A service over `node`.
+    pub fn new(node: Arc<Node>) -> ShardService {
+        ShardService { node }
+    }
+}
+
+#[tonic::async_trait]
+impl Shard for ShardService {
+    async fn create_shard(
+        &self,
+        request: Request<Streaming<pb::CreateShardRequest>>,
+    ) -> Result<Response<pb::CreateShardResponse>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty CreateShard stream"))?;
+        if first.shard as usize != self.node.cluster.shard {
+            return Err(Status::failed_precondition(format!(
+                "this is shard {}, not shard {}: the cluster lists differ",
+                self.node.cluster.shard, first.shard
+            )));
+        }
+        let spec = first
+            .spec
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("spec is required"))?;
+        let layout = first
+            .layout
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("layout is required"))?;
+        let config = JobConfig::try_from(spec)?;
+        let budget = 2 * config.numel() * 4 + PAYLOAD_SLACK;
+        let what = format!("initial values of job '{}'", first.job);
+        let job = first.job.clone();
+        let values = read_segments(first.values, &mut stream, budget, &what, |m| m.values).await?;
+        let created = self
+            .node
+            .create_shard(&job, config, &layout, values)
+            .await?;
+        Ok(Response::new(pb::CreateShardResponse {
+            round: created.job.round(),
+            created: created.created,
+        }))
+    }
+
+    async fn report(
+        &self,
+        request: Request<pb::ReportRequest>,
+    ) -> Result<Response<pb::ReportResponse>, Status> {
+        let r = request.into_inner();
+        if r.chunks.len() != r.sum_squares.len() {
+            return Err(Status::invalid_argument(format!(
+                "{} chunk ids but {} sums of squares",
+                r.chunks.len(),
+                r.sum_squares.len()
+            )));
+        }
+        let job = self.node.job(&r.job)?;
+        let report = Report {
+            sums: r
+                .chunks
+                .iter()
+                .map(|&c| c as usize)
+                .zip(r.sum_squares.iter().copied())
+                .collect(),
+            non_finite: r.non_finite,
+        };
+        let decision = job.coordinate(r.round, r.shard as usize, report).await?;
+        Ok(Response::new(pb::ReportResponse {
+            decision: Some(outcome_pb(&decision)),
+        }))
+    }
+
+    async fn shard_status(
+        &self,
+        request: Request<pb::ShardStatusRequest>,
+    ) -> Result<Response<pb::ShardStatusResponse>, Status> {
+        let job = self.node.job(&request.into_inner().job)?;
+        Ok(Response::new(pb::ShardStatusResponse {
+            shard: Some(job.shard_info()),
+        }))
+    }
+
+    async fn drop_shard(
+        &self,
+        request: Request<pb::DeleteJobRequest>,
+    ) -> Result<Response<pb::DeleteJobResponse>, Status> {
+        self.node.drop_shard(&request.into_inner().job)?;
+        Ok(Response::new(pb::DeleteJobResponse {}))
+    }
+}
