@@ -165,9 +165,16 @@ mod tests {
             let mut seen: Vec<Vec<bool>> = params.iter().map(|p| vec![false; p.numel]).collect();
             let mut bytes = vec![0usize; shards];
             for (c, chunk) in layout.chunks.iter().enumerate() {
-                for e in chunk.offset..chunk.offset + chunk.len {
-                    assert!(!seen[chunk.param][e], "case {case}: element covered twice");
-                    seen[chunk.param][e] = true;
+                for (e, s) in seen[chunk.param][chunk.offset..chunk.offset + chunk.len]
+                    .iter_mut()
+                    .enumerate()
+                {
+                    assert!(
+                        !*s,
+                        "case {case}: element {} covered twice",
+                        chunk.offset + e
+                    );
+                    *s = true;
                 }
                 bytes[owners[c] as usize] += chunk.len * 4;
             }
