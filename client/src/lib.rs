@@ -280,8 +280,10 @@ impl Client {
             duplicate: true,
             pushed: u32::MAX,
         };
-        for r in futures::future::join_all(calls).await {
-            let r = r?.into_inner();
+        // The first failing shard ends the call: a shard that is down is
+        // reported at once, not after the others' deadlines.
+        for r in futures::future::try_join_all(calls).await? {
+            let r = r.into_inner();
             out.duplicate &= r.duplicate;
             out.pushed = out.pushed.min(r.pushed);
         }
@@ -332,12 +334,12 @@ impl Client {
             last: None,
             params: HashMap::new(),
         };
-        for (i, r) in futures::future::join_all(calls)
-            .await
+        for (i, r) in futures::future::try_join_all(calls)
+            .await?
             .into_iter()
             .enumerate()
         {
-            for (k, msg) in r?.into_iter().enumerate() {
+            for (k, msg) in r.into_iter().enumerate() {
                 if k == 0 {
                     pulled.round = pulled.round.min(msg.round);
                     if i == 0 {

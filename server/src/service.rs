@@ -219,6 +219,9 @@ impl ParamServer for Service {
         for job in &jobs {
             let shards = self.node.shard_infos(job).await;
             let s = job.status();
+            // The job's sizes over the whole cluster, as far as it answers.
+            let parameter_bytes: u64 = shards.iter().map(|x| x.parameter_bytes).sum();
+            let state_bytes: u64 = shards.iter().map(|x| x.optimizer_state_bytes).sum();
             out.push(pb::JobStatus {
                 job: job.name.clone(),
                 round: s.round,
@@ -228,8 +231,8 @@ impl ParamServer for Service {
                 rounds_skipped: s.rounds_skipped,
                 last: s.last.as_ref().map(outcome_pb),
                 parameters: job.config.numel() as u64,
-                parameter_bytes: s.parameter_bytes as u64,
-                optimizer_state_bytes: s.state_bytes as u64,
+                parameter_bytes,
+                optimizer_state_bytes: state_bytes,
                 optimizer: job.config.optimizer_name().to_owned(),
                 shards,
             });

@@ -31,6 +31,10 @@ impl TestServer {
     pub async fn with_config(config: NodeConfig) -> TestServer {
         let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
         let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+        TestServer::serve(grpc, http, config)
+    }
+
+    fn serve(grpc: TcpListener, http: TcpListener, config: NodeConfig) -> TestServer {
         let (grpc_addr, http_addr) = (
             grpc.local_addr().expect("addr"),
             http.local_addr().expect("addr"),
@@ -82,6 +86,63 @@ impl Drop for TestServer {
             let _ = stop.send(());
         }
     }
+}
+
+/// Several in-process shards forming one cluster, listeners bound before
+/// any server starts so that every shard's address is known up front.
+#[derive(Debug)]
+pub struct TestCluster {
+    pub shards: Vec<TestServer>,
+}
+
+impl TestCluster {
+    /// Starts `n` shards with `config` (its cluster fields are filled in).
+    pub async fn start(n: usize, config: NodeConfig) -> TestCluster {
+        let mut listeners = Vec::new();
+        for _ in 0..n {
+            let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+            let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+            listeners.push((grpc, http));
+        }
+        let urls: Vec<String> = listeners
+            .iter()
+            .map(|(g, _)| format!("http://{}", g.local_addr().expect("addr")))
+            .collect();
+        let mut shards = Vec::new();
+        for (i, (grpc, http)) in listeners.into_iter().enumerate() {
+            let config = NodeConfig {
+                shard_index: i,
+                cluster: urls.clone(),
+                ..config.clone()
+            };
+            shards.push(TestServer::serve(grpc, http, config));
+        }
+        TestCluster { shards }
+    }
+
+    /// The coordinator's URL.
+    pub fn url(&self) -> String {
+        self.shards[0].url()
+    }
+
+    /// Stops every shard.
+    pub async fn shutdown(self) {
+        for s in self.shards {
+            s.shutdown().await;
+        }
+    }
+}
+
+/// Loopback ports free right now, for processes that must know each
+/// other's addresses before they start.
+pub fn reserve_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect()
 }
 
 /// The golden traces copied into the repository.

@@ -1,0 +1,159 @@
+//! Three shards: every golden trace replayed through a cluster whose chunks
+//! are small enough that every parameter of more than a few elements spans
+//! several shards matches torch, and is bit-identical to a one-shard run
+//! with the same chunk size.
+
+use std::path::Path;
+
+use paramd::NodeConfig;
+use paramd_client::replay::{ReplayOptions, ReplayResult, replay};
+use paramd_client::trace::{Tolerance, compare, read_tensors};
+use paramd_tests::{
+    Daemon, TestCluster, TestServer, golden_traces, http_get, metric, reserve_ports,
+};
+
+/// 4 floats per chunk: a [4, 8] weight is cut into 8 chunks.
+const CHUNK_BYTES: usize = 16;
+
+fn config() -> NodeConfig {
+    NodeConfig {
+        chunk_bytes: CHUNK_BYTES,
+        ..Default::default()
+    }
+}
+
+async fn run(url: String, trace: &Path) -> ReplayResult {
+    let opts = ReplayOptions {
+        server: url,
+        job: None,
+        every_step: true,
+    };
+    replay(trace, &opts).await.expect("replay")
+}
+
+fn check_against_torch(trace: &Path, result: &ReplayResult) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("result.safetensors");
+    result.write(&out).expect("write");
+    let (want, _) = read_tensors(&std::fs::read(trace).expect("trace")).expect("read");
+    let (got, _) = read_tensors(&std::fs::read(&out).expect("result")).expect("read");
+    let c = compare(&want, &got, Tolerance::default());
+    assert!(
+        c.failures.is_empty() && c.passed > 0,
+        "{}: {:?}",
+        trace.display(),
+        c.failures
+    );
+}
+
+/// Every number a replay recorded (parameters after each step and at the
+/// end, lr, grad norm), as bits.
+fn bits(r: &ReplayResult) -> Vec<u64> {
+    let params = r.steps.iter().flatten().chain(&r.final_params).flatten();
+    let params = params.map(|x| u64::from(x.to_bits()));
+    let lrs = r.lr.iter().flatten().map(|x| x.to_bits());
+    let norms = r.grad_norm.iter().map(|x| u64::from(x.to_bits()));
+    params.chain(lrs).chain(norms).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_in_process_shards_match_torch_and_one_shard_bit_for_bit() {
+    let one = TestServer::with_config(config()).await;
+    let three = TestCluster::start(3, config()).await;
+    for trace in golden_traces() {
+        let single = run(one.url(), &trace).await;
+        let sharded = run(three.url(), &trace).await;
+        check_against_torch(&trace, &sharded);
+        assert!(
+            bits(&single) == bits(&sharded),
+            "{}: 3 shards differ from 1",
+            trace.display()
+        );
+
+        // Every shard holds part of the job, and the layout is balanced.
+        let mut c = paramd_client::Client::connect(&three.url())
+            .await
+            .expect("connect");
+        let status = c.status(Some(&sharded.job)).await.expect("status");
+        let shards = &status.jobs[0].shards;
+        assert_eq!(shards.len(), 3);
+        let total: u64 = shards.iter().map(|s| s.parameter_bytes).sum();
+        assert_eq!(total, status.jobs[0].parameters * 4);
+        assert_eq!(
+            status.jobs[0].parameter_bytes, total,
+            "the job's bytes are the cluster's"
+        );
+        for s in shards {
+            assert!(s.up && s.chunks > 0, "{s:?}");
+            assert!(
+                s.parameter_bytes <= total.div_ceil(3) + CHUNK_BYTES as u64,
+                "{s:?} of {total}"
+            );
+            assert_eq!(
+                s.round,
+                sharded.lr.len() as u64,
+                "every shard applied every round"
+            );
+        }
+    }
+    let (_, body) = http_get(three.shards[1].http, "/metrics")
+        .await
+        .expect("metrics");
+    assert!(
+        metric(&body, "paramd_shard_chunks", &[]).is_some_and(|c| c > 0.0),
+        "{body}"
+    );
+    let (_, body) = http_get(three.shards[0].http, "/metrics")
+        .await
+        .expect("metrics");
+    assert!(
+        body.contains("paramd_coordinator_shard_wait_seconds_bucket"),
+        "{body}"
+    );
+    one.shutdown().await;
+    three.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_paramd_processes_match_torch_and_one_shard_bit_for_bit() {
+    let ports = reserve_ports(3);
+    let cluster = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut daemons = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let args = [
+            "--shard-index".to_owned(),
+            i.to_string(),
+            "--cluster".to_owned(),
+            cluster.clone(),
+            "--listen".to_owned(),
+            format!("127.0.0.1:{port}"),
+            "--http-listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--chunk-bytes".to_owned(),
+            CHUNK_BYTES.to_string(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        daemons.push(Daemon::start(&args).await.expect("shard starts"));
+    }
+    let url = format!("http://127.0.0.1:{}", ports[0]);
+    let one = TestServer::with_config(config()).await;
+    for trace in golden_traces() {
+        let sharded = run(url.clone(), &trace).await;
+        check_against_torch(&trace, &sharded);
+        let single = run(one.url(), &trace).await;
+        assert!(
+            bits(&single) == bits(&sharded),
+            "{}: 3 processes differ from 1 shard",
+            trace.display()
+        );
+    }
+    for d in daemons {
+        let exit = d.terminate().await.expect("terminate");
+        assert_eq!(exit.code(), Some(0));
+    }
+    one.shutdown().await;
+}
