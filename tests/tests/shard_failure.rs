@@ -128,13 +128,9 @@ async fn a_killed_shard_fails_calls_fast_and_no_shard_applies_the_undecided_roun
     let url = format!("http://127.0.0.1:{}", ports[0]);
     let mut c = Client::connect(&url).await.expect("connect");
     c.timeout = Duration::from_secs(5);
-    c.init(
-        "run",
-        spec(),
-        &[("w", &vec![0.5; 32]), ("b", &vec![-0.5; 8])],
-    )
-    .await
-    .expect("init");
+    c.init("run", spec(), &[("w", &[0.5; 32]), ("b", &[-0.5; 8])])
+        .await
+        .expect("init");
     for round in 0..2 {
         push(&mut c, round, 0).await.expect("push 0");
         push(&mut c, round, 1).await.expect("push 1");
