@@ -1,25 +1,23 @@
 //! Global-norm clipping, as `torch.nn.utils.clip_grad_norm_`.
 
 /// Sum of squares of a slice, accumulated in f64 so that the global norm
-/// barely depends on how elements are grouped; also whether any value was
-/// not finite.
+/// barely depends on how elements are grouped, and whether any value was
+/// not finite (a square of any finite f32 is far below f64's range, so the
+/// sum is finite exactly when every value is). The order of additions is
+/// fixed: the result depends only on the slice.
 pub fn sum_squares(g: &[f32]) -> (f64, bool) {
-    // Four independent accumulators let the loop vectorise; the order is
-    // fixed, so the result is deterministic for a given slice.
-    let mut acc = [0.0f64; 4];
-    let mut finite = true;
-    let mut chunks = g.chunks_exact(4);
+    let mut acc = [0.0f64; 8];
+    let mut chunks = g.chunks_exact(8);
     for c in &mut chunks {
         for (a, &x) in acc.iter_mut().zip(c) {
             *a += f64::from(x) * f64::from(x);
-            finite &= x.is_finite();
         }
     }
-    for &x in chunks.remainder() {
-        acc[0] += f64::from(x) * f64::from(x);
-        finite &= x.is_finite();
+    for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
+        *a += f64::from(x) * f64::from(x);
     }
-    ((acc[0] + acc[1]) + (acc[2] + acc[3]), !finite)
+    let sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    (sum, !sum.is_finite())
 }
 
 /// The global L2 norm from per-chunk sums of squares, added in the order
