@@ -100,7 +100,11 @@ def main(argv=None):
                 ("grpc.max_send_message_length", MAX_MESSAGE),
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
             ])
-            grpc.channel_ready_future(channel).result(timeout=min(30.0, args.timeout))
+            connect_s = min(30.0, args.timeout)
+            try:
+                grpc.channel_ready_future(channel).result(timeout=connect_s)
+            except grpc.FutureTimeoutError:
+                raise ConnectionError(f"could not connect to {args.server} within {connect_s:.0f} s")
             init = channel.unary_unary("/pyps.PS/Init")
             push = channel.unary_unary("/pyps.PS/Push")
             pull = channel.unary_unary("/pyps.PS/Pull")

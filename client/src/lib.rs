@@ -9,6 +9,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod bench;
 pub mod replay;
 pub mod trace;
 
@@ -129,6 +130,7 @@ fn endpoint(url: &str) -> Result<Endpoint> {
         .connect_timeout(Duration::from_secs(10))
         .initial_stream_window_size(8 << 20)
         .initial_connection_window_size(32 << 20)
+        .max_frame_size(1 << 20)
         .tcp_nodelay(true))
 }
 

@@ -3,7 +3,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// The same allocator as the server: large message buffers are reused
+/// instead of mapped afresh for every push.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
+use paramd_client::bench::BenchOptions;
 use paramd_client::replay::{ReplayOptions, replay};
 use paramd_client::trace::{Tolerance, compare, read_tensors};
 use paramd_client::{Client, v1 as pb};
@@ -61,6 +67,37 @@ enum Command {
     },
     /// Delete a job and free its memory.
     Delete { job: String },
+    /// Run synchronous rounds of a synthetic job and report throughput,
+    /// latency and the server's peak memory.
+    Bench {
+        #[arg(long, default_value_t = 2)]
+        workers: u32,
+        /// Parameters in all.
+        #[arg(long, default_value_t = 16 << 20)]
+        params: usize,
+        /// Tensors the parameters are split into.
+        #[arg(long, default_value_t = 20)]
+        tensors: usize,
+        #[arg(long, default_value = "adamw")]
+        optimizer: String,
+        /// Clip by global norm to this max_norm.
+        #[arg(long)]
+        clip: Option<f64>,
+        /// Timed rounds (after one warm-up round).
+        #[arg(long, default_value_t = 10)]
+        rounds: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Raw TCP throughput over loopback: the ceiling a push is measured against.
+    BenchTcp {
+        #[arg(long, default_value_t = 64 << 20)]
+        bytes: usize,
+        #[arg(long, default_value_t = 10)]
+        repeat: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[tokio::main]
@@ -127,6 +164,66 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             println!("{} passed, {} failed", c.passed, c.failures.len());
             if !c.failures.is_empty() || c.passed == 0 {
                 return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Bench {
+            workers,
+            params,
+            tensors,
+            optimizer,
+            clip,
+            rounds,
+            json,
+        } => {
+            let opts = BenchOptions {
+                server: args.server,
+                workers,
+                params,
+                tensors,
+                optimizer,
+                clip,
+                rounds,
+            };
+            let r = paramd_client::bench::run(&opts).await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} workers, {} params in {} tensors, {}{}: {} rounds",
+                    r.workers,
+                    r.params,
+                    r.tensors,
+                    r.optimizer,
+                    r.clip.map(|c| format!(", clip {c}")).unwrap_or_default(),
+                    r.rounds
+                );
+                println!("  rounds/s         {:.2}", r.rounds_per_s);
+                println!(
+                    "  round p50 / p99  {:.1} ms / {:.1} ms",
+                    r.round_seconds_p50 * 1e3,
+                    r.round_seconds_p99 * 1e3
+                );
+                println!(
+                    "  push / pull      {:.2} GB/s / {:.2} GB/s",
+                    r.push_gbps, r.pull_gbps
+                );
+                println!(
+                    "  server peak RSS  {:.1} MiB (params + state + one gradient: {:.1} MiB)",
+                    r.server_peak_rss_bytes as f64 / 1048576.0,
+                    r.model_bytes as f64 / 1048576.0
+                );
+            }
+        }
+        Command::BenchTcp {
+            bytes,
+            repeat,
+            json,
+        } => {
+            let gbps = paramd_client::bench::raw_tcp(bytes, repeat).await?;
+            if json {
+                println!("{}", json!({ "bytes": bytes, "gbps_median": gbps }));
+            } else {
+                println!("raw TCP loopback, {bytes} bytes: {gbps:.2} GB/s");
             }
         }
         Command::Delete { job } => {

@@ -48,7 +48,8 @@ impl Cluster {
                 .connect_timeout(peer_timeout)
                 .tcp_nodelay(true)
                 .initial_stream_window_size(8 << 20)
-                .initial_connection_window_size(32 << 20);
+                .initial_connection_window_size(32 << 20)
+                .max_frame_size(crate::MAX_FRAME);
             let client = ShardClient::new(endpoint.connect_lazy())
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20);

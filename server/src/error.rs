@@ -39,6 +39,9 @@ pub enum Error {
         code: Code,
         message: String,
     },
+    /// The state moved under a long read; the caller should try again.
+    #[error("{0}")]
+    Aborted(String),
     /// The request belongs on another shard.
     #[error("{0}")]
     WrongShard(String),
@@ -64,6 +67,7 @@ impl Error {
             Error::Internal(_) => "internal",
             Error::Shard { .. } => "shard",
             Error::WrongShard(_) => "wrong_shard",
+            Error::Aborted(_) => "aborted",
         }
     }
 
@@ -116,6 +120,7 @@ impl From<Error> for Status {
             Error::Internal(_) => Code::Internal,
             Error::Shard { code, .. } => *code,
             Error::WrongShard(_) => Code::FailedPrecondition,
+            Error::Aborted(_) => Code::Aborted,
         };
         Status::new(code, e.to_string())
     }

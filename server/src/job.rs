@@ -48,12 +48,13 @@ pub struct JobStatus {
     pub state_bytes: usize,
 }
 
-/// Parameters as of a round, ready to send.
+/// A pull about to be sent.
 #[derive(Debug)]
 pub struct Snapshot {
     pub round: u64,
     pub last: Option<Outcome>,
-    pub segments: Vec<Segment>,
+    /// Local indices of the chunks to send.
+    pub chunks: Vec<usize>,
 }
 
 /// Values and state of the chunks, with the round they reflect, behind one
@@ -480,9 +481,11 @@ impl Job {
         }
     }
 
-    /// The current parameters (all, or those named), consistent with one
-    /// round.
-    pub fn snapshot(&self, names: &[String]) -> Result<Snapshot> {
+    /// What a pull of the parameters named (all when empty) will send: the
+    /// round they are at, its outcome, and the chunks. The values are read
+    /// chunk by chunk with `read_chunk`, so a pull never copies the whole
+    /// model at once.
+    pub fn pull_plan(&self, names: &[String]) -> Result<Snapshot> {
         let wanted: Option<Vec<bool>> = if names.is_empty() {
             None
         } else {
@@ -496,32 +499,39 @@ impl Job {
             }
             Some(w)
         };
-        let store = self.store.read();
-        let segments: Vec<Segment> = self
-            .own
-            .chunks
-            .iter()
-            .zip(&store.chunks)
-            .filter(|&(&id, _)| {
-                wanted
-                    .as_ref()
-                    .is_none_or(|w| w[self.layout.chunks[id].param])
-            })
-            .map(|(&id, chunk)| {
-                let meta = &self.layout.chunks[id];
-                Segment {
-                    param: self.config.params[meta.param].name.clone(),
-                    offset: meta.offset as u64,
-                    data: to_le_bytes(&chunk.values),
-                }
+        let chunks = (0..self.own.chunks.len())
+            .filter(|&local| {
+                let param = self.layout.chunks[self.own.chunks[local]].param;
+                wanted.as_ref().is_none_or(|w| w[param])
             })
             .collect();
-        let bytes: usize = segments.iter().map(|s| s.data.len()).sum();
-        self.metrics.pull_bytes.increment(bytes as u64);
+        let store = self.store.read();
         Ok(Snapshot {
             round: store.round,
             last: store.last.clone(),
-            segments,
+            chunks,
+        })
+    }
+
+    /// The values of local chunk `local` as of `round`. If a round was
+    /// applied since the pull began, the pull is aborted rather than mixing
+    /// two rounds.
+    pub fn read_chunk(&self, local: usize, round: u64) -> Result<Segment> {
+        let store = self.store.read();
+        if store.round != round {
+            return Err(Error::Aborted(format!(
+                "job '{}' moved from round {round} to {} while it was being pulled; pull again",
+                self.name, store.round
+            )));
+        }
+        let meta = &self.layout.chunks[self.own.chunks[local]];
+        let data = to_le_bytes(&store.chunks[local].values);
+        drop(store);
+        self.metrics.pull_bytes.increment(data.len() as u64);
+        Ok(Segment {
+            param: self.config.params[meta.param].name.clone(),
+            offset: meta.offset as u64,
+            data,
         })
     }
 

@@ -16,7 +16,6 @@ use crate::invalid;
 use crate::job::{Admission, Outcome};
 use crate::metrics;
 use crate::node::Node;
-use crate::pieces::pack;
 use crate::spec::JobConfig;
 
 /// Bytes of segments packed into one Pull message. Well under the message
@@ -188,20 +187,39 @@ impl ParamServer for Service {
         let req = request.into_inner();
         let job = self.node.job(&req.job)?;
         job.wait_round(req.round, wait).await?;
-        let snap = job.snapshot(&req.params)?;
-        let mut messages: Vec<pb::PullResponse> = pack(snap.segments, PULL_MESSAGE_BYTES)
-            .into_iter()
-            .map(|params| pb::PullResponse {
-                params,
-                ..Default::default()
-            })
-            .collect();
-        if messages.is_empty() {
-            messages.push(pb::PullResponse::default());
-        }
-        messages[0].round = snap.round;
-        messages[0].last = snap.last.as_ref().map(outcome_pb);
-        let stream = futures::stream::iter(messages.into_iter().map(Ok));
+        let plan = job.pull_plan(&req.params)?;
+        // Messages are built as the client reads them: each holds chunks up
+        // to PULL_MESSAGE_BYTES, copied under the store's read lock one
+        // chunk at a time.
+        let first = pb::PullResponse {
+            round: plan.round,
+            last: plan.last.as_ref().map(outcome_pb),
+            params: Vec::new(),
+        };
+        let state = (job, plan, 0usize, Some(first));
+        let stream = futures::stream::unfold(state, |(job, plan, mut next, first)| async move {
+            let is_first = first.is_some();
+            let mut msg = first.unwrap_or_default();
+            let mut size = 0;
+            while next < plan.chunks.len() && (size < PULL_MESSAGE_BYTES || msg.params.is_empty()) {
+                match job.read_chunk(plan.chunks[next], plan.round) {
+                    Ok(seg) => {
+                        size += seg.data.len();
+                        msg.params.push(seg);
+                        next += 1;
+                    }
+                    Err(e) => {
+                        // Ends the stream after the error.
+                        next = usize::MAX;
+                        return Some((Err(Status::from(e)), (job, plan, next, None)));
+                    }
+                }
+            }
+            if msg.params.is_empty() && !is_first {
+                return None;
+            }
+            Some((Ok(msg), (job, plan, next, None)))
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -237,7 +255,12 @@ impl ParamServer for Service {
                 shards,
             });
         }
-        Ok(Response::new(pb::StatusResponse { jobs: out }))
+        let (rss_bytes, peak_rss_bytes) = process_memory();
+        Ok(Response::new(pb::StatusResponse {
+            jobs: out,
+            rss_bytes,
+            peak_rss_bytes,
+        }))
     }
 
     async fn delete_job(
@@ -259,6 +282,20 @@ impl ParamServer for Service {
         let job = self.node.job(&request.into_inner().job)?;
         Ok(Response::new(job.layout()))
     }
+}
+
+/// Resident and peak resident bytes of this process (Linux; zeros
+/// elsewhere).
+fn process_memory() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |k| k * 1024)
+    };
+    (kib("VmRSS:"), kib("VmHWM:"))
 }
 
 #[cfg(test)]
