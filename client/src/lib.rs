@@ -454,14 +454,22 @@ fn place(params: &mut HashMap<String, Vec<f32>>, seg: pb::Segment) -> Result<()>
         .map_err(|_| ClientError::Invalid(format!("offset {} too large", seg.offset)))?;
     let n = seg.data.len() / 4;
     let values = params.entry(seg.param).or_default();
-    if values.len() < offset + n {
-        values.resize(offset + n, 0.0);
-    }
-    for (d, b) in values[offset..offset + n]
-        .iter_mut()
-        .zip(seg.data.chunks_exact(4))
-    {
-        *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let decoded = seg
+        .data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    if values.len() == offset {
+        // Segments of a parameter arrive in order: append, without zeroing
+        // memory first.
+        values.extend(decoded);
+    } else {
+        if values.len() < offset + n {
+            values.resize(offset + n, 0.0);
+        }
+        values[offset..offset + n]
+            .iter_mut()
+            .zip(decoded)
+            .for_each(|(d, x)| *d = x);
     }
     Ok(())
 }

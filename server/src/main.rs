@@ -57,6 +57,7 @@ const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(
             EnvFilter::try_from_env("PARAMD_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )

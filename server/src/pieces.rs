@@ -121,8 +121,12 @@ impl Target<'_> {
                 ));
             }
             end[p] = offset + n;
-            let bad = || (0..n as usize).find(|&i| !le_f32(&data, i).is_finite());
-            if let Some(i) = bad().filter(|_| self.finite_only) {
+            // Only a job refusing non-finite gradients pays for this scan.
+            let bad = self
+                .finite_only
+                .then(|| (0..n as usize).find(|&i| !le_f32(&data, i).is_finite()))
+                .flatten();
+            if let Some(i) = bad {
                 return Err(invalid!(
                     "parameter '{}': element {} is {}, and the job refuses non-finite gradients",
                     info.name,
@@ -200,14 +204,14 @@ pub fn mean_into<'a>(pushes: impl ExactSizeIterator<Item = &'a [Piece]>, acc: &m
     for (i, pieces) in pushes.enumerate() {
         for piece in pieces {
             let dst = &mut acc[piece.start..piece.start + piece.data.len() / 4];
+            let src = piece
+                .data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
             if i == 0 {
-                for (j, d) in dst.iter_mut().enumerate() {
-                    *d = le_f32(&piece.data, j);
-                }
+                dst.iter_mut().zip(src).for_each(|(d, x)| *d = x);
             } else {
-                for (j, d) in dst.iter_mut().enumerate() {
-                    *d += le_f32(&piece.data, j);
-                }
+                dst.iter_mut().zip(src).for_each(|(d, x)| *d += x);
             }
         }
     }
