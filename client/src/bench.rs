@@ -24,6 +24,9 @@ pub struct BenchOptions {
     /// `sgd`, `adam` or `adamw`.
     pub optimizer: String,
     pub clip: Option<f64>,
+    /// `(warmup_steps, total_steps)` of a warmup-cosine schedule; none:
+    /// constant.
+    pub schedule: Option<(u64, u64)>,
     /// Timed rounds, after one warm-up round.
     pub rounds: u64,
 }
@@ -74,6 +77,13 @@ fn spec(o: &BenchOptions) -> anyhow::Result<pb::JobSpec> {
             }),
         }),
         clip: o.clip.map(|max_norm| pb::Clip { max_norm }),
+        schedule: o.schedule.map(|(warmup_steps, total_steps)| pb::Schedule {
+            kind: Some(pb::schedule::Kind::WarmupCosine(pb::WarmupCosine {
+                warmup_steps,
+                total_steps,
+                min_lr_ratio: 0.0,
+            })),
+        }),
         workers: o.workers,
         ..Default::default()
     })

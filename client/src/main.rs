@@ -83,6 +83,12 @@ enum Command {
         /// Clip by global norm to this max_norm.
         #[arg(long)]
         clip: Option<f64>,
+        /// Warmup steps of a warmup-cosine schedule (with --total-steps).
+        #[arg(long, requires = "total_steps")]
+        warmup_steps: Option<u64>,
+        /// Total steps of a warmup-cosine schedule; without it the lr is constant.
+        #[arg(long)]
+        total_steps: Option<u64>,
         /// Timed rounds (after one warm-up round).
         #[arg(long, default_value_t = 10)]
         rounds: u64,
@@ -172,6 +178,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             tensors,
             optimizer,
             clip,
+            warmup_steps,
+            total_steps,
             rounds,
             json,
         } => {
@@ -182,6 +190,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 tensors,
                 optimizer,
                 clip,
+                schedule: total_steps.map(|t| (warmup_steps.unwrap_or(0), t)),
                 rounds,
             };
             let r = paramd_client::bench::run(&opts).await?;
