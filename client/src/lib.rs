@@ -23,6 +23,7 @@ use paramd_proto::v1::param_server_client::ParamServerClient;
 use tonic::transport::{Channel, Endpoint};
 
 pub use paramd_proto::v1;
+pub use paramd_proto::wire::to_le_bytes;
 
 /// Largest segment a tensor is cut into, and the payload packed into one
 /// message: far below the 64 MiB message limit whatever the model size.
@@ -413,32 +414,9 @@ fn segments(name: &str, values: &[f32]) -> Vec<pb::Segment> {
         .collect()
 }
 
-/// Encodes f32 values as little-endian bytes.
-pub fn to_le_bytes(values: &[f32]) -> Bytes {
-    let mut out = vec![0u8; values.len() * 4];
-    for (d, v) in out.chunks_exact_mut(4).zip(values) {
-        d.copy_from_slice(&v.to_le_bytes());
-    }
-    Bytes::from(out)
-}
-
 /// Packs segments into messages of at most `MESSAGE_BYTES` of payload.
 fn pack(segments: Vec<pb::Segment>) -> Vec<Vec<pb::Segment>> {
-    let mut messages: Vec<Vec<pb::Segment>> = Vec::new();
-    let mut current = Vec::new();
-    let mut size = 0;
-    for seg in segments {
-        if size + seg.data.len() > MESSAGE_BYTES && !current.is_empty() {
-            messages.push(std::mem::take(&mut current));
-            size = 0;
-        }
-        size += seg.data.len();
-        current.push(seg);
-    }
-    if !current.is_empty() {
-        messages.push(current);
-    }
-    messages
+    paramd_proto::wire::pack(segments, MESSAGE_BYTES)
 }
 
 /// Writes a pulled segment into its parameter's values.

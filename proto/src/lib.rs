@@ -5,3 +5,39 @@
 pub mod v1 {
     tonic::include_proto!("paramd.v1");
 }
+
+/// Helpers of the wire format shared by the server and the client.
+pub mod wire {
+    use bytes::Bytes;
+
+    use crate::v1::Segment;
+
+    /// Encodes f32 values as the little-endian bytes tensors travel as.
+    pub fn to_le_bytes(values: &[f32]) -> Bytes {
+        let mut out = vec![0u8; values.len() * 4];
+        for (d, v) in out.chunks_exact_mut(4).zip(values) {
+            d.copy_from_slice(&v.to_le_bytes());
+        }
+        Bytes::from(out)
+    }
+
+    /// Packs segments, in order, into messages of at most `max_bytes` of
+    /// payload (a larger segment gets a message of its own).
+    pub fn pack(segments: Vec<Segment>, max_bytes: usize) -> Vec<Vec<Segment>> {
+        let mut messages: Vec<Vec<Segment>> = Vec::new();
+        let mut current = Vec::new();
+        let mut size = 0;
+        for seg in segments {
+            if size + seg.data.len() > max_bytes && !current.is_empty() {
+                messages.push(std::mem::take(&mut current));
+                size = 0;
+            }
+            size += seg.data.len();
+            current.push(seg);
+        }
+        if !current.is_empty() {
+            messages.push(current);
+        }
+        messages
+    }
+}

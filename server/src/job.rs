@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::invalid;
 use crate::layout::Layout;
 use crate::metrics::JobMetrics;
-use crate::pieces::{Ownership, Pieces, Target, copy_into, mean_into, to_le_bytes};
+use crate::pieces::{Ownership, Pieces, Target, copy_into, initial_values, mean_into, to_le_bytes};
 use crate::spec::{JobConfig, NonFinite};
 use crate::store::ChunkState;
 
@@ -125,23 +125,8 @@ impl Job {
             ));
         }
         let own = Ownership::of(&owners, cluster.shard as u32);
-        let index: HashMap<String, usize> = config
-            .params
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.name.clone(), i))
-            .collect();
-        let target = Target {
-            params: &config.params,
-            index: &index,
-            layout: &layout,
-            own: &own,
-            finite_only: false,
-        };
-        let pieces = target.split(values).map_err(|e| match e {
-            Error::Invalid(m) => invalid!("initial values: {m}"),
-            e => e,
-        })?;
+        let index = config.index();
+        let pieces = initial_values(&config, &layout, &own, values)?;
         let (chunks, grads) = {
             let (layout, own, config) = (layout.clone(), own.clone(), config.clone());
             compute::run(move || {

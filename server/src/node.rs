@@ -1,7 +1,6 @@
 //! The jobs of one paramd process, and the cluster-wide operations the
 //! coordinator runs for them (create, status, delete on every shard).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::invalid;
 use crate::job::Job;
 use crate::layout::{DEFAULT_CHUNK_BYTES, Layout};
-use crate::pieces::{Ownership, Target, pack};
+use crate::pieces::{Ownership, initial_values, pack};
 use crate::spec::{JobConfig, validate_job_name};
 
 /// Payload bytes per message when the coordinator forwards initial values.
@@ -175,24 +174,7 @@ impl Node {
         let layout = Layout::new(&config.params, self.config.chunk_bytes);
         let shards = self.cluster.size();
         let owners = layout.place(shards);
-        let index: HashMap<String, usize> = config
-            .params
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.name.clone(), i))
-            .collect();
-        let all = Ownership::all(&layout);
-        let target = Target {
-            params: &config.params,
-            index: &index,
-            layout: &layout,
-            own: &all,
-            finite_only: false,
-        };
-        let pieces = target.split(values).map_err(|e| match e {
-            Error::Invalid(m) => invalid!("initial values: {m}"),
-            e => e,
-        })?;
+        let pieces = initial_values(&config, &layout, &Ownership::all(&layout), values)?;
         let mut per_shard = pieces.by_shard(&layout, &config.params, &owners, shards);
         let local_values = std::mem::take(&mut per_shard[0]);
 

@@ -9,12 +9,13 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use paramd_proto::v1::Segment;
+pub use paramd_proto::wire::{pack, to_le_bytes};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::invalid;
 use crate::layout::Layout;
 use crate::optim::le_f32;
-use crate::spec::ParamInfo;
+use crate::spec::{JobConfig, ParamInfo};
 
 /// Elements `start..start + data.len() / 4` of one chunk.
 #[derive(Clone, Debug)]
@@ -195,6 +196,27 @@ impl Target<'_> {
     }
 }
 
+/// Validates a job's initial values against the chunks `own` holds.
+pub fn initial_values(
+    config: &JobConfig,
+    layout: &Layout,
+    own: &Ownership,
+    values: Vec<Segment>,
+) -> Result<Pieces> {
+    let index = config.index();
+    let target = Target {
+        params: &config.params,
+        index: &index,
+        layout,
+        own,
+        finite_only: false,
+    };
+    target.split(values).map_err(|e| match e {
+        Error::Invalid(m) => invalid!("initial values: {m}"),
+        e => e,
+    })
+}
+
 /// Sums the pieces of several pushes of one chunk, in the order given, into
 /// `acc`, then divides by their number: the mean gradient. The order is the
 /// caller's (worker rank), never arrival order, so the result is
@@ -251,33 +273,4 @@ impl Pieces {
         }
         out
     }
-}
-
-/// Packs segments into messages of at most `max_bytes` of payload (a single
-/// larger segment gets a message of its own).
-pub fn pack(segments: Vec<Segment>, max_bytes: usize) -> Vec<Vec<Segment>> {
-    let mut messages: Vec<Vec<Segment>> = Vec::new();
-    let mut current = Vec::new();
-    let mut size = 0;
-    for seg in segments {
-        if size + seg.data.len() > max_bytes && !current.is_empty() {
-            messages.push(std::mem::take(&mut current));
-            size = 0;
-        }
-        size += seg.data.len();
-        current.push(seg);
-    }
-    if !current.is_empty() {
-        messages.push(current);
-    }
-    messages
-}
-
-/// Encodes f32 values as little-endian bytes.
-pub fn to_le_bytes(values: &[f32]) -> Bytes {
-    let mut out = vec![0u8; values.len() * 4];
-    for (d, v) in out.chunks_exact_mut(4).zip(values) {
-        d.copy_from_slice(&v.to_le_bytes());
-    }
-    Bytes::from(out)
 }

@@ -48,6 +48,15 @@ pub struct JobConfig {
 }
 
 impl JobConfig {
+    /// The index of every parameter, by name.
+    pub fn index(&self) -> HashMap<String, usize> {
+        self.params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name.clone(), i))
+            .collect()
+    }
+
     /// Total number of elements over every parameter.
     pub fn numel(&self) -> usize {
         self.params.iter().map(|p| p.numel).sum()
