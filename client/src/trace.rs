@@ -247,6 +247,8 @@ fn job_spec(
         clip,
         workers,
         non_finite: pb::NonFinitePolicy::Skip as i32,
+        // A replay waits for every worker, as the trace was computed.
+        ..Default::default()
     })
 }
 

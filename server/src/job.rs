@@ -72,6 +72,9 @@ struct Collect {
     pushed: Vec<bool>,
     count: u32,
     pushes: Vec<Option<Pieces>>,
+    /// The round has its contributors and is being completed: a push from
+    /// anyone else is too late.
+    closed: bool,
 }
 
 /// A job as held by one shard.
@@ -171,6 +174,7 @@ impl Job {
                 pushed: vec![false; workers],
                 count: 0,
                 pushes: (0..workers).map(|_| None).collect(),
+                closed: false,
             }),
             completed: watch::channel(0).0,
             deleted: AtomicBool::new(false),
@@ -235,9 +239,56 @@ impl Job {
         }
         if c.pushed[worker as usize] {
             Ok(Admission::Duplicate)
+        } else if c.closed {
+            // The round completed without this worker (backup workers or
+            // worker timeout): its push is stale.
+            Err(Error::Stale {
+                job: self.name.clone(),
+                round,
+                current: c.round + 1,
+            })
         } else {
             Ok(Admission::Accept)
         }
+    }
+
+    /// Whether rounds may complete without every worker: only where one
+    /// shard decides alone which workers a round holds.
+    fn partial_rounds(&self) -> bool {
+        self.cluster.size() == 1
+    }
+
+    /// Closes the round with the workers that pushed, in rank order, and
+    /// completes it on its own task.
+    fn close_round(self: &Arc<Self>, c: &mut Collect) {
+        c.closed = true;
+        let round = c.round;
+        // Rank order, whatever the arrival order: the mean is deterministic.
+        let pushes: Vec<Pieces> = c.pushes.iter_mut().filter_map(Option::take).collect();
+        let job = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(e) = job.clone().complete(round, pushes).await {
+                tracing::error!(job = %job.name, round, error = %e, "round failed");
+            }
+        });
+    }
+
+    /// After the worker timeout, completes `round` with whoever pushed.
+    fn arm_timeout(self: &Arc<Self>, round: u64) {
+        let job = Arc::clone(self);
+        tokio::spawn(async move {
+            // A deadline, not a synchronisation: the round may well have
+            // completed meanwhile, and then this does nothing.
+            tokio::time::sleep(job.config.worker_timeout).await;
+            let mut c = job.collect.lock();
+            if c.round != round || c.closed || c.count == 0 || job.deleted.load(Ordering::Acquire) {
+                return;
+            }
+            let missing: Vec<usize> = (0..c.pushed.len()).filter(|&w| !c.pushed[w]).collect();
+            job.metrics.dropped.increment(missing.len() as u64);
+            tracing::warn!(job = %job.name, round, dropped = ?missing, timeout_secs = job.config.worker_timeout.as_secs_f64(), "workers dropped from the round");
+            job.close_round(&mut c);
+        });
     }
 
     /// Validates and records worker `worker`'s gradients for `round`. The
@@ -270,16 +321,15 @@ impl Job {
         self.metrics.pushes.increment(1);
         self.metrics.push_bytes.increment(bytes as u64);
         self.metrics.workers_pushed.set(f64::from(count));
-        if count == self.config.workers {
-            // Rank order, whatever the arrival order: the mean is
-            // deterministic.
-            let pushes: Vec<Pieces> = c.pushes.iter_mut().filter_map(Option::take).collect();
-            let job = Arc::clone(self);
-            tokio::spawn(async move {
-                if let Err(e) = job.clone().complete(round, pushes).await {
-                    tracing::error!(job = %job.name, round, error = %e, "round failed");
-                }
-            });
+        let quorum = if self.partial_rounds() {
+            self.config.workers - self.config.backup_workers
+        } else {
+            self.config.workers
+        };
+        if count >= quorum {
+            self.close_round(&mut c);
+        } else if count == 1 && self.partial_rounds() {
+            self.arm_timeout(round);
         }
         Ok((Admission::Accept, count))
     }
@@ -297,6 +347,7 @@ impl Job {
             c.round = round + 1;
             c.pushed.iter_mut().for_each(|p| *p = false);
             c.count = 0;
+            c.closed = false;
         }
         self.completed.send_replace(round + 1);
         self.record(&decision, started.elapsed());

@@ -81,6 +81,14 @@ fn describe() {
         "Pushes counted towards a round (retries excluded)"
     );
     describe_counter!(
+        "paramd_workers_dropped_total",
+        "Workers left out of a round after the worker timeout"
+    );
+    describe_counter!(
+        "paramd_stale_pushes_total",
+        "Pushes for a round that had already completed"
+    );
+    describe_counter!(
         "paramd_duplicate_pushes_total",
         "Retried pushes acknowledged without counting again"
     );
@@ -135,6 +143,8 @@ pub struct JobMetrics {
     pub skipped: Counter,
     pub pushes: Counter,
     pub duplicates: Counter,
+    pub dropped: Counter,
+    pub stale: Counter,
     pub push_bytes: Counter,
     pub pull_bytes: Counter,
     pub push_duration: Histogram,
@@ -163,6 +173,8 @@ impl JobMetrics {
             skipped: counter!("paramd_rounds_skipped_total", "job" => j.clone()),
             pushes: counter!("paramd_pushes_total", "job" => j.clone()),
             duplicates: counter!("paramd_duplicate_pushes_total", "job" => j.clone()),
+            dropped: counter!("paramd_workers_dropped_total", "job" => j.clone()),
+            stale: counter!("paramd_stale_pushes_total", "job" => j.clone()),
             push_bytes: counter!("paramd_push_bytes_total", "job" => j.clone()),
             pull_bytes: counter!("paramd_pull_bytes_total", "job" => j.clone()),
             push_duration: histogram!("paramd_push_duration_seconds", "job" => j.clone()),

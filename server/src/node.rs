@@ -171,8 +171,17 @@ impl Node {
     ) -> Result<Created> {
         validate_job_name(name)?;
         self.coordinator_only("Init")?;
-        let layout = Layout::new(&config.params, self.config.chunk_bytes);
         let shards = self.cluster.size();
+        if shards > 1 && (spec.backup_workers > 0 || spec.worker_timeout_seconds.is_some()) {
+            // Each shard would pick a round's workers on its own; until the
+            // coordinator decides them, a cluster's rounds wait for all.
+            return Err(invalid!(
+                "backup_workers ({}) and worker_timeout_seconds ({:?}) need a one-shard cluster; this one has {shards} shards",
+                spec.backup_workers,
+                spec.worker_timeout_seconds
+            ));
+        }
+        let layout = Layout::new(&config.params, self.config.chunk_bytes);
         let owners = layout.place(shards);
         let pieces = initial_values(&config, &layout, &Ownership::all(&layout), values)?;
         let mut per_shard = pieces.by_shard(&layout, &config.params, &owners, shards);

@@ -143,6 +143,9 @@ impl ParamServer for Service {
         let job = self.node.job(&first.job)?;
         let refused = |e: Error| {
             metrics::refused(&job.name, e.reason());
+            if matches!(e, Error::Stale { .. }) {
+                job.metrics.stale.increment(1);
+            }
             tracing::debug!(job = %job.name, worker = first.worker, round = first.round, error = %e, "push refused");
             Status::from(e)
         };

@@ -2,6 +2,7 @@
 //! validates its optimizers and schedulers, with torch's defaults filled in.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use paramd_proto::v1 as pb;
 
@@ -45,7 +46,14 @@ pub struct JobConfig {
     pub clip: Option<f64>,
     pub workers: u32,
     pub non_finite: NonFinite,
+    /// How long a round waits for missing workers once one has pushed.
+    pub worker_timeout: Duration,
+    /// Workers a round does not wait for.
+    pub backup_workers: u32,
 }
+
+/// How long a round waits for a missing worker by default.
+pub const DEFAULT_WORKER_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl JobConfig {
     /// The index of every parameter, by name.
@@ -121,7 +129,21 @@ impl JobConfig {
         if self.clip != other.clip {
             return differ("clip max_norm", &self.clip, &other.clip);
         }
-        differ("non_finite", &self.non_finite, &other.non_finite)
+        if self.non_finite != other.non_finite {
+            return differ("non_finite", &self.non_finite, &other.non_finite);
+        }
+        if self.worker_timeout != other.worker_timeout {
+            return differ(
+                "worker_timeout",
+                &self.worker_timeout,
+                &other.worker_timeout,
+            );
+        }
+        differ(
+            "backup_workers",
+            &self.backup_workers,
+            &other.backup_workers,
+        )
     }
 }
 
@@ -211,6 +233,20 @@ impl TryFrom<&pb::JobSpec> for JobConfig {
                 ));
             }
         };
+        let worker_timeout = match spec.worker_timeout_seconds {
+            None => DEFAULT_WORKER_TIMEOUT,
+            Some(s) => Duration::try_from_secs_f64(s)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| invalid!("worker_timeout_seconds must be > 0, got {s}"))?,
+        };
+        if spec.backup_workers >= spec.workers {
+            return Err(invalid!(
+                "backup_workers must be less than workers ({}), got {}",
+                spec.workers,
+                spec.backup_workers
+            ));
+        }
         Ok(JobConfig {
             params,
             groups,
@@ -218,6 +254,8 @@ impl TryFrom<&pb::JobSpec> for JobConfig {
             clip,
             workers: spec.workers,
             non_finite,
+            worker_timeout,
+            backup_workers: spec.backup_workers,
         })
     }
 }
