@@ -283,10 +283,11 @@ impl Client {
             duplicate: true,
             pushed: u32::MAX,
         };
-        // The first failing shard ends the call: a shard that is down is
-        // reported at once, not after the others' deadlines.
-        for r in futures::future::try_join_all(calls).await? {
-            let r = r.into_inner();
+        // Every reachable shard gets its part even if another is down, so a
+        // retry only has to reach the missing ones; the first error is
+        // returned.
+        for r in futures::future::join_all(calls).await {
+            let r = r?.into_inner();
             out.duplicate &= r.duplicate;
             out.pushed = out.pushed.min(r.pushed);
         }
