@@ -10,6 +10,7 @@
 //! ```
 
 pub mod bench;
+pub mod export;
 pub mod replay;
 pub mod trace;
 
@@ -218,6 +219,14 @@ impl Client {
             m.insert(job.to_owned(), Arc::clone(&route));
         }
         Ok(route)
+    }
+
+    /// Where the chunks of `job` live, and its parameters' names and shapes.
+    pub async fn layout(&self, job: &str) -> Result<pb::LayoutResponse> {
+        let req = self.request(pb::LayoutRequest {
+            job: job.to_owned(),
+        });
+        Ok(self.inner.clone().layout(req).await?.into_inner())
     }
 
     /// Creates job `job` with `spec` and initial `values`, or finds it.

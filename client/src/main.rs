@@ -67,6 +67,15 @@ enum Command {
     },
     /// Delete a job and free its memory.
     Delete { job: String },
+    /// Write a job's current parameters as plain safetensors (original names
+    /// and shapes), loadable with safetensors.torch.load_file.
+    Export {
+        /// The job; may be left out when the server has only one.
+        #[arg(long)]
+        job: Option<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Run synchronous rounds of a synthetic job and report throughput,
     /// latency and the server's peak memory.
     Bench {
@@ -234,6 +243,18 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             } else {
                 println!("raw TCP loopback, {bytes} bytes: {gbps:.2} GB/s");
             }
+        }
+        Command::Export { job, out } => {
+            let mut client = Client::connect(&args.server).await?;
+            let e = paramd_client::export::export(&mut client, job.as_deref(), &out).await?;
+            println!(
+                "exported {} tensors of job '{}' at round {} to {} ({} bytes)",
+                e.tensors,
+                e.job,
+                e.round,
+                out.display(),
+                e.bytes
+            );
         }
         Command::Delete { job } => {
             Client::connect(&args.server)
