@@ -378,6 +378,15 @@ impl Client {
         Ok(self.inner.status(req).await?.into_inner())
     }
 
+    /// Takes a checkpoint of `job` (every job when `None`) on every shard;
+    /// returns the round each job was checkpointed at.
+    pub async fn checkpoint(&mut self, job: Option<&str>) -> Result<Vec<pb::CheckpointedJob>> {
+        let req = self.request(pb::CheckpointRequest {
+            job: job.unwrap_or_default().to_owned(),
+        });
+        Ok(self.inner.checkpoint(req).await?.into_inner().jobs)
+    }
+
     /// Deletes job `job` on every shard.
     pub async fn delete_job(&mut self, job: &str) -> Result<()> {
         let req = self.request(pb::DeleteJobRequest {

@@ -67,6 +67,11 @@ enum Command {
     },
     /// Delete a job and free its memory.
     Delete { job: String },
+    /// Take a checkpoint of one job (every job by default) on every shard now.
+    Checkpoint {
+        #[arg(long)]
+        job: Option<String>,
+    },
     /// Write a job's current parameters as plain safetensors (original names
     /// and shapes), loadable with safetensors.torch.load_file.
     Export {
@@ -255,6 +260,12 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 out.display(),
                 e.bytes
             );
+        }
+        Command::Checkpoint { job } => {
+            let mut client = Client::connect(&args.server).await?;
+            for j in client.checkpoint(job.as_deref()).await? {
+                println!("checkpointed job '{}' at round {}", j.job, j.round);
+            }
         }
         Command::Delete { job } => {
             Client::connect(&args.server)

@@ -8,6 +8,7 @@ use paramd_proto::v1 as pb;
 use paramd_proto::v1::shard_client::ShardClient;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::checkpoint::{CheckpointSettings, ManifestFile};
 use crate::coordinator::{Decision, Report};
 use crate::error::{Error, Result};
 use crate::invalid;
@@ -24,6 +25,8 @@ pub struct Cluster {
     pub peer_timeout: Duration,
     /// Longest the coordinator waits for every shard's report of a round.
     pub round_timeout: Duration,
+    /// Where checkpoints go, when they are taken.
+    pub checkpoints: Option<CheckpointSettings>,
 }
 
 impl Cluster {
@@ -61,6 +64,7 @@ impl Cluster {
             peers,
             peer_timeout,
             round_timeout,
+            checkpoints: None,
         })
     }
 
@@ -181,6 +185,48 @@ impl Cluster {
             .into_inner();
         resp.shard
             .ok_or_else(|| Error::Internal(format!("shard {i} sent no status")))
+    }
+
+    /// Has shard `i` write its part of checkpoint `round`.
+    pub async fn save_shard(&self, i: usize, job: &str, round: u64) -> Result<ManifestFile> {
+        let req = self.request(
+            pb::SaveShardRequest {
+                job: job.to_owned(),
+                round,
+            },
+            self.round_timeout + self.peer_timeout,
+        );
+        let r = self
+            .peer(i)?
+            .save_shard(req)
+            .await
+            .map_err(self.err(i))?
+            .into_inner();
+        Ok(ManifestFile {
+            name: r.file,
+            sha256: r.sha256,
+            bytes: r.bytes,
+        })
+    }
+
+    /// Makes checkpoint `round` exist on shard `i`.
+    pub async fn commit_shard(
+        &self,
+        i: usize,
+        job: &str,
+        round: u64,
+        manifest: String,
+    ) -> Result<()> {
+        let req = self.request(
+            pb::CommitShardRequest {
+                job: job.to_owned(),
+                round,
+                manifest,
+            },
+            self.peer_timeout,
+        );
+        self.peer(i)?.commit_shard(req).await.map_err(self.err(i))?;
+        Ok(())
     }
 
     /// Drops a job's part on shard `i`.

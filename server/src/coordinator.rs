@@ -26,7 +26,7 @@ pub struct Report {
 }
 
 /// What every shard does with round `round`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Decision {
     pub round: u64,
     /// The gradient was not finite: apply nothing.
@@ -92,6 +92,9 @@ pub struct Coordinator {
     state: Mutex<Gather>,
     /// Time from a round's first report to its last.
     shard_wait: Histogram,
+    /// Freeze after deciding every round that ends a multiple of this many
+    /// rounds (0: never), so its checkpoint is taken at exactly that round.
+    checkpoint_every: u64,
 }
 
 #[derive(Debug)]
@@ -103,6 +106,9 @@ struct Gather {
     first_report: Option<Instant>,
     /// The decision of the round before `round`, for shards that ask again.
     last: Option<Decision>,
+    /// While above zero, no round is decided: a checkpoint is being taken
+    /// of the rounds decided so far.
+    frozen: u32,
 }
 
 impl Coordinator {
@@ -125,8 +131,53 @@ impl Coordinator {
                 waiters: Vec::new(),
                 first_report: None,
                 last: None,
+                frozen: 0,
             }),
             shard_wait,
+            checkpoint_every: 0,
+        }
+    }
+
+    /// Freezes after every `every` rounds (see `unfreeze`).
+    pub fn with_checkpoint_every(mut self, every: u64) -> Coordinator {
+        self.checkpoint_every = every;
+        self
+    }
+
+    /// Stops deciding rounds; returns the number of rounds decided so far.
+    pub fn freeze(&self) -> u64 {
+        let mut g = self.state.lock();
+        g.frozen += 1;
+        g.round
+    }
+
+    /// Lifts one freeze; decides the pending round if it was only waiting
+    /// for that.
+    pub fn unfreeze(&self) {
+        let mut g = self.state.lock();
+        g.frozen = g.frozen.saturating_sub(1);
+        if g.frozen == 0 && g.reports.iter().all(Option::is_some) {
+            self.decide_locked(&mut g);
+        }
+    }
+
+    fn decide_locked(&self, g: &mut Gather) {
+        if let Some(first) = g.first_report {
+            self.shard_wait.record(first.elapsed().as_secs_f64());
+        }
+        let round = g.round;
+        let reports: Vec<Report> = g.reports.iter_mut().filter_map(Option::take).collect();
+        let decision = self.policy.decide(round, g.step, &reports);
+        g.step = decision.step;
+        g.round += 1;
+        g.first_report = None;
+        g.last = Some(decision.clone());
+        if self.checkpoint_every > 0 && g.round.is_multiple_of(self.checkpoint_every) {
+            g.frozen += 1;
+        }
+        for w in g.waiters.drain(..) {
+            // A shard that stopped waiting asks again and gets `last`.
+            let _ = w.send(decision.clone());
         }
     }
 
@@ -159,20 +210,9 @@ impl Coordinator {
             *slot = Some(report);
             let (tx, rx) = oneshot::channel();
             g.waiters.push(tx);
-            let first = *g.first_report.get_or_insert_with(Instant::now);
-            if g.reports.iter().all(Option::is_some) {
-                self.shard_wait.record(first.elapsed().as_secs_f64());
-                let reports: Vec<Report> = g.reports.iter_mut().filter_map(Option::take).collect();
-                let decision = self.policy.decide(round, g.step, &reports);
-                g.step = decision.step;
-                g.round += 1;
-                g.first_report = None;
-                g.last = Some(decision.clone());
-                for w in g.waiters.drain(..) {
-                    // A shard that stopped waiting asks again and gets
-                    // `last`.
-                    let _ = w.send(decision.clone());
-                }
+            g.first_report.get_or_insert_with(Instant::now);
+            if g.frozen == 0 && g.reports.iter().all(Option::is_some) {
+                self.decide_locked(&mut g);
             }
             rx
         };

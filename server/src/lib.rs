@@ -4,6 +4,7 @@
 //! slices; `layout`, `pieces`, `store`, `job` and `coordinator` hold a job's
 //! chunks and run its rounds; `service` and `http` are the network surface.
 
+pub mod checkpoint;
 pub mod clip;
 pub mod cluster;
 pub mod compute;

@@ -12,6 +12,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::Parser;
 use paramd::NodeConfig;
+use paramd::checkpoint::CheckpointSettings;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -47,6 +48,16 @@ struct Args {
     /// Longest the coordinator waits for every shard's report of a round, in seconds.
     #[arg(long, env = "PARAMD_ROUND_TIMEOUT", default_value_t = 60.0)]
     round_timeout: f64,
+    /// Directory of this shard's checkpoints; jobs found there are restored
+    /// before serving. Without it no checkpoint is taken.
+    #[arg(long, env = "PARAMD_CHECKPOINT_DIR")]
+    checkpoint_dir: Option<std::path::PathBuf>,
+    /// Take a checkpoint after every this many rounds (0: only on request).
+    #[arg(long, env = "PARAMD_CHECKPOINT_EVERY", default_value_t = 0)]
+    checkpoint_every: u64,
+    /// Checkpoints kept per job.
+    #[arg(long, env = "PARAMD_KEEP_CHECKPOINTS", default_value_t = 3)]
+    keep_checkpoints: usize,
     /// Seconds in-flight calls get to finish after SIGTERM or SIGINT.
     #[arg(long, env = "PARAMD_SHUTDOWN_GRACE", default_value_t = 20.0)]
     shutdown_grace: f64,
@@ -114,7 +125,18 @@ fn node_config(args: &Args) -> Result<NodeConfig, String> {
         cluster: args.cluster.clone(),
         peer_timeout: seconds("peer_timeout", args.peer_timeout)?,
         round_timeout: seconds("round_timeout", args.round_timeout)?,
+        checkpoints: args.checkpoint_dir.clone().map(|dir| CheckpointSettings {
+            dir,
+            every: args.checkpoint_every,
+            keep: args.keep_checkpoints,
+        }),
     };
+    if args.checkpoint_dir.is_none() && args.checkpoint_every > 0 {
+        return Err("checkpoint_every needs checkpoint_dir".into());
+    }
+    if args.keep_checkpoints == 0 {
+        return Err("keep_checkpoints must be at least 1".into());
+    }
     config.validate().map_err(|e| e.to_string())?;
     seconds("shutdown_grace", args.shutdown_grace)?;
     Ok(config)

@@ -84,6 +84,15 @@ fn describe() {
         "paramd_workers_dropped_total",
         "Workers left out of a round after the worker timeout"
     );
+    describe_histogram!(
+        "paramd_checkpoint_duration_seconds",
+        Unit::Seconds,
+        "Time to take a checkpoint on every shard"
+    );
+    describe_counter!(
+        "paramd_checkpoint_failures_total",
+        "Checkpoints that could not be taken"
+    );
     describe_counter!(
         "paramd_stale_pushes_total",
         "Pushes for a round that had already completed"
@@ -144,6 +153,8 @@ pub struct JobMetrics {
     pub pushes: Counter,
     pub duplicates: Counter,
     pub dropped: Counter,
+    pub checkpoint_duration: Histogram,
+    pub checkpoint_failures: Counter,
     pub stale: Counter,
     pub push_bytes: Counter,
     pub pull_bytes: Counter,
@@ -174,6 +185,8 @@ impl JobMetrics {
             pushes: counter!("paramd_pushes_total", "job" => j.clone()),
             duplicates: counter!("paramd_duplicate_pushes_total", "job" => j.clone()),
             dropped: counter!("paramd_workers_dropped_total", "job" => j.clone()),
+            checkpoint_duration: histogram!("paramd_checkpoint_duration_seconds", "job" => j.clone()),
+            checkpoint_failures: counter!("paramd_checkpoint_failures_total", "job" => j.clone()),
             stale: counter!("paramd_stale_pushes_total", "job" => j.clone()),
             push_bytes: counter!("paramd_push_bytes_total", "job" => j.clone()),
             pull_bytes: counter!("paramd_pull_bytes_total", "job" => j.clone()),

@@ -9,6 +9,7 @@ use dashmap::mapref::entry::Entry;
 use paramd_proto::v1 as pb;
 use paramd_proto::v1::Segment;
 
+use crate::checkpoint::{self, CheckpointSettings};
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::invalid;
@@ -33,6 +34,8 @@ pub struct NodeConfig {
     pub shard_index: usize,
     /// Every shard's URL; empty for a one-shard cluster.
     pub cluster: Vec<String>,
+    /// Where checkpoints go and how often; none: no checkpoints.
+    pub checkpoints: Option<CheckpointSettings>,
     /// Deadline of a call to another shard.
     pub peer_timeout: Duration,
     /// Longest the coordinator waits for every shard's report of a round.
@@ -47,6 +50,7 @@ impl Default for NodeConfig {
             max_pull_wait: Duration::from_secs(300),
             shard_index: 0,
             cluster: Vec::new(),
+            checkpoints: None,
             peer_timeout: Duration::from_secs(10),
             round_timeout: Duration::from_secs(60),
         }
@@ -104,20 +108,70 @@ pub struct Created {
 }
 
 impl Node {
-    /// A node without jobs.
+    /// A node with the jobs its checkpoints hold, if it has any.
     pub fn new(config: NodeConfig) -> Result<Node> {
         config.validate()?;
-        let cluster = Arc::new(Cluster::new(
+        let mut cluster = Cluster::new(
             config.shard_index,
             config.cluster.clone(),
             config.peer_timeout,
             config.round_timeout,
-        )?);
-        Ok(Node {
+        )?;
+        cluster.checkpoints = config.checkpoints.clone();
+        let node = Node {
             jobs: DashMap::new(),
+            cluster: Arc::new(cluster),
             config,
-            cluster,
-        })
+        };
+        node.restore()?;
+        Ok(node)
+    }
+
+    /// Loads the newest complete checkpoint of every job in the checkpoint
+    /// directory.
+    fn restore(&self) -> Result<()> {
+        let Some(settings) = &self.cluster.checkpoints else {
+            return Ok(());
+        };
+        let hyper_of = |spec: &pb::JobSpec| {
+            let config = JobConfig::try_from(spec)?;
+            Ok(config
+                .params
+                .iter()
+                .map(|p| config.groups[p.group].clone())
+                .collect())
+        };
+        for name in checkpoint::jobs(&settings.dir) {
+            let loaded = checkpoint::load_latest(
+                &settings.dir,
+                &name,
+                self.cluster.shard,
+                self.cluster.size(),
+                hyper_of,
+            )?;
+            let Some(loaded) = loaded else {
+                continue;
+            };
+            let round = loaded.meta.round;
+            let job = Job::restore(Arc::clone(&self.cluster), loaded)?;
+            self.jobs.insert(name.clone(), Arc::new(job));
+            tracing::info!(job = %name, round, shard = self.cluster.shard, "job restored from its checkpoint");
+        }
+        Ok(())
+    }
+
+    /// Checkpoints job `name`, or every job, on every shard now.
+    pub async fn checkpoint(&self, name: Option<&str>) -> Result<Vec<(String, u64)>> {
+        self.coordinator_only("Checkpoint")?;
+        let jobs = match name {
+            Some(n) => vec![self.job(n)?],
+            None => self.jobs(),
+        };
+        let mut out = Vec::new();
+        for job in jobs {
+            out.push((job.name.clone(), job.checkpoint(None).await?));
+        }
+        Ok(out)
     }
 
     /// The job named `name`.
@@ -233,6 +287,7 @@ impl Node {
         }
         let job = Job::create(
             name.to_owned(),
+            spec.clone(),
             config,
             layout,
             owners,
@@ -247,6 +302,7 @@ impl Node {
     pub async fn create_shard(
         &self,
         name: &str,
+        spec: &pb::JobSpec,
         config: JobConfig,
         layout: &pb::LayoutResponse,
         values: Vec<Segment>,
@@ -264,6 +320,7 @@ impl Node {
         let l = Layout::with_chunk_elems(&config.params, chunk_elems);
         let job = Job::create(
             name.to_owned(),
+            spec.clone(),
             config,
             l,
             layout.owners.clone(),

@@ -278,6 +278,23 @@ impl ParamServer for Service {
         Ok(Response::new(pb::DeleteJobResponse {}))
     }
 
+    async fn checkpoint(
+        &self,
+        request: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<pb::CheckpointResponse>, Status> {
+        let job = request.into_inner().job;
+        let done = self
+            .node
+            .checkpoint((!job.is_empty()).then_some(job.as_str()))
+            .await?;
+        Ok(Response::new(pb::CheckpointResponse {
+            jobs: done
+                .into_iter()
+                .map(|(job, round)| pb::CheckpointedJob { job, round })
+                .collect(),
+        }))
+    }
+
     async fn layout(
         &self,
         request: Request<pb::LayoutRequest>,

@@ -6,6 +6,7 @@ use paramd_proto::v1 as pb;
 use paramd_proto::v1::shard_server::Shard;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::checkpoint::Manifest;
 use crate::coordinator::Report;
 use crate::node::Node;
 use crate::service::{PAYLOAD_SLACK, outcome_pb, read_segments};
@@ -56,7 +57,7 @@ impl Shard for ShardService {
         let values = read_segments(first.values, &mut stream, budget, &what, |m| m.values).await?;
         let created = self
             .node
-            .create_shard(&job, config, &layout, values)
+            .create_shard(&job, spec, config, &layout, values)
             .await?;
         Ok(Response::new(pb::CreateShardResponse {
             round: created.job.round(),
@@ -100,6 +101,35 @@ impl Shard for ShardService {
         Ok(Response::new(pb::ShardStatusResponse {
             shard: Some(job.shard_info()),
         }))
+    }
+
+    async fn save_shard(
+        &self,
+        request: Request<pb::SaveShardRequest>,
+    ) -> Result<Response<pb::SaveShardResponse>, Status> {
+        let r = request.into_inner();
+        let f = self.node.job(&r.job)?.save(r.round).await?;
+        Ok(Response::new(pb::SaveShardResponse {
+            file: f.name,
+            sha256: f.sha256,
+            bytes: f.bytes,
+        }))
+    }
+
+    async fn commit_shard(
+        &self,
+        request: Request<pb::CommitShardRequest>,
+    ) -> Result<Response<pb::CommitShardResponse>, Status> {
+        let r = request.into_inner();
+        let manifest: Manifest = serde_json::from_str(&r.manifest)
+            .map_err(|e| Status::invalid_argument(format!("manifest: {e}")))?;
+        if manifest.round != r.round || manifest.job != r.job {
+            return Err(Status::invalid_argument(
+                "the manifest is of another checkpoint",
+            ));
+        }
+        self.node.job(&r.job)?.commit(&manifest)?;
+        Ok(Response::new(pb::CommitShardResponse {}))
     }
 
     async fn drop_shard(

@@ -1,0 +1,417 @@
+//! Checkpoint files: a shard's chunks and optimizer state as safetensors,
+//! and the manifest that makes a checkpoint exist.
+//!
+//! `DIR/<job>/<round>/shard-<i>-of-<n>.safetensors` holds shard i's chunks
+//! (`<param>@<offset>/param`, `.../exp_avg`, `.../exp_avg_sq`,
+//! `.../max_exp_avg_sq`, `.../momentum_buffer`, `.../step`) with the job's
+//! spec, layout, round and schedule position in the metadata.
+//! `MANIFEST.json` beside it, written last, lists every shard's file with
+//! its SHA-256: a directory without it is not a checkpoint. Every file is
+//! written under a temporary name, fsynced, renamed, and its directory
+//! fsynced.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use paramd_proto::v1 as pb;
+use prost::Message;
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::coordinator::Decision;
+use crate::error::{Error, Result};
+use crate::optim::Hyper;
+use crate::store::ChunkState;
+
+/// The format this build writes and reads.
+pub const FORMAT: &str = "paramd-checkpoint/1";
+const MANIFEST: &str = "MANIFEST.json";
+
+/// Where and how often checkpoints are taken.
+#[derive(Clone, Debug)]
+pub struct CheckpointSettings {
+    pub dir: PathBuf,
+    /// Take one after every this many rounds; 0: only on request.
+    pub every: u64,
+    /// Checkpoints kept per job.
+    pub keep: usize,
+}
+
+/// The manifest of one checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format: String,
+    pub job: String,
+    pub round: u64,
+    pub shards: usize,
+    pub files: Vec<ManifestFile>,
+}
+
+/// One shard's file in a manifest.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ManifestFile {
+    pub name: String,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// What a shard's file holds besides the chunks.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ShardMeta {
+    pub job: String,
+    pub round: u64,
+    pub skipped: u64,
+    pub last: Option<Decision>,
+    pub shard: usize,
+    pub shards: usize,
+}
+
+/// A shard's part of a checkpoint, read back.
+#[derive(Debug)]
+pub struct Loaded {
+    pub meta: ShardMeta,
+    pub spec: pb::JobSpec,
+    pub layout: pb::LayoutResponse,
+    /// Local chunks, in canonical order.
+    pub chunks: Vec<ChunkState>,
+}
+
+/// The directory of `round` of `job`.
+pub fn round_dir(root: &Path, job: &str, round: u64) -> PathBuf {
+    root.join(job).join(format!("{round:020}"))
+}
+
+/// The name of shard `shard`'s file in a cluster of `shards`.
+pub fn shard_file(shard: usize, shards: usize) -> String {
+    format!("shard-{shard}-of-{shards}.safetensors")
+}
+
+fn io<'a>(what: &str, path: &'a Path) -> impl Fn(std::io::Error) -> Error + 'a {
+    let what = what.to_owned();
+    move |e| Error::Internal(format!("cannot {what} {}: {e}", path.display()))
+}
+
+/// Writes `data` to `path` atomically and durably.
+fn write_durably(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| Error::Internal(format!("{} has no directory", path.display())))?;
+    fs::create_dir_all(dir).map_err(io("create", dir))?;
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::File::create(&tmp).map_err(io("create", &tmp))?;
+    f.write_all(data).map_err(io("write", &tmp))?;
+    f.sync_all().map_err(io("fsync", &tmp))?;
+    fs::rename(&tmp, path).map_err(io("rename to", path))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsync", dir))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect()
+}
+
+/// The names of a chunk's state buffers, as torch names its state.
+fn buffer_names(hyper: &Hyper) -> &'static [&'static str] {
+    match hyper {
+        Hyper::Sgd(_) => &["momentum_buffer"],
+        Hyper::Adam(_) => &["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
+    }
+}
+
+/// A chunk to write: its key (`param@offset`), optimizer and state.
+pub struct ChunkRef<'a> {
+    pub key: String,
+    pub hyper: &'a Hyper,
+    pub state: &'a ChunkState,
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Writes shard `meta.shard`'s file for `meta.round`; returns its manifest
+/// entry.
+pub fn write_shard(
+    root: &Path,
+    meta: &ShardMeta,
+    spec: &pb::JobSpec,
+    layout: &pb::LayoutResponse,
+    chunks: &[ChunkRef<'_>],
+) -> Result<ManifestFile> {
+    let mut blobs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for c in chunks {
+        let n = c.state.values.len();
+        blobs.push((
+            format!("{}/param", c.key),
+            Dtype::F32,
+            vec![n],
+            f32_bytes(&c.state.values),
+        ));
+        for (name, buf) in buffer_names(c.hyper).iter().zip(&c.state.buffers) {
+            blobs.push((
+                format!("{}/{name}", c.key),
+                Dtype::F32,
+                vec![n],
+                f32_bytes(buf),
+            ));
+        }
+        blobs.push((
+            format!("{}/step", c.key),
+            Dtype::I64,
+            vec![],
+            (c.state.step as i64).to_le_bytes().to_vec(),
+        ));
+    }
+    let views = blobs
+        .iter()
+        .map(|(name, dtype, shape, data)| {
+            TensorView::new(*dtype, shape.clone(), data).map(|v| (name.clone(), v))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Internal(format!("checkpoint tensor: {e}")))?;
+    let info = HashMap::from([
+        ("format".to_owned(), FORMAT.to_owned()),
+        (
+            "meta".to_owned(),
+            serde_json::to_string(meta).map_err(|e| Error::Internal(e.to_string()))?,
+        ),
+        ("spec".to_owned(), hex(&spec.encode_to_vec())),
+        ("layout".to_owned(), hex(&layout.encode_to_vec())),
+    ]);
+    let data = safetensors::serialize(views, Some(info))
+        .map_err(|e| Error::Internal(format!("checkpoint: {e}")))?;
+    let name = shard_file(meta.shard, meta.shards);
+    let path = round_dir(root, &meta.job, meta.round).join(&name);
+    write_durably(&path, &data)?;
+    Ok(ManifestFile {
+        name,
+        sha256: hex(&Sha256::digest(&data)),
+        bytes: data.len() as u64,
+    })
+}
+
+/// Writes the manifest that makes the checkpoint exist on this shard, and
+/// removes all but the newest `keep` checkpoints of the job.
+pub fn commit(root: &Path, manifest: &Manifest, keep: usize) -> Result<()> {
+    let dir = round_dir(root, &manifest.job, manifest.round);
+    let json = serde_json::to_vec_pretty(manifest).map_err(|e| Error::Internal(e.to_string()))?;
+    write_durably(&dir.join(MANIFEST), &json)?;
+    let mut rounds = complete_rounds(&root.join(&manifest.job));
+    rounds.sort_unstable_by(|a, b| b.cmp(a));
+    for old in rounds.into_iter().skip(keep.max(1)) {
+        let path = round_dir(root, &manifest.job, old);
+        if let Err(e) = fs::remove_dir_all(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove an old checkpoint");
+        }
+    }
+    Ok(())
+}
+
+/// Rounds of a job directory that have a manifest.
+fn complete_rounds(job_dir: &Path) -> Vec<u64> {
+    let Ok(entries) = fs::read_dir(job_dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join(MANIFEST).is_file())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .collect()
+}
+
+/// The jobs with a directory under `root`.
+pub fn jobs(root: &Path) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut jobs: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .collect();
+    jobs.sort();
+    jobs
+}
+
+/// Loads the newest checkpoint of `job` that is complete and intact for
+/// shard `shard` of `shards`. A bad one is reported and set aside (renamed
+/// `<round>.bad-<reason>`), and the one before it is tried.
+pub fn load_latest(
+    root: &Path,
+    job: &str,
+    shard: usize,
+    shards: usize,
+    hypers: impl Fn(&pb::JobSpec) -> Result<Vec<Hyper>>,
+) -> Result<Option<Loaded>> {
+    let mut rounds = complete_rounds(&root.join(job));
+    rounds.sort_unstable_by(|a, b| b.cmp(a));
+    for round in rounds {
+        let dir = round_dir(root, job, round);
+        match load_one(&dir, shard, shards, &hypers) {
+            Ok(l) => return Ok(Some(l)),
+            Err(e @ Error::Invalid(_)) if e.to_string().contains("newer format") => return Err(e),
+            Err(e) => {
+                let aside = dir.with_extension(format!("bad-{}", std::process::id()));
+                tracing::error!(job, round, error = %e, set_aside = %aside.display(), "checkpoint unusable; trying the one before");
+                if let Err(r) = fs::rename(&dir, &aside) {
+                    tracing::error!(error = %r, "cannot set the checkpoint aside");
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn load_one(
+    dir: &Path,
+    shard: usize,
+    shards: usize,
+    hypers: &impl Fn(&pb::JobSpec) -> Result<Vec<Hyper>>,
+) -> Result<Loaded> {
+    let bad = |m: String| Error::Internal(format!("{}: {m}", dir.display()));
+    let manifest: Manifest =
+        serde_json::from_slice(&fs::read(dir.join(MANIFEST)).map_err(|e| bad(e.to_string()))?)
+            .map_err(|e| bad(format!("manifest: {e}")))?;
+    if manifest.format != FORMAT {
+        return Err(Error::Invalid(format!(
+            "{}: format {:?} is a newer format than this build reads ({FORMAT})",
+            dir.display(),
+            manifest.format
+        )));
+    }
+    if manifest.shards != shards {
+        return Err(bad(format!(
+            "taken on {} shards, this cluster has {shards}",
+            manifest.shards
+        )));
+    }
+    let name = shard_file(shard, shards);
+    let entry = manifest
+        .files
+        .iter()
+        .find(|f| f.name == name)
+        .ok_or_else(|| bad(format!("the manifest lists no {name}")))?;
+    let data = fs::read(dir.join(&name)).map_err(|e| bad(format!("{name}: {e}")))?;
+    let sum = hex(&Sha256::digest(&data));
+    if sum != entry.sha256 || data.len() as u64 != entry.bytes {
+        return Err(bad(format!(
+            "{name}: checksum {sum} ({} bytes), the manifest says {} ({} bytes)",
+            data.len(),
+            entry.sha256,
+            entry.bytes
+        )));
+    }
+    let (_, header) = SafeTensors::read_metadata(&data).map_err(|e| bad(format!("{name}: {e}")))?;
+    let info = header.metadata().clone().unwrap_or_default();
+    let get = |k: &str| {
+        info.get(k)
+            .ok_or_else(|| bad(format!("{name}: no {k} in the metadata")))
+    };
+    let meta: ShardMeta =
+        serde_json::from_str(get("meta")?).map_err(|e| bad(format!("meta: {e}")))?;
+    let spec =
+        pb::JobSpec::decode(&unhex(get("spec")?).ok_or_else(|| bad("spec is not hex".into()))?[..])
+            .map_err(|e| bad(format!("spec: {e}")))?;
+    let layout = pb::LayoutResponse::decode(
+        &unhex(get("layout")?).ok_or_else(|| bad("layout is not hex".into()))?[..],
+    )
+    .map_err(|e| bad(format!("layout: {e}")))?;
+    let st = SafeTensors::deserialize(&data).map_err(|e| bad(format!("{name}: {e}")))?;
+    let f32s = |key: &str| -> Result<Vec<f32>> {
+        let t = st.tensor(key).map_err(|e| bad(format!("{key}: {e}")))?;
+        if t.dtype() != Dtype::F32 {
+            return Err(bad(format!("{key} is {:?}, not F32", t.dtype())));
+        }
+        Ok(t.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    };
+    // The chunks this shard holds, in canonical order.
+    let elems = usize::try_from(layout.chunk_elems)
+        .map_err(|_| bad("chunk_elems".into()))?
+        .max(1);
+    // The optimizer of every parameter.
+    let hypers = hypers(&spec)?;
+    let mut chunks = Vec::new();
+    let mut id = 0;
+    for (p, param) in spec.params.iter().enumerate() {
+        let numel: usize = param.shape.iter().map(|&d| d as usize).product();
+        let mut offset = 0;
+        while offset < numel {
+            let owner = *layout
+                .owners
+                .get(id)
+                .ok_or_else(|| bad("layout has too few owners".into()))?
+                as usize;
+            if owner == shard {
+                let key = format!("{}@{offset}", param.name);
+                let hyper = hypers
+                    .get(p)
+                    .ok_or_else(|| bad(format!("no optimizer for parameter {p}")))?;
+                let values = f32s(&format!("{key}/param"))?;
+                let buffers = buffer_names(hyper)
+                    .iter()
+                    .take(hyper.state_buffers())
+                    .map(|n| f32s(&format!("{key}/{n}")))
+                    .collect::<Result<Vec<_>>>()?;
+                if buffers.iter().any(|b| b.len() != values.len())
+                    || values.len() != elems.min(numel - offset)
+                {
+                    return Err(bad(format!("{key}: sizes do not match the layout")));
+                }
+                let step_t = st
+                    .tensor(&format!("{key}/step"))
+                    .map_err(|e| bad(format!("{key}/step: {e}")))?;
+                let step = step_t
+                    .data()
+                    .get(..8)
+                    .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+                    .and_then(|s| u64::try_from(s).ok())
+                    .ok_or_else(|| bad(format!("{key}/step is not a step count")))?;
+                chunks.push(ChunkState {
+                    values,
+                    buffers,
+                    step,
+                });
+            }
+            offset += elems;
+            id += 1;
+        }
+    }
+    if meta.shard != shard || meta.shards != shards || meta.round != manifest.round {
+        return Err(bad(format!(
+            "{name} says shard {} of {} at round {}",
+            meta.shard, meta.shards, meta.round
+        )));
+    }
+    Ok(Loaded {
+        meta,
+        spec,
+        layout,
+        chunks,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips() {
+        let b = [0u8, 1, 0xab, 0xff];
+        assert_eq!(unhex(&hex(&b)), Some(b.to_vec()));
+        assert_eq!(unhex("zz"), None);
+    }
+}

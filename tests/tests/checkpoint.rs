@@ -1,0 +1,292 @@
+//! Checkpoints: kill -9 every shard, restart from the last checkpoint, push
+//! the same gradients again from that round, and the result is bit-identical
+//! to a run that never stopped. A corrupt checkpoint is set aside and the
+//! one before it used.
+
+use std::path::Path;
+use std::time::Duration;
+
+use paramd_client::{Client, Pulled, v1 as pb};
+use paramd_tests::{Daemon, TestServer, reserve_ports};
+
+const ROUNDS: u64 = 10;
+const WORKERS: u32 = 2;
+
+fn spec() -> pb::JobSpec {
+    pb::JobSpec {
+        params: vec![
+            pb::ParamSpec {
+                name: "enc.weight".into(),
+                shape: vec![6, 5],
+            },
+            pb::ParamSpec {
+                name: "enc.bias".into(),
+                shape: vec![5],
+            },
+            pb::ParamSpec {
+                name: "scale".into(),
+                shape: vec![],
+            },
+        ],
+        optimizer: Some(pb::Optimizer {
+            kind: pb::OptimizerKind::Adamw as i32,
+            hyper: Some(pb::Hyperparameters {
+                lr: Some(0.05),
+                amsgrad: Some(true),
+                ..Default::default()
+            }),
+        }),
+        param_groups: vec![
+            pb::ParamGroup {
+                params: vec!["enc.weight".into(), "enc.bias".into()],
+                hyper: None,
+            },
+            pb::ParamGroup {
+                params: vec!["scale".into()],
+                hyper: Some(pb::Hyperparameters {
+                    lr: Some(0.01),
+                    weight_decay: Some(0.0),
+                    ..Default::default()
+                }),
+            },
+        ],
+        schedule: Some(pb::Schedule {
+            kind: Some(pb::schedule::Kind::WarmupCosine(pb::WarmupCosine {
+                warmup_steps: 2,
+                total_steps: 8,
+                min_lr_ratio: 0.1,
+            })),
+        }),
+        clip: Some(pb::Clip { max_norm: 0.7 }),
+        workers: WORKERS,
+        ..Default::default()
+    }
+}
+
+fn sizes() -> [usize; 3] {
+    [30, 5, 1]
+}
+
+fn grads(round: u64, w: u32) -> Vec<Vec<f32>> {
+    sizes()
+        .iter()
+        .enumerate()
+        .map(|(p, &n)| {
+            (0..n)
+                .map(|i| {
+                    (((i * 31 + p * 7 + round as usize * 13 + w as usize * 5) % 17) as f32 - 8.0)
+                        * 0.1
+                })
+                .collect()
+        })
+        .collect()
+}
+
+async fn round(c: &mut Client, job: &str, t: u64) -> Pulled {
+    for w in 0..WORKERS {
+        let g = grads(t, w);
+        let named = [
+            ("enc.weight", g[0].as_slice()),
+            ("enc.bias", g[1].as_slice()),
+            ("scale", g[2].as_slice()),
+        ];
+        c.push(job, w, t, &named).await.expect("push");
+    }
+    c.pull(job, t + 1).await.expect("pull")
+}
+
+async fn init(c: &mut Client, job: &str) {
+    let init: Vec<Vec<f32>> = sizes()
+        .iter()
+        .map(|&n| (0..n).map(|i| i as f32 * 0.01 - 0.1).collect())
+        .collect();
+    let named = [
+        ("enc.weight", init[0].as_slice()),
+        ("enc.bias", init[1].as_slice()),
+        ("scale", init[2].as_slice()),
+    ];
+    c.init(job, spec(), &named).await.expect("init");
+}
+
+fn bits(p: &Pulled) -> Vec<(String, Vec<u32>)> {
+    let mut v: Vec<(String, Vec<u32>)> = p
+        .params
+        .iter()
+        .map(|(k, v)| (k.clone(), v.iter().map(|x| x.to_bits()).collect()))
+        .collect();
+    v.sort();
+    v
+}
+
+/// The run that never stops.
+async fn uninterrupted() -> Pulled {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    init(&mut c, "run").await;
+    let mut last = None;
+    for t in 0..ROUNDS {
+        last = Some(round(&mut c, "run", t).await);
+    }
+    server.shutdown().await;
+    last.expect("rounds")
+}
+
+fn args(i: usize, n: usize, ports: &[u16], dir: &Path) -> Vec<String> {
+    let mut a = vec![
+        "--listen".to_owned(),
+        format!("127.0.0.1:{}", ports[i]),
+        "--http-listen".into(),
+        "127.0.0.1:0".into(),
+        "--checkpoint-dir".into(),
+        dir.join(format!("shard{i}")).display().to_string(),
+        "--checkpoint-every".into(),
+        "3".into(),
+        "--keep-checkpoints".into(),
+        "2".into(),
+        "--chunk-bytes".into(),
+        "16".into(),
+    ];
+    if n > 1 {
+        let cluster: Vec<String> = ports[..n]
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect();
+        a.extend([
+            "--shard-index".into(),
+            i.to_string(),
+            "--cluster".into(),
+            cluster.join(","),
+        ]);
+    }
+    a
+}
+
+async fn start(n: usize, ports: &[u16], dir: &Path) -> Vec<Daemon> {
+    let mut daemons = Vec::new();
+    for i in 0..n {
+        let a = args(i, n, ports, dir);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        daemons.push(Daemon::start(&a).await.expect("start"));
+    }
+    daemons
+}
+
+async fn kill_all(daemons: Vec<Daemon>) {
+    for mut d in daemons {
+        d.child.kill().await.expect("kill -9");
+    }
+}
+
+/// Waits (bounded) until the coordinator reports the job at `round`.
+async fn round_is(c: &mut Client, job: &str, round: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = c.status(Some(job)).await.expect("status");
+        if s.jobs[0].round == round {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job at round {}, not {round}",
+            s.jobs[0].round
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn resume_after_kill(shards: usize) {
+    let want = uninterrupted().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = reserve_ports(shards);
+    let url = format!("http://127.0.0.1:{}", ports[0]);
+
+    let daemons = start(shards, &ports, dir.path()).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    init(&mut c, "run").await;
+    // Checkpoints at rounds 3 and 6; round 7 is applied but not saved.
+    for t in 0..7 {
+        round(&mut c, "run", t).await;
+    }
+    // The checkpoint of round 6 is taken before round 6 can be decided:
+    // once a pull of round 7 returned, it exists.
+    kill_all(daemons).await;
+
+    let daemons = start(shards, &ports, dir.path()).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    let s = c.status(Some("run")).await.expect("restored");
+    assert_eq!(s.jobs[0].round, 6, "restored at the last checkpoint");
+    for sh in &s.jobs[0].shards {
+        assert_eq!(sh.round, 6, "every shard restored the same round: {sh:?}");
+    }
+    let mut last = None;
+    for t in 6..ROUNDS {
+        last = Some(round(&mut c, "run", t).await);
+    }
+    let got = last.expect("rounds");
+    assert_eq!(
+        bits(&got),
+        bits(&want),
+        "bit-identical to the run that never stopped"
+    );
+    assert_eq!(got.last, want.last, "same norm, coefficient, lr and step");
+    round_is(&mut c, "run", ROUNDS).await;
+    kill_all(daemons).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shard_resumes_bit_exactly_after_kill_9() {
+    resume_after_kill(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_shards_resume_bit_exactly_after_kill_9() {
+    resume_after_kill(3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_checkpoint_is_set_aside_and_the_previous_one_used() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = reserve_ports(1);
+    let url = format!("http://127.0.0.1:{}", ports[0]);
+    let daemons = start(1, &ports, dir.path()).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    init(&mut c, "run").await;
+    let mut after = Vec::new();
+    for t in 0..7 {
+        after.push(round(&mut c, "run", t).await);
+    }
+    // An explicit checkpoint too: rounds 3, 6 and 7 exist; 2 are kept.
+    let done = c.checkpoint(Some("run")).await.expect("checkpoint");
+    assert_eq!((done[0].job.as_str(), done[0].round), ("run", 7));
+    kill_all(daemons).await;
+
+    let job_dir = dir.path().join("shard0/run");
+    let mut rounds: Vec<String> = std::fs::read_dir(&job_dir)
+        .expect("job dir")
+        .map(|e| e.expect("entry").file_name().into_string().expect("utf8"))
+        .collect();
+    rounds.sort();
+    assert_eq!(rounds.len(), 2, "keep 2: {rounds:?}");
+    // Flip one byte of the newest shard file: its checksum no longer matches.
+    let newest = job_dir.join(&rounds[1]).join("shard-0-of-1.safetensors");
+    let mut data = std::fs::read(&newest).expect("read");
+    let last = data.len() - 1;
+    data[last] ^= 0xff;
+    std::fs::write(&newest, data).expect("corrupt");
+
+    let daemons = start(1, &ports, dir.path()).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    let s = c.status(Some("run")).await.expect("restored");
+    assert_eq!(s.jobs[0].round, 6, "the previous checkpoint");
+    let p = c.pull("run", 6).await.expect("pull");
+    assert_eq!(bits(&p), bits(&after[5]), "the parameters after round 6");
+    let names: Vec<String> = std::fs::read_dir(&job_dir)
+        .expect("job dir")
+        .map(|e| e.expect("entry").file_name().into_string().expect("utf8"))
+        .collect();
+    assert!(
+        names.iter().any(|n| n.contains(".bad-")),
+        "set aside, not deleted: {names:?}"
+    );
+    kill_all(daemons).await;
+}
