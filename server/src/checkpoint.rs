@@ -407,11 +407,158 @@ fn load_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::optim::AdamHyper;
 
     #[test]
     fn hex_round_trips() {
         let b = [0u8, 1, 0xab, 0xff];
         assert_eq!(unhex(&hex(&b)), Some(b.to_vec()));
         assert_eq!(unhex("zz"), None);
+    }
+
+    fn hyper() -> Hyper {
+        Hyper::Adam(AdamHyper {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            amsgrad: false,
+            decoupled: true,
+        })
+    }
+
+    fn spec() -> pb::JobSpec {
+        pb::JobSpec {
+            params: vec![pb::ParamSpec {
+                name: "w".into(),
+                shape: vec![5],
+            }],
+            workers: 1,
+            ..Default::default()
+        }
+    }
+
+    /// Writes and commits checkpoint `round` of job "j" on one shard whose
+    /// values are all `round`.
+    fn take(root: &Path, round: u64, shards: usize) {
+        let state = ChunkState {
+            values: vec![round as f32; 5],
+            buffers: vec![vec![1.0; 5], vec![2.0; 5]],
+            step: round,
+        };
+        let h = hyper();
+        let meta = ShardMeta {
+            job: "j".into(),
+            round,
+            skipped: 0,
+            last: None,
+            shard: 0,
+            shards,
+        };
+        let layout = pb::LayoutResponse {
+            chunk_elems: 8,
+            owners: vec![0],
+            ..Default::default()
+        };
+        let chunks = [ChunkRef {
+            key: "w@0".into(),
+            hyper: &h,
+            state: &state,
+        }];
+        let file = write_shard(root, &meta, &spec(), &layout, &chunks).expect("write");
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            job: "j".into(),
+            round,
+            shards,
+            files: vec![file],
+        };
+        commit(root, &manifest, 10).expect("commit");
+    }
+
+    fn load(root: &Path) -> Result<Option<Loaded>> {
+        load_latest(root, "j", 0, 1, |_| Ok(vec![hyper()]))
+    }
+
+    fn shard_path(root: &Path, round: u64) -> PathBuf {
+        round_dir(root, "j", round).join(shard_file(0, 1))
+    }
+
+    #[test]
+    fn the_newest_intact_checkpoint_is_loaded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        take(dir.path(), 3, 1);
+        take(dir.path(), 6, 1);
+        let l = load(dir.path()).expect("load").expect("a checkpoint");
+        assert_eq!(l.meta.round, 6);
+        assert_eq!(l.chunks[0].values, vec![6.0; 5]);
+        assert_eq!(l.chunks[0].buffers, vec![vec![1.0; 5], vec![2.0; 5]]);
+        assert_eq!(l.chunks[0].step, 6);
+    }
+
+    #[test]
+    fn truncated_corrupt_or_unfinished_checkpoints_fall_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        take(root, 3, 1);
+        take(root, 6, 1);
+        take(root, 9, 1);
+        // 9: the shard file truncated.
+        let data = fs::read(shard_path(root, 9)).expect("read");
+        fs::write(shard_path(root, 9), &data[..data.len() / 2]).expect("truncate");
+        // 6: written but never committed (a crash before the manifest).
+        fs::remove_file(round_dir(root, "j", 6).join(MANIFEST)).expect("unfinished");
+        let l = load(root).expect("load").expect("a checkpoint");
+        assert_eq!(l.meta.round, 3, "9 is truncated, 6 has no manifest");
+        assert!(!round_dir(root, "j", 9).exists(), "9 set aside");
+        let aside = fs::read_dir(root.join("j"))
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("00000000000000000009.bad-")
+            });
+        assert!(aside, "renamed, not deleted");
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_cluster_shape_is_not_loaded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        take(dir.path(), 4, 3);
+        assert!(load(dir.path()).expect("load").is_none());
+    }
+
+    #[test]
+    fn a_newer_format_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        take(dir.path(), 2, 1);
+        let path = round_dir(dir.path(), "j", 2).join(MANIFEST);
+        let text = fs::read_to_string(&path)
+            .expect("manifest")
+            .replace(FORMAT, "paramd-checkpoint/2");
+        fs::write(&path, text).expect("write");
+        let err = load(dir.path()).expect_err("newer");
+        assert!(err.to_string().contains("newer format"), "{err}");
+    }
+
+    #[test]
+    fn only_the_newest_k_are_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for r in 1..=5 {
+            take(dir.path(), r, 1);
+        }
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            job: "j".into(),
+            round: 5,
+            shards: 1,
+            files: vec![],
+        };
+        commit(dir.path(), &manifest, 2).expect("commit");
+        let mut left = complete_rounds(&dir.path().join("j"));
+        left.sort_unstable();
+        assert_eq!(left, vec![4, 5]);
     }
 }
