@@ -43,6 +43,23 @@ const CONNECTION_WINDOW: u32 = 32 << 20;
 /// HTTP/2 frames of 1 MiB instead of 16 KiB: 64x fewer frames per tensor.
 pub const MAX_FRAME: u32 = 1 << 20;
 
+/// On the coordinator with a checkpoint directory: checkpoints every job
+/// before stopping, within the grace period. The other shards must still be
+/// up for it (stop them after the coordinator); failures are logged.
+async fn final_checkpoint(node: &Node, grace: Duration) {
+    if node.cluster.checkpoints.is_none() || node.cluster.shard != 0 || node.jobs().is_empty() {
+        return;
+    }
+    match tokio::time::timeout(grace, node.checkpoint(None)).await {
+        Ok(Ok(done)) => tracing::info!(jobs = done.len(), "final checkpoint taken"),
+        Ok(Err(e)) => tracing::error!(error = %e, "final checkpoint failed"),
+        Err(_) => tracing::error!(
+            grace_secs = grace.as_secs_f64(),
+            "final checkpoint did not finish within the grace period"
+        ),
+    }
+}
+
 /// The connections of `listener`, with Nagle's algorithm off: a push ends
 /// with a small frame that would otherwise wait for a delayed ACK.
 fn incoming(
@@ -74,7 +91,7 @@ pub async fn serve(
     let service = ParamServerServer::new(service::Service::new(Arc::clone(&node)))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-    let shard_service = ShardServer::new(shard_service::ShardService::new(node))
+    let shard_service = ShardServer::new(shard_service::ShardService::new(Arc::clone(&node)))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
 
@@ -98,9 +115,11 @@ pub async fn serve(
             async { http_server.await.map_err(anyhow::Error::from) }
         )
     };
+    let last_node = Arc::clone(&node);
     tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutting down");
+        final_checkpoint(&last_node, grace).await;
         let _ = stop_tx.send(true);
     });
     let deadline = async {

@@ -290,3 +290,36 @@ async fn a_corrupt_checkpoint_is_set_aside_and_the_previous_one_used() {
     );
     kill_all(daemons).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_takes_a_final_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = reserve_ports(1);
+    let url = format!("http://127.0.0.1:{}", ports[0]);
+    let ckpt = dir.path().join("ckpt").display().to_string();
+    let a = [
+        "--listen",
+        &format!("127.0.0.1:{}", ports[0]),
+        "--http-listen",
+        "127.0.0.1:0",
+        "--checkpoint-dir",
+        &ckpt,
+    ]
+    .map(str::to_owned);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let d = Daemon::start(&a).await.expect("start");
+    let mut c = Client::connect(&url).await.expect("connect");
+    init(&mut c, "run").await;
+    let mut last = None;
+    for t in 0..4 {
+        last = Some(round(&mut c, "run", t).await);
+    }
+    assert_eq!(d.terminate().await.expect("terminate").code(), Some(0));
+
+    let d = Daemon::start(&a).await.expect("restart");
+    let mut c = Client::connect(&url).await.expect("connect");
+    let p = c.pull("run", 4).await.expect("restored at round 4");
+    assert_eq!(p.round, 4);
+    assert_eq!(bits(&p), bits(&last.expect("rounds")));
+    assert_eq!(d.terminate().await.expect("terminate").code(), Some(0));
+}
