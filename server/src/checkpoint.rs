@@ -218,6 +218,30 @@ pub fn commit(root: &Path, manifest: &Manifest, keep: usize) -> Result<()> {
     Ok(())
 }
 
+/// Writes a manifest vouching for `data` as the only file of a one-shard
+/// checkpoint (for fuzzing the loader).
+pub fn write_test_manifest(
+    dir: &Path,
+    job: &str,
+    round: u64,
+    name: &str,
+    data: &[u8],
+) -> Result<()> {
+    let manifest = Manifest {
+        format: FORMAT.to_owned(),
+        job: job.to_owned(),
+        round,
+        shards: 1,
+        files: vec![ManifestFile {
+            name: name.to_owned(),
+            sha256: hex(&Sha256::digest(data)),
+            bytes: data.len() as u64,
+        }],
+    };
+    let json = serde_json::to_vec(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
+    fs::write(dir.join(MANIFEST), json).map_err(io("write", dir))
+}
+
 /// Rounds of a job directory that have a manifest.
 fn complete_rounds(job_dir: &Path) -> Vec<u64> {
     let Ok(entries) = fs::read_dir(job_dir) else {

@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod compute;
 pub mod coordinator;
 pub mod error;
+pub mod fuzzing;
 pub mod http;
 pub mod job;
 pub mod layout;
