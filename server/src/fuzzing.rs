@@ -89,15 +89,7 @@ pub fn checkpoint(data: &[u8]) -> bool {
         let name = checkpoint::shard_file(0, 1);
         std::fs::write(round_dir.join(&name), data).ok()?;
         checkpoint::write_test_manifest(&round_dir, "j", 1, &name, data).ok()?;
-        let hypers = |spec: &pb::JobSpec| {
-            let config = JobConfig::try_from(spec)?;
-            Ok(config
-                .params
-                .iter()
-                .map(|p| config.groups[p.group].clone())
-                .collect())
-        };
-        checkpoint::load_latest(&dir, "j", 0, 1, hypers).ok()?
+        checkpoint::load_latest(&dir, "j", 0, 1, JobConfig::hypers_of).ok()?
     })()
     .is_some();
     let _ = std::fs::remove_dir_all(&dir);

@@ -133,21 +133,13 @@ impl Node {
         let Some(settings) = &self.cluster.checkpoints else {
             return Ok(());
         };
-        let hyper_of = |spec: &pb::JobSpec| {
-            let config = JobConfig::try_from(spec)?;
-            Ok(config
-                .params
-                .iter()
-                .map(|p| config.groups[p.group].clone())
-                .collect())
-        };
         for name in checkpoint::jobs(&settings.dir) {
             let loaded = checkpoint::load_latest(
                 &settings.dir,
                 &name,
                 self.cluster.shard,
                 self.cluster.size(),
-                hyper_of,
+                JobConfig::hypers_of,
             )?;
             let Some(loaded) = loaded else {
                 continue;
