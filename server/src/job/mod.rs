@@ -1,6 +1,9 @@
 //! One job on one shard: its chunks, the round being collected, and the
 //! completion of a round (reduce, report to the coordinator, apply).
 
+mod checkpointing;
+mod create;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,16 +15,15 @@ use parking_lot::{Mutex, RwLock};
 use rayon::prelude::*;
 use tokio::sync::watch;
 
-use crate::checkpoint::{self, ChunkRef, Loaded, Manifest, ManifestFile, ShardMeta};
 use crate::clip::sum_squares;
 use crate::cluster::Cluster;
 use crate::compute;
-use crate::coordinator::{Coordinator, Decision, Policy, Report};
+use crate::coordinator::{Coordinator, Decision, Report};
 use crate::error::{Error, Result};
 use crate::invalid;
 use crate::layout::Layout;
 use crate::metrics::JobMetrics;
-use crate::pieces::{Ownership, Pieces, Target, copy_into, initial_values, mean_into, to_le_bytes};
+use crate::pieces::{Ownership, Pieces, Target, mean_into, to_le_bytes};
 use crate::spec::{JobConfig, NonFinite};
 use crate::store::ChunkState;
 
@@ -56,26 +58,6 @@ pub struct Snapshot {
     pub last: Option<Outcome>,
     /// Local indices of the chunks to send.
     pub chunks: Vec<usize>,
-}
-
-/// Where a job starts: from scratch, or where a checkpoint left it.
-#[derive(Debug, Default)]
-struct Resume {
-    round: u64,
-    step: u64,
-    skipped: u64,
-    last: Option<Outcome>,
-}
-
-fn check_owners(layout: &Layout, owners: &[u32], cluster: &Cluster) -> Result<()> {
-    if owners.len() != layout.chunks.len() || owners.iter().any(|&o| o as usize >= cluster.size()) {
-        return Err(invalid!(
-            "layout.owners must name one of {} shards for each of {} chunks",
-            cluster.size(),
-            layout.chunks.len()
-        ));
-    }
-    Ok(())
 }
 
 /// Values and state of the chunks, with the round they reflect, behind one
@@ -131,256 +113,6 @@ impl std::fmt::Debug for Job {
 }
 
 impl Job {
-    /// Creates this shard's part of job `name`: the chunks `owners` gives
-    /// it, with their initial `values`.
-    pub async fn create(
-        name: String,
-        spec: pb::JobSpec,
-        config: JobConfig,
-        layout: Layout,
-        owners: Vec<u32>,
-        cluster: Arc<Cluster>,
-        values: Vec<Segment>,
-    ) -> Result<Job> {
-        check_owners(&layout, &owners, &cluster)?;
-        let own = Ownership::of(&owners, cluster.shard as u32);
-        let pieces = initial_values(&config, &layout, &own, values)?;
-        let chunks = {
-            let (layout, own, config) = (layout.clone(), own.clone(), config.clone());
-            compute::run(move || {
-                own.chunks
-                    .par_iter()
-                    .zip(&pieces.by_chunk)
-                    .map(|(&id, pieces)| {
-                        let chunk = &layout.chunks[id];
-                        let mut values = vec![0.0; chunk.len];
-                        copy_into(pieces, &mut values);
-                        ChunkState::new(values, &config.groups[config.params[chunk.param].group])
-                    })
-                    .collect::<Vec<ChunkState>>()
-            })
-            .await?
-        };
-        Ok(Job::assemble(
-            name,
-            spec,
-            config,
-            layout,
-            owners,
-            cluster,
-            chunks,
-            Resume::default(),
-        ))
-    }
-
-    /// This shard's part of a job, as a checkpoint left it.
-    pub fn restore(cluster: Arc<Cluster>, loaded: Loaded) -> Result<Job> {
-        let config = JobConfig::try_from(&loaded.spec)?;
-        let elems = usize::try_from(loaded.layout.chunk_elems)
-            .map_err(|_| invalid!("layout.chunk_elems is too large"))?;
-        let layout = Layout::with_chunk_elems(&config.params, elems);
-        let owners = loaded.layout.owners.clone();
-        check_owners(&layout, &owners, &cluster)?;
-        let resume = Resume {
-            round: loaded.meta.round,
-            step: loaded.meta.last.as_ref().map_or(0, |d| d.step),
-            skipped: loaded.meta.skipped,
-            last: loaded.meta.last,
-        };
-        Ok(Job::assemble(
-            loaded.meta.job,
-            loaded.spec,
-            config,
-            layout,
-            owners,
-            cluster,
-            loaded.chunks,
-            resume,
-        ))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn assemble(
-        name: String,
-        spec: pb::JobSpec,
-        config: JobConfig,
-        layout: Layout,
-        owners: Vec<u32>,
-        cluster: Arc<Cluster>,
-        chunks: Vec<ChunkState>,
-        resume: Resume,
-    ) -> Job {
-        let own = Ownership::of(&owners, cluster.shard as u32);
-        let index = config.index();
-        let grads = chunks.iter().map(|c| vec![0.0; c.values.len()]).collect();
-        let policy = Policy {
-            base_lrs: config.groups.iter().map(|g| g.lr()).collect(),
-            schedule: config.schedule.clone(),
-            clip: config.clip,
-        };
-        let metrics = JobMetrics::new(&name, config.groups.len());
-        let workers = config.workers as usize;
-        let every = cluster.checkpoints.as_ref().map_or(0, |c| c.every);
-        let coordinator = (cluster.shard == 0).then(|| {
-            Coordinator::new(
-                policy,
-                cluster.size(),
-                resume.round,
-                resume.step,
-                metrics.shard_wait.clone(),
-            )
-            .with_checkpoint_every(every)
-        });
-        let job = Job {
-            coordinator,
-            cluster,
-            owners,
-            spec,
-            store: RwLock::new(Store {
-                chunks,
-                round: resume.round,
-                last: resume.last,
-                skipped: resume.skipped,
-            }),
-            grads: Mutex::new(grads),
-            collect: Mutex::new(Collect {
-                round: resume.round,
-                pushed: vec![false; workers],
-                count: 0,
-                pushes: (0..workers).map(|_| None).collect(),
-                closed: false,
-            }),
-            completed: watch::channel(resume.round).0,
-            deleted: AtomicBool::new(false),
-            name,
-            config,
-            layout,
-            own,
-            index,
-            metrics,
-        };
-        let status = job.status();
-        job.metrics
-            .workers_expected
-            .set(f64::from(job.config.workers));
-        job.metrics
-            .parameter_bytes
-            .set(status.parameter_bytes as f64);
-        job.metrics.state_bytes.set(status.state_bytes as f64);
-        job.metrics.chunks.set(job.own.chunks.len() as f64);
-        job.metrics.round.set(resume.round as f64);
-        job.metrics.step.set(resume.step as f64);
-        job
-    }
-
-    /// Writes this shard's part of checkpoint `round` once the shard has
-    /// applied it, holding the store still while it writes.
-    pub async fn save(&self, round: u64) -> Result<ManifestFile> {
-        let settings = self
-            .cluster
-            .checkpoints
-            .clone()
-            .ok_or_else(|| Error::WrongShard("this shard has no --checkpoint-dir".into()))?;
-        self.wait_round(round, self.cluster.round_timeout).await?;
-        let store = self.store.read();
-        if store.round != round {
-            return Err(Error::Internal(format!(
-                "checkpoint of round {round} asked, the shard is at round {}",
-                store.round
-            )));
-        }
-        let chunks: Vec<ChunkRef<'_>> = self
-            .own
-            .chunks
-            .iter()
-            .zip(&store.chunks)
-            .map(|(&id, state)| {
-                let meta = &self.layout.chunks[id];
-                let param = &self.config.params[meta.param];
-                ChunkRef {
-                    key: format!("{}@{}", param.name, meta.offset),
-                    hyper: &self.config.groups[param.group],
-                    state,
-                }
-            })
-            .collect();
-        let meta = ShardMeta {
-            job: self.name.clone(),
-            round,
-            skipped: store.skipped,
-            last: store.last.clone(),
-            shard: self.cluster.shard,
-            shards: self.cluster.size(),
-        };
-        checkpoint::write_shard(&settings.dir, &meta, &self.spec, &self.layout(), &chunks)
-    }
-
-    /// Makes a checkpoint exist on this shard.
-    pub fn commit(&self, manifest: &Manifest) -> Result<()> {
-        let settings = self
-            .cluster
-            .checkpoints
-            .as_ref()
-            .ok_or_else(|| Error::WrongShard("this shard has no --checkpoint-dir".into()))?;
-        checkpoint::commit(&settings.dir, manifest, settings.keep)
-    }
-
-    /// On the coordinator: checkpoints every shard at the last decided
-    /// round, no round being decided meanwhile. `frozen_at` is the round
-    /// of a periodic checkpoint, for which the coordinator froze itself.
-    pub async fn checkpoint(&self, frozen_at: Option<u64>) -> Result<u64> {
-        let c = self.coordinator.as_ref().ok_or_else(|| {
-            Error::WrongShard(format!(
-                "shard {} is not the coordinator",
-                self.cluster.shard
-            ))
-        })?;
-        let round = frozen_at.unwrap_or_else(|| c.freeze());
-        let started = Instant::now();
-        let result = self.checkpoint_at(round).await;
-        c.unfreeze();
-        match &result {
-            Ok(()) => {
-                self.metrics
-                    .checkpoint_duration
-                    .record(started.elapsed().as_secs_f64());
-                tracing::info!(job = %self.name, round, secs = started.elapsed().as_secs_f64(), "checkpoint taken");
-            }
-            Err(e) => {
-                self.metrics.checkpoint_failures.increment(1);
-                tracing::error!(job = %self.name, round, error = %e, "checkpoint failed");
-            }
-        }
-        result.map(|()| round)
-    }
-
-    async fn checkpoint_at(&self, round: u64) -> Result<()> {
-        let shards = self.cluster.size();
-        let mut files = vec![self.save(round).await?];
-        let saves = (1..shards).map(|i| self.cluster.save_shard(i, &self.name, round));
-        for f in futures::future::join_all(saves).await {
-            files.push(f?);
-        }
-        let manifest = Manifest {
-            format: checkpoint::FORMAT.to_owned(),
-            job: self.name.clone(),
-            round,
-            shards,
-            files,
-        };
-        // Every shard's file is durable; now the checkpoint may exist.
-        self.commit(&manifest)?;
-        let json = serde_json::to_string(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
-        let commits = (1..shards).map(|i| {
-            self.cluster
-                .commit_shard(i, &self.name, round, json.clone())
-        });
-        for r in futures::future::join_all(commits).await {
-            r?;
-        }
-        Ok(())
-    }
-
     /// Bytes of gradient one worker pushes to this shard per round.
     pub fn push_bytes(&self) -> usize {
         self.own

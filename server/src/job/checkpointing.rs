@@ -1,0 +1,119 @@
+//! A job's checkpoints: each shard saves its part of a round, the
+//! coordinator gathers the parts into a manifest and commits it everywhere.
+
+use std::time::Instant;
+
+use crate::checkpoint::{self, ChunkRef, Manifest, ManifestFile, ShardMeta};
+use crate::error::{Error, Result};
+
+use super::Job;
+
+impl Job {
+    /// Writes this shard's part of checkpoint `round` once the shard has
+    /// applied it, holding the store still while it writes.
+    pub async fn save(&self, round: u64) -> Result<ManifestFile> {
+        let settings = self
+            .cluster
+            .checkpoints
+            .clone()
+            .ok_or_else(|| Error::WrongShard("this shard has no --checkpoint-dir".into()))?;
+        self.wait_round(round, self.cluster.round_timeout).await?;
+        let store = self.store.read();
+        if store.round != round {
+            return Err(Error::Internal(format!(
+                "checkpoint of round {round} asked, the shard is at round {}",
+                store.round
+            )));
+        }
+        let chunks: Vec<ChunkRef<'_>> = self
+            .own
+            .chunks
+            .iter()
+            .zip(&store.chunks)
+            .map(|(&id, state)| {
+                let meta = &self.layout.chunks[id];
+                let param = &self.config.params[meta.param];
+                ChunkRef {
+                    key: format!("{}@{}", param.name, meta.offset),
+                    hyper: &self.config.groups[param.group],
+                    state,
+                }
+            })
+            .collect();
+        let meta = ShardMeta {
+            job: self.name.clone(),
+            round,
+            skipped: store.skipped,
+            last: store.last.clone(),
+            shard: self.cluster.shard,
+            shards: self.cluster.size(),
+        };
+        checkpoint::write_shard(&settings.dir, &meta, &self.spec, &self.layout(), &chunks)
+    }
+
+    /// Makes a checkpoint exist on this shard.
+    pub fn commit(&self, manifest: &Manifest) -> Result<()> {
+        let settings = self
+            .cluster
+            .checkpoints
+            .as_ref()
+            .ok_or_else(|| Error::WrongShard("this shard has no --checkpoint-dir".into()))?;
+        checkpoint::commit(&settings.dir, manifest, settings.keep)
+    }
+
+    /// On the coordinator: checkpoints every shard at the last decided
+    /// round, no round being decided meanwhile. `frozen_at` is the round
+    /// of a periodic checkpoint, for which the coordinator froze itself.
+    pub async fn checkpoint(&self, frozen_at: Option<u64>) -> Result<u64> {
+        let c = self.coordinator.as_ref().ok_or_else(|| {
+            Error::WrongShard(format!(
+                "shard {} is not the coordinator",
+                self.cluster.shard
+            ))
+        })?;
+        let round = frozen_at.unwrap_or_else(|| c.freeze());
+        let started = Instant::now();
+        let result = self.checkpoint_at(round).await;
+        c.unfreeze();
+        match &result {
+            Ok(()) => {
+                self.metrics
+                    .checkpoint_duration
+                    .record(started.elapsed().as_secs_f64());
+                tracing::info!(job = %self.name, round, secs = started.elapsed().as_secs_f64(), "checkpoint taken");
+            }
+            Err(e) => {
+                self.metrics.checkpoint_failures.increment(1);
+                tracing::error!(job = %self.name, round, error = %e, "checkpoint failed");
+            }
+        }
+        result.map(|()| round)
+    }
+
+    async fn checkpoint_at(&self, round: u64) -> Result<()> {
+        let shards = self.cluster.size();
+        let mut files = vec![self.save(round).await?];
+        let saves = (1..shards).map(|i| self.cluster.save_shard(i, &self.name, round));
+        for f in futures::future::join_all(saves).await {
+            files.push(f?);
+        }
+        let manifest = Manifest {
+            format: checkpoint::FORMAT.to_owned(),
+            job: self.name.clone(),
+            round,
+            shards,
+            files,
+        };
+        // Every shard's file is durable; now the checkpoint may exist.
+        self.commit(&manifest)?;
+        let json = serde_json::to_string(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
+        let commits = (1..shards).map(|i| {
+            self.cluster
+                .commit_shard(i, &self.name, round, json.clone())
+        });
+        for r in futures::future::join_all(commits).await {
+            r?;
+        }
+        Ok(())
+    }
+}

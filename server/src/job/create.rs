@@ -1,0 +1,189 @@
+//! Making a job's part on a shard: from its initial values, or from the
+//! checkpoint that last saved it.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use paramd_proto::v1 as pb;
+use paramd_proto::v1::Segment;
+use parking_lot::{Mutex, RwLock};
+use rayon::prelude::*;
+use tokio::sync::watch;
+
+use crate::checkpoint::Loaded;
+use crate::cluster::Cluster;
+use crate::compute;
+use crate::coordinator::{Coordinator, Policy};
+use crate::error::Result;
+use crate::invalid;
+use crate::layout::Layout;
+use crate::metrics::JobMetrics;
+use crate::pieces::{Ownership, copy_into, initial_values};
+use crate::spec::JobConfig;
+use crate::store::ChunkState;
+
+use super::{Collect, Job, Outcome, Store};
+
+/// Where a job starts: from scratch, or where a checkpoint left it.
+#[derive(Debug, Default)]
+struct Resume {
+    round: u64,
+    step: u64,
+    skipped: u64,
+    last: Option<Outcome>,
+}
+
+fn check_owners(layout: &Layout, owners: &[u32], cluster: &Cluster) -> Result<()> {
+    if owners.len() != layout.chunks.len() || owners.iter().any(|&o| o as usize >= cluster.size()) {
+        return Err(invalid!(
+            "layout.owners must name one of {} shards for each of {} chunks",
+            cluster.size(),
+            layout.chunks.len()
+        ));
+    }
+    Ok(())
+}
+
+impl Job {
+    /// Creates this shard's part of job `name`: the chunks `owners` gives
+    /// it, with their initial `values`.
+    pub async fn create(
+        name: String,
+        spec: pb::JobSpec,
+        config: JobConfig,
+        layout: Layout,
+        owners: Vec<u32>,
+        cluster: Arc<Cluster>,
+        values: Vec<Segment>,
+    ) -> Result<Job> {
+        check_owners(&layout, &owners, &cluster)?;
+        let own = Ownership::of(&owners, cluster.shard as u32);
+        let pieces = initial_values(&config, &layout, &own, values)?;
+        let chunks = {
+            let (layout, own, config) = (layout.clone(), own.clone(), config.clone());
+            compute::run(move || {
+                own.chunks
+                    .par_iter()
+                    .zip(&pieces.by_chunk)
+                    .map(|(&id, pieces)| {
+                        let chunk = &layout.chunks[id];
+                        let mut values = vec![0.0; chunk.len];
+                        copy_into(pieces, &mut values);
+                        ChunkState::new(values, &config.groups[config.params[chunk.param].group])
+                    })
+                    .collect::<Vec<ChunkState>>()
+            })
+            .await?
+        };
+        Ok(Job::assemble(
+            name,
+            spec,
+            config,
+            layout,
+            owners,
+            cluster,
+            chunks,
+            Resume::default(),
+        ))
+    }
+
+    /// This shard's part of a job, as a checkpoint left it.
+    pub fn restore(cluster: Arc<Cluster>, loaded: Loaded) -> Result<Job> {
+        let config = JobConfig::try_from(&loaded.spec)?;
+        let elems = usize::try_from(loaded.layout.chunk_elems)
+            .map_err(|_| invalid!("layout.chunk_elems is too large"))?;
+        let layout = Layout::with_chunk_elems(&config.params, elems);
+        let owners = loaded.layout.owners.clone();
+        check_owners(&layout, &owners, &cluster)?;
+        let resume = Resume {
+            round: loaded.meta.round,
+            step: loaded.meta.last.as_ref().map_or(0, |d| d.step),
+            skipped: loaded.meta.skipped,
+            last: loaded.meta.last,
+        };
+        Ok(Job::assemble(
+            loaded.meta.job,
+            loaded.spec,
+            config,
+            layout,
+            owners,
+            cluster,
+            loaded.chunks,
+            resume,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        name: String,
+        spec: pb::JobSpec,
+        config: JobConfig,
+        layout: Layout,
+        owners: Vec<u32>,
+        cluster: Arc<Cluster>,
+        chunks: Vec<ChunkState>,
+        resume: Resume,
+    ) -> Job {
+        let own = Ownership::of(&owners, cluster.shard as u32);
+        let index = config.index();
+        let grads = chunks.iter().map(|c| vec![0.0; c.values.len()]).collect();
+        let policy = Policy {
+            base_lrs: config.groups.iter().map(|g| g.lr()).collect(),
+            schedule: config.schedule.clone(),
+            clip: config.clip,
+        };
+        let metrics = JobMetrics::new(&name, config.groups.len());
+        let workers = config.workers as usize;
+        let every = cluster.checkpoints.as_ref().map_or(0, |c| c.every);
+        let coordinator = (cluster.shard == 0).then(|| {
+            Coordinator::new(
+                policy,
+                cluster.size(),
+                resume.round,
+                resume.step,
+                metrics.shard_wait.clone(),
+            )
+            .with_checkpoint_every(every)
+        });
+        let job = Job {
+            coordinator,
+            cluster,
+            owners,
+            spec,
+            store: RwLock::new(Store {
+                chunks,
+                round: resume.round,
+                last: resume.last,
+                skipped: resume.skipped,
+            }),
+            grads: Mutex::new(grads),
+            collect: Mutex::new(Collect {
+                round: resume.round,
+                pushed: vec![false; workers],
+                count: 0,
+                pushes: (0..workers).map(|_| None).collect(),
+                closed: false,
+            }),
+            completed: watch::channel(resume.round).0,
+            deleted: AtomicBool::new(false),
+            name,
+            config,
+            layout,
+            own,
+            index,
+            metrics,
+        };
+        let status = job.status();
+        job.metrics
+            .workers_expected
+            .set(f64::from(job.config.workers));
+        job.metrics
+            .parameter_bytes
+            .set(status.parameter_bytes as f64);
+        job.metrics.state_bytes.set(status.state_bytes as f64);
+        job.metrics.chunks.set(job.own.chunks.len() as f64);
+        job.metrics.round.set(resume.round as f64);
+        job.metrics.step.set(resume.step as f64);
+        job
+    }
+}
