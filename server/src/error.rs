@@ -39,6 +39,9 @@ pub enum Error {
         code: Code,
         message: String,
     },
+    /// Not ready yet (restoring checkpoints) or shutting down.
+    #[error("{0}")]
+    Unavailable(String),
     /// The state moved under a long read; the caller should try again.
     #[error("{0}")]
     Aborted(String),
@@ -68,6 +71,7 @@ impl Error {
             Error::Shard { .. } => "shard",
             Error::WrongShard(_) => "wrong_shard",
             Error::Aborted(_) => "aborted",
+            Error::Unavailable(_) => "unavailable",
         }
     }
 
@@ -121,6 +125,7 @@ impl From<Error> for Status {
             Error::Shard { code, .. } => *code,
             Error::WrongShard(_) => Code::FailedPrecondition,
             Error::Aborted(_) => Code::Aborted,
+            Error::Unavailable(_) => Code::Unavailable,
         };
         Status::new(code, e.to_string())
     }

@@ -44,6 +44,21 @@ const CONNECTION_WINDOW: u32 = 32 << 20;
 /// HTTP/2 frames of 1 MiB instead of 16 KiB: 64x fewer frames per tensor.
 pub const MAX_FRAME: u32 = 1 << 20;
 
+/// Marks the whole server and the ParamServer service SERVING or
+/// NOT_SERVING.
+async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
+    use tonic_health::ServingStatus;
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    health.set_service_status("", status).await;
+    health
+        .set_service_status("paramd.v1.ParamServer", status)
+        .await;
+}
+
 /// On the coordinator with a checkpoint directory: checkpoints every job
 /// before stopping, within the grace period. The other shards must still be
 /// up for it (stop them after the coordinator); failures are logged.
@@ -95,6 +110,10 @@ pub async fn serve(
     let shard_service = ShardServer::new(shard_service::ShardService::new(Arc::clone(&node)))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
+    // The standard gRPC health service: NOT_SERVING until the checkpoints
+    // are restored, and again once shutdown starts.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, false).await;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -105,21 +124,39 @@ pub async fn serve(
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
+        .add_service(health_service)
         .add_service(service)
         .add_service(shard_service)
         .serve_with_incoming_shutdown(incoming(grpc), stopped(stop_rx.clone()));
-    let http_server =
-        axum::serve(http, http::router(handle)).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let ready_node = Arc::clone(&node);
+    let http_server = axum::serve(http, http::router(handle, move || ready_node.is_ready()))
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
     let servers = async {
         tokio::try_join!(
             async { grpc_server.await.map_err(anyhow::Error::from) },
             async { http_server.await.map_err(anyhow::Error::from) }
         )
     };
+    // Restore while the ports already answer (UNAVAILABLE, NOT_SERVING).
+    let restore_node = Arc::clone(&node);
+    let restore_health = health.clone();
+    let restore = async move {
+        let restored = tokio::task::spawn_blocking(move || restore_node.restore()).await;
+        match restored {
+            Ok(Ok(())) => {
+                set_health(&restore_health, true).await;
+                tracing::info!("paramd ready");
+                std::future::pending::<anyhow::Result<()>>().await
+            }
+            Ok(Err(e)) => Err(anyhow::anyhow!("cannot restore the checkpoints: {e}")),
+            Err(e) => Err(anyhow::anyhow!("checkpoint restore panicked: {e}")),
+        }
+    };
     let last_node = Arc::clone(&node);
     tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutting down");
+        set_health(&health, false).await;
         final_checkpoint(&last_node, grace).await;
         let _ = stop_tx.send(true);
     });
@@ -129,6 +166,7 @@ pub async fn serve(
     };
     tokio::select! {
         r = servers => { r?; }
+        r = restore => { r?; }
         () = deadline => { tracing::warn!(grace_secs = grace.as_secs_f64(), "grace period over, exiting with calls in flight"); }
     }
     Ok(())

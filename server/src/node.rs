@@ -2,6 +2,7 @@
 //! coordinator runs for them (create, status, delete on every shard).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -96,6 +97,8 @@ impl NodeConfig {
 #[derive(Debug)]
 pub struct Node {
     jobs: DashMap<String, Arc<Job>>,
+    /// False while checkpoints are being restored.
+    ready: AtomicBool,
     pub config: NodeConfig,
     pub cluster: Arc<Cluster>,
 }
@@ -120,17 +123,35 @@ impl Node {
         cluster.checkpoints = config.checkpoints.clone();
         let node = Node {
             jobs: DashMap::new(),
+            ready: AtomicBool::new(cluster.checkpoints.is_none()),
             cluster: Arc::new(cluster),
             config,
         };
-        node.restore()?;
         Ok(node)
     }
 
+    /// Whether the node serves calls: its checkpoints are restored.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Refuses calls until the checkpoints are restored.
+    pub fn check_ready(&self) -> Result<()> {
+        if self.is_ready() {
+            Ok(())
+        } else {
+            Err(Error::Unavailable(format!(
+                "shard {} is restoring its checkpoints; try again shortly",
+                self.cluster.shard
+            )))
+        }
+    }
+
     /// Loads the newest complete checkpoint of every job in the checkpoint
-    /// directory.
-    fn restore(&self) -> Result<()> {
+    /// directory, then serves.
+    pub fn restore(&self) -> Result<()> {
         let Some(settings) = &self.cluster.checkpoints else {
+            self.ready.store(true, Ordering::Release);
             return Ok(());
         };
         for name in checkpoint::jobs(&settings.dir) {
@@ -149,6 +170,7 @@ impl Node {
             self.jobs.insert(name.clone(), Arc::new(job));
             tracing::info!(job = %name, round, shard = self.cluster.shard, "job restored from its checkpoint");
         }
+        self.ready.store(true, Ordering::Release);
         Ok(())
     }
 

@@ -105,6 +105,7 @@ impl ParamServer for Service {
         &self,
         request: Request<Streaming<pb::InitRequest>>,
     ) -> Result<Response<pb::InitResponse>, Status> {
+        self.node.check_ready()?;
         let mut stream = request.into_inner();
         let first = stream
             .message()
@@ -134,6 +135,7 @@ impl ParamServer for Service {
         &self,
         request: Request<Streaming<pb::PushRequest>>,
     ) -> Result<Response<pb::PushResponse>, Status> {
+        self.node.check_ready()?;
         let started = Instant::now();
         let mut stream = request.into_inner();
         let first = stream
@@ -181,6 +183,7 @@ impl ParamServer for Service {
         &self,
         request: Request<pb::PullRequest>,
     ) -> Result<Response<PullStream>, Status> {
+        self.node.check_ready()?;
         // Answer DEADLINE_EXCEEDED with the reason a little before the
         // client's deadline, rather than letting the call be cancelled.
         let wait = grpc_timeout(request.metadata()).map_or(self.node.config.max_pull_wait, |t| {
@@ -230,6 +233,7 @@ impl ParamServer for Service {
         &self,
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        self.node.check_ready()?;
         let req = request.into_inner();
         let jobs = if req.job.is_empty() {
             self.node.jobs()
@@ -270,6 +274,7 @@ impl ParamServer for Service {
         &self,
         request: Request<pb::DeleteJobRequest>,
     ) -> Result<Response<pb::DeleteJobResponse>, Status> {
+        self.node.check_ready()?;
         let job = request.into_inner().job;
         if job.is_empty() {
             return Err(invalid!("job is required").into());
@@ -282,6 +287,7 @@ impl ParamServer for Service {
         &self,
         request: Request<pb::CheckpointRequest>,
     ) -> Result<Response<pb::CheckpointResponse>, Status> {
+        self.node.check_ready()?;
         let job = request.into_inner().job;
         let done = self
             .node
@@ -299,6 +305,7 @@ impl ParamServer for Service {
         &self,
         request: Request<pb::LayoutRequest>,
     ) -> Result<Response<pb::LayoutResponse>, Status> {
+        self.node.check_ready()?;
         let job = self.node.job(&request.into_inner().job)?;
         Ok(Response::new(job.layout()))
     }

@@ -31,6 +31,7 @@ impl Shard for ShardService {
         &self,
         request: Request<Streaming<pb::CreateShardRequest>>,
     ) -> Result<Response<pb::CreateShardResponse>, Status> {
+        self.node.check_ready()?;
         let mut stream = request.into_inner();
         let first = stream
             .message()
@@ -69,6 +70,7 @@ impl Shard for ShardService {
         &self,
         request: Request<pb::ReportRequest>,
     ) -> Result<Response<pb::ReportResponse>, Status> {
+        self.node.check_ready()?;
         let r = request.into_inner();
         if r.chunks.len() != r.sum_squares.len() {
             return Err(Status::invalid_argument(format!(
@@ -97,6 +99,7 @@ impl Shard for ShardService {
         &self,
         request: Request<pb::ShardStatusRequest>,
     ) -> Result<Response<pb::ShardStatusResponse>, Status> {
+        self.node.check_ready()?;
         let job = self.node.job(&request.into_inner().job)?;
         Ok(Response::new(pb::ShardStatusResponse {
             shard: Some(job.shard_info()),
@@ -107,6 +110,7 @@ impl Shard for ShardService {
         &self,
         request: Request<pb::SaveShardRequest>,
     ) -> Result<Response<pb::SaveShardResponse>, Status> {
+        self.node.check_ready()?;
         let r = request.into_inner();
         let f = self.node.job(&r.job)?.save(r.round).await?;
         Ok(Response::new(pb::SaveShardResponse {
@@ -120,6 +124,7 @@ impl Shard for ShardService {
         &self,
         request: Request<pb::CommitShardRequest>,
     ) -> Result<Response<pb::CommitShardResponse>, Status> {
+        self.node.check_ready()?;
         let r = request.into_inner();
         let manifest: Manifest = serde_json::from_str(&r.manifest)
             .map_err(|e| Status::invalid_argument(format!("manifest: {e}")))?;
@@ -136,6 +141,7 @@ impl Shard for ShardService {
         &self,
         request: Request<pb::DeleteJobRequest>,
     ) -> Result<Response<pb::DeleteJobResponse>, Status> {
+        self.node.check_ready()?;
         self.node.drop_shard(&request.into_inner().job)?;
         Ok(Response::new(pb::DeleteJobResponse {}))
     }

@@ -221,7 +221,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `paramd args...` and waits until it logs that it is serving.
+    /// Starts `paramd args...` and waits until it logs that it is ready
+    /// (listening, checkpoints restored).
     pub async fn start(args: &[&str]) -> anyhow::Result<Daemon> {
         use tokio::io::AsyncBufReadExt;
         let mut child = tokio::process::Command::new(binary("paramd"))
@@ -239,7 +240,7 @@ impl Daemon {
         let mut log = Vec::new();
         let serving = async {
             while let Some(line) = lines.next_line().await? {
-                let done = line.contains("paramd serving");
+                let done = line.contains("paramd ready");
                 log.push(line);
                 if done {
                     return Ok(true);
@@ -248,7 +249,7 @@ impl Daemon {
             anyhow::Ok(false)
         };
         let ok = tokio::time::timeout(Duration::from_secs(30), serving).await??;
-        anyhow::ensure!(ok, "paramd exited before serving: {log:?}");
+        anyhow::ensure!(ok, "paramd exited before it was ready: {log:?}");
         // Keep draining the log so the daemon never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Ok(Daemon { child, log })

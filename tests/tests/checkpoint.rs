@@ -323,3 +323,41 @@ async fn sigterm_takes_a_final_checkpoint() {
     assert_eq!(bits(&p), bits(&last.expect("rounds")));
     assert_eq!(d.terminate().await.expect("terminate").code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_serving_once_restored_and_readyz_agrees() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = reserve_ports(1);
+    let daemons = start(1, &ports, dir.path()).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", ports[0]))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut h = HealthClient::new(channel);
+    for service in ["", "paramd.v1.ParamServer"] {
+        let r = h
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health")
+            .into_inner();
+        assert_eq!(r.status(), ServingStatus::Serving, "{service:?}");
+    }
+    // The HTTP probe agrees; its address is in the serving log line.
+    let http = daemons[0]
+        .log
+        .iter()
+        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("http=")))
+        .expect("the http address is logged")
+        .parse()
+        .expect("an address");
+    let (code, body) = paramd_tests::http_get(http, "/readyz")
+        .await
+        .expect("readyz");
+    assert_eq!((code, body.as_str()), (200, "ready\n"));
+    kill_all(daemons).await;
+}
