@@ -23,7 +23,9 @@ use sha2::{Digest, Sha256};
 
 use crate::coordinator::Decision;
 use crate::error::{Error, Result};
+use crate::layout::Layout;
 use crate::optim::Hyper;
+use crate::spec::JobConfig;
 use crate::store::ChunkState;
 
 /// The format this build writes and reads.
@@ -271,20 +273,16 @@ pub fn jobs(root: &Path) -> Vec<String> {
 /// Loads the newest checkpoint of `job` that is complete and intact for
 /// shard `shard` of `shards`. A bad one is reported and set aside (renamed
 /// `<round>.bad-<reason>`), and the one before it is tried.
-pub fn load_latest(
-    root: &Path,
-    job: &str,
-    shard: usize,
-    shards: usize,
-    hypers: impl Fn(&pb::JobSpec) -> Result<Vec<Hyper>>,
-) -> Result<Option<Loaded>> {
+pub fn load_latest(root: &Path, job: &str, shard: usize, shards: usize) -> Result<Option<Loaded>> {
     let mut rounds = complete_rounds(&root.join(job));
     rounds.sort_unstable_by(|a, b| b.cmp(a));
     for round in rounds {
         let dir = round_dir(root, job, round);
-        match load_one(&dir, shard, shards, &hypers) {
+        match load_one(&dir, shard, shards) {
             Ok(l) => return Ok(Some(l)),
-            Err(e @ Error::Invalid(_)) if e.to_string().contains("newer format") => return Err(e),
+            // A newer format, or a reshard this directory cannot serve: not
+            // damage; stop with the reason rather than set it aside.
+            Err(e @ Error::Invalid(_)) => return Err(e),
             Err(e) => {
                 let aside = dir.with_extension(format!("bad-{}", std::process::id()));
                 tracing::error!(job, round, error = %e, set_aside = %aside.display(), "checkpoint unusable; trying the one before");
@@ -297,36 +295,19 @@ pub fn load_latest(
     Ok(None)
 }
 
-fn load_one(
-    dir: &Path,
-    shard: usize,
-    shards: usize,
-    hypers: &impl Fn(&pb::JobSpec) -> Result<Vec<Hyper>>,
-) -> Result<Loaded> {
+/// One shard's file of a checkpoint, checked against its manifest entry.
+struct ShardFile {
+    meta: ShardMeta,
+    spec: pb::JobSpec,
+    layout: pb::LayoutResponse,
+    /// Its chunks by key (`param@offset`).
+    chunks: HashMap<String, ChunkState>,
+}
+
+fn read_shard_file(dir: &Path, entry: &ManifestFile, index: usize) -> Result<ShardFile> {
     let bad = |m: String| Error::Internal(format!("{}: {m}", dir.display()));
-    let manifest: Manifest =
-        serde_json::from_slice(&fs::read(dir.join(MANIFEST)).map_err(|e| bad(e.to_string()))?)
-            .map_err(|e| bad(format!("manifest: {e}")))?;
-    if manifest.format != FORMAT {
-        return Err(Error::Invalid(format!(
-            "{}: format {:?} is a newer format than this build reads ({FORMAT})",
-            dir.display(),
-            manifest.format
-        )));
-    }
-    if manifest.shards != shards {
-        return Err(bad(format!(
-            "taken on {} shards, this cluster has {shards}",
-            manifest.shards
-        )));
-    }
-    let name = shard_file(shard, shards);
-    let entry = manifest
-        .files
-        .iter()
-        .find(|f| f.name == name)
-        .ok_or_else(|| bad(format!("the manifest lists no {name}")))?;
-    let data = fs::read(dir.join(&name)).map_err(|e| bad(format!("{name}: {e}")))?;
+    let name = &entry.name;
+    let data = fs::read(dir.join(name)).map_err(|e| bad(format!("{name}: {e}")))?;
     let sum = hex(&Sha256::digest(&data));
     if sum != entry.sha256 || data.len() as u64 != entry.bytes {
         return Err(bad(format!(
@@ -351,6 +332,10 @@ fn load_one(
         &unhex(get("layout")?).ok_or_else(|| bad("layout is not hex".into()))?[..],
     )
     .map_err(|e| bad(format!("layout: {e}")))?;
+    if meta.shard != index {
+        return Err(bad(format!("{name} says it is shard {}", meta.shard)));
+    }
+    let config = JobConfig::try_from(&spec).map_err(|e| bad(format!("spec: {e}")))?;
     let st = SafeTensors::deserialize(&data).map_err(|e| bad(format!("{name}: {e}")))?;
     let f32s = |key: &str| -> Result<Vec<f32>> {
         let t = st.tensor(key).map_err(|e| bad(format!("{key}: {e}")))?;
@@ -362,28 +347,22 @@ fn load_one(
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect())
     };
-    // The chunks this shard holds, in canonical order.
     let elems = usize::try_from(layout.chunk_elems)
         .map_err(|_| bad("chunk_elems".into()))?
         .max(1);
-    // The optimizer of every parameter.
-    let hypers = hypers(&spec)?;
-    let mut chunks = Vec::new();
+    let mut chunks = HashMap::new();
     let mut id = 0;
-    for (p, param) in spec.params.iter().enumerate() {
-        let numel: usize = param.shape.iter().map(|&d| d as usize).product();
+    for param in &config.params {
+        let hyper = &config.groups[param.group];
         let mut offset = 0;
-        while offset < numel {
+        while offset < param.numel {
             let owner = *layout
                 .owners
                 .get(id)
                 .ok_or_else(|| bad("layout has too few owners".into()))?
                 as usize;
-            if owner == shard {
+            if owner == index {
                 let key = format!("{}@{offset}", param.name);
-                let hyper = hypers
-                    .get(p)
-                    .ok_or_else(|| bad(format!("no optimizer for parameter {p}")))?;
                 let values = f32s(&format!("{key}/param"))?;
                 let buffers = buffer_names(hyper)
                     .iter()
@@ -391,38 +370,119 @@ fn load_one(
                     .map(|n| f32s(&format!("{key}/{n}")))
                     .collect::<Result<Vec<_>>>()?;
                 if buffers.iter().any(|b| b.len() != values.len())
-                    || values.len() != elems.min(numel - offset)
+                    || values.len() != elems.min(param.numel - offset)
                 {
                     return Err(bad(format!("{key}: sizes do not match the layout")));
                 }
-                let step_t = st
+                let step = st
                     .tensor(&format!("{key}/step"))
-                    .map_err(|e| bad(format!("{key}/step: {e}")))?;
-                let step = step_t
-                    .data()
-                    .get(..8)
-                    .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+                    .ok()
+                    .and_then(|t| {
+                        t.data().get(..8).map(|b| {
+                            i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+                        })
+                    })
                     .and_then(|s| u64::try_from(s).ok())
                     .ok_or_else(|| bad(format!("{key}/step is not a step count")))?;
-                chunks.push(ChunkState {
-                    values,
-                    buffers,
-                    step,
-                });
+                chunks.insert(
+                    key,
+                    ChunkState {
+                        values,
+                        buffers,
+                        step,
+                    },
+                );
             }
             offset += elems;
             id += 1;
         }
     }
-    if meta.shard != shard || meta.shards != shards || meta.round != manifest.round {
-        return Err(bad(format!(
-            "{name} says shard {} of {} at round {}",
-            meta.shard, meta.shards, meta.round
-        )));
-    }
-    Ok(Loaded {
+    Ok(ShardFile {
         meta,
         spec,
+        layout,
+        chunks,
+    })
+}
+
+/// Loads shard `shard` of `shards` from the checkpoint in `dir`. A
+/// checkpoint of the same cluster shape needs only this shard's file; one
+/// of another shape is resharded (same chunks, placed anew) and needs every
+/// file of it in `dir` (a shared checkpoint directory).
+fn load_one(dir: &Path, shard: usize, shards: usize) -> Result<Loaded> {
+    let bad = |m: String| Error::Internal(format!("{}: {m}", dir.display()));
+    let manifest: Manifest =
+        serde_json::from_slice(&fs::read(dir.join(MANIFEST)).map_err(|e| bad(e.to_string()))?)
+            .map_err(|e| bad(format!("manifest: {e}")))?;
+    if manifest.format != FORMAT {
+        return Err(Error::Invalid(format!(
+            "{}: format {:?} is a newer format than this build reads ({FORMAT})",
+            dir.display(),
+            manifest.format
+        )));
+    }
+    let indices: Vec<usize> = if manifest.shards == shards {
+        vec![shard]
+    } else {
+        (0..manifest.shards).collect()
+    };
+    let mut files = Vec::with_capacity(indices.len());
+    for i in indices {
+        let name = shard_file(i, manifest.shards);
+        let entry = manifest
+            .files
+            .iter()
+            .find(|f| f.name == name)
+            .ok_or_else(|| bad(format!("the manifest lists no {name}")))?;
+        if !dir.join(&name).exists() && manifest.shards != shards {
+            // Not damage: this directory holds only some shards' files.
+            return Err(Error::Invalid(format!(
+                "{}: taken on {} shards, this cluster has {shards}; restoring onto another number of shards needs every shard's file in one directory, and {name} is not here",
+                dir.display(),
+                manifest.shards
+            )));
+        }
+        files.push(read_shard_file(dir, entry, i)?);
+    }
+    let first = files.first().ok_or_else(|| bad("no shard files".into()))?;
+    if files
+        .iter()
+        .any(|f| f.meta.round != manifest.round || f.spec != first.spec)
+    {
+        return Err(bad("the shard files are of different rounds or jobs".into()));
+    }
+    let config = JobConfig::try_from(&first.spec).map_err(|e| bad(format!("spec: {e}")))?;
+    let elems = usize::try_from(first.layout.chunk_elems).map_err(|_| bad("chunk_elems".into()))?;
+    let chunking = Layout::with_chunk_elems(&config.params, elems);
+    let owners = if manifest.shards == shards {
+        first.layout.owners.clone()
+    } else {
+        chunking.place(shards)
+    };
+    let mut all: HashMap<String, ChunkState> = HashMap::new();
+    for f in &mut files {
+        all.extend(f.chunks.drain());
+    }
+    let mut chunks = Vec::new();
+    for (id, c) in chunking.chunks.iter().enumerate() {
+        if owners.get(id).is_some_and(|&o| o as usize == shard) {
+            let key = format!("{}@{}", config.params[c.param].name, c.offset);
+            chunks.push(
+                all.remove(&key)
+                    .ok_or_else(|| bad(format!("no chunk {key} in any shard file")))?,
+            );
+        }
+    }
+    let f = files.swap_remove(0);
+    let layout = pb::LayoutResponse { owners, ..f.layout };
+    let meta = ShardMeta {
+        shard,
+        shards,
+        ..f.meta
+    };
+    Ok(Loaded {
+        meta,
+        spec: f.spec,
         layout,
         chunks,
     })
@@ -458,6 +518,10 @@ mod tests {
                 name: "w".into(),
                 shape: vec![5],
             }],
+            optimizer: Some(pb::Optimizer {
+                kind: pb::OptimizerKind::Adamw as i32,
+                hyper: None,
+            }),
             workers: 1,
             ..Default::default()
         }
@@ -502,7 +566,7 @@ mod tests {
     }
 
     fn load(root: &Path) -> Result<Option<Loaded>> {
-        load_latest(root, "j", 0, 1, |_| Ok(vec![hyper()]))
+        load_latest(root, "j", 0, 1)
     }
 
     fn shard_path(root: &Path, round: u64) -> PathBuf {

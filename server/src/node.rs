@@ -160,7 +160,6 @@ impl Node {
                 &name,
                 self.cluster.shard,
                 self.cluster.size(),
-                JobConfig::hypers_of,
             )?;
             let Some(loaded) = loaded else {
                 continue;

@@ -56,19 +56,6 @@ pub struct JobConfig {
 pub const DEFAULT_WORKER_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl JobConfig {
-    /// The optimizer of every parameter, in parameter order.
-    pub fn param_hypers(&self) -> Vec<Hyper> {
-        self.params
-            .iter()
-            .map(|p| self.groups[p.group].clone())
-            .collect()
-    }
-
-    /// The optimizers of the parameters of `spec` (for loading checkpoints).
-    pub fn hypers_of(spec: &pb::JobSpec) -> Result<Vec<Hyper>> {
-        Ok(JobConfig::try_from(spec)?.param_hypers())
-    }
-
     /// The index of every parameter, by name.
     pub fn index(&self) -> HashMap<String, usize> {
         self.params

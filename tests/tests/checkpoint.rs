@@ -131,14 +131,20 @@ async fn uninterrupted() -> Pulled {
     last.expect("rounds")
 }
 
+/// Shard `i` of `n`: its own checkpoint directory under `dir`, or with
+/// `shared`, the one directory every shard writes to.
 fn args(i: usize, n: usize, ports: &[u16], dir: &Path) -> Vec<String> {
+    shard_args(i, n, ports, &dir.join(format!("shard{i}")))
+}
+
+fn shard_args(i: usize, n: usize, ports: &[u16], ckpt: &Path) -> Vec<String> {
     let mut a = vec![
         "--listen".to_owned(),
         format!("127.0.0.1:{}", ports[i]),
         "--http-listen".into(),
         "127.0.0.1:0".into(),
         "--checkpoint-dir".into(),
-        dir.join(format!("shard{i}")).display().to_string(),
+        ckpt.display().to_string(),
         "--checkpoint-every".into(),
         "3".into(),
         "--keep-checkpoints".into(),
@@ -360,4 +366,89 @@ async fn health_is_serving_once_restored_and_readyz_agrees() {
         .expect("readyz");
     assert_eq!((code, body.as_str()), (200, "ready\n"));
     kill_all(daemons).await;
+}
+
+async fn start_shared(n: usize, ports: &[u16], ckpt: &Path) -> Vec<Daemon> {
+    let mut daemons = Vec::new();
+    for i in 0..n {
+        let a = shard_args(i, n, ports, ckpt);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        daemons.push(Daemon::start(&a).await.expect("start"));
+    }
+    daemons
+}
+
+/// A checkpoint taken on `from` shards sharing one directory, restored on
+/// `to` shards: the chunks are placed anew and training goes on exactly.
+async fn reshard(from: usize, to: usize) {
+    let want = uninterrupted().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ckpt = dir.path().join("shared");
+    let ports = reserve_ports(from.max(to));
+    let url = format!("http://127.0.0.1:{}", ports[0]);
+    let daemons = start_shared(from, &ports, &ckpt).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    init(&mut c, "run").await;
+    for t in 0..7 {
+        round(&mut c, "run", t).await;
+    }
+    kill_all(daemons).await;
+
+    let daemons = start_shared(to, &ports, &ckpt).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    let s = c.status(Some("run")).await.expect("restored");
+    assert_eq!(s.jobs[0].round, 6);
+    assert_eq!(s.jobs[0].shards.len(), to);
+    let total: u64 = s.jobs[0].shards.iter().map(|x| x.chunks).sum();
+    assert!(
+        s.jobs[0]
+            .shards
+            .iter()
+            .all(|x| x.round == 6 && (to == 1 || x.chunks < total)),
+        "{:?}",
+        s.jobs[0].shards
+    );
+    let mut last = None;
+    for t in 6..ROUNDS {
+        last = Some(round(&mut c, "run", t).await);
+    }
+    assert_eq!(
+        bits(&last.expect("rounds")),
+        bits(&want),
+        "{from} shards -> {to}: bit-identical"
+    );
+    kill_all(daemons).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_shard_checkpoint_restores_on_two_and_on_one() {
+    reshard(3, 2).await;
+    reshard(3, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resharding_from_separate_directories_is_refused_clearly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = reserve_ports(3);
+    let url = format!("http://127.0.0.1:{}", ports[0]);
+    let daemons = start(3, &ports, dir.path()).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    init(&mut c, "run").await;
+    for t in 0..4 {
+        round(&mut c, "run", t).await;
+    }
+    kill_all(daemons).await;
+    // Shard 0's directory alone cannot be restored on one shard.
+    let a = shard_args(0, 1, &ports, &dir.path().join("shard0"));
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let err = Daemon::start(&a).await.expect_err("refuses to start");
+    assert!(
+        err.to_string()
+            .contains("needs every shard's file in one directory"),
+        "{err}"
+    );
+    assert!(
+        dir.path().join("shard0/run/00000000000000000003").is_dir(),
+        "the checkpoint is left in place"
+    );
 }
