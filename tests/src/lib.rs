@@ -269,3 +269,44 @@ impl Daemon {
         Ok(tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??)
     }
 }
+
+/// The flags of shard `i` of a cluster of real processes on loopback
+/// `ports` (one port: a one-shard cluster), then `extra`.
+pub fn shard_args(i: usize, ports: &[u16], extra: &[String]) -> Vec<String> {
+    let mut a = vec![
+        "--listen".to_owned(),
+        format!("127.0.0.1:{}", ports[i]),
+        "--http-listen".to_owned(),
+        "127.0.0.1:0".to_owned(),
+    ];
+    if ports.len() > 1 {
+        let urls: Vec<String> = ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect();
+        a.extend([
+            "--shard-index".to_owned(),
+            i.to_string(),
+            "--cluster".to_owned(),
+            urls.join(","),
+        ]);
+    }
+    a.extend_from_slice(extra);
+    a
+}
+
+/// Starts shard `i` of the cluster on `ports` and waits until it is ready.
+pub async fn start_shard(i: usize, ports: &[u16], extra: &[String]) -> Daemon {
+    let args = shard_args(i, ports, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Daemon::start(&args).await.expect("shard starts")
+}
+
+/// Starts every shard of the cluster on `ports`, shard `i` with `extra(i)`.
+pub async fn start_cluster(ports: &[u16], extra: impl Fn(usize) -> Vec<String>) -> Vec<Daemon> {
+    let mut daemons = Vec::new();
+    for i in 0..ports.len() {
+        daemons.push(start_shard(i, ports, &extra(i)).await);
+    }
+    daemons
+}

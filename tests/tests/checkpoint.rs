@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use paramd_client::{Client, Pulled, v1 as pb};
-use paramd_tests::{Daemon, TestServer, reserve_ports};
+use paramd_tests::{Daemon, TestServer, reserve_ports, shard_args, start_cluster};
 
 const ROUNDS: u64 = 10;
 const WORKERS: u32 = 2;
@@ -131,50 +131,31 @@ async fn uninterrupted() -> Pulled {
     last.expect("rounds")
 }
 
-/// Shard `i` of `n`: its own checkpoint directory under `dir`, or with
-/// `shared`, the one directory every shard writes to.
-fn args(i: usize, n: usize, ports: &[u16], dir: &Path) -> Vec<String> {
-    shard_args(i, n, ports, &dir.join(format!("shard{i}")))
+/// Checkpoints every 3 rounds into `ckpt`, chunks of 4 floats.
+fn flags(ckpt: &Path) -> Vec<String> {
+    let mut f = vec!["--checkpoint-dir".to_owned(), ckpt.display().to_string()];
+    f.extend(
+        [
+            "--checkpoint-every",
+            "3",
+            "--keep-checkpoints",
+            "2",
+            "--chunk-bytes",
+            "16",
+        ]
+        .map(str::to_owned),
+    );
+    f
 }
 
-fn shard_args(i: usize, n: usize, ports: &[u16], ckpt: &Path) -> Vec<String> {
-    let mut a = vec![
-        "--listen".to_owned(),
-        format!("127.0.0.1:{}", ports[i]),
-        "--http-listen".into(),
-        "127.0.0.1:0".into(),
-        "--checkpoint-dir".into(),
-        ckpt.display().to_string(),
-        "--checkpoint-every".into(),
-        "3".into(),
-        "--keep-checkpoints".into(),
-        "2".into(),
-        "--chunk-bytes".into(),
-        "16".into(),
-    ];
-    if n > 1 {
-        let cluster: Vec<String> = ports[..n]
-            .iter()
-            .map(|p| format!("http://127.0.0.1:{p}"))
-            .collect();
-        a.extend([
-            "--shard-index".into(),
-            i.to_string(),
-            "--cluster".into(),
-            cluster.join(","),
-        ]);
-    }
-    a
-}
-
+/// Starts `n` shards, each with its own checkpoint directory under `dir`.
 async fn start(n: usize, ports: &[u16], dir: &Path) -> Vec<Daemon> {
-    let mut daemons = Vec::new();
-    for i in 0..n {
-        let a = args(i, n, ports, dir);
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        daemons.push(Daemon::start(&a).await.expect("start"));
-    }
-    daemons
+    start_cluster(&ports[..n], |i| flags(&dir.join(format!("shard{i}")))).await
+}
+
+/// Starts `n` shards sharing the checkpoint directory `ckpt`.
+async fn start_shared(n: usize, ports: &[u16], ckpt: &Path) -> Vec<Daemon> {
+    start_cluster(&ports[..n], |_| flags(ckpt)).await
 }
 
 async fn kill_all(daemons: Vec<Daemon>) {
@@ -368,16 +349,6 @@ async fn health_is_serving_once_restored_and_readyz_agrees() {
     kill_all(daemons).await;
 }
 
-async fn start_shared(n: usize, ports: &[u16], ckpt: &Path) -> Vec<Daemon> {
-    let mut daemons = Vec::new();
-    for i in 0..n {
-        let a = shard_args(i, n, ports, ckpt);
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        daemons.push(Daemon::start(&a).await.expect("start"));
-    }
-    daemons
-}
-
 /// A checkpoint taken on `from` shards sharing one directory, restored on
 /// `to` shards: the chunks are placed anew and training goes on exactly.
 async fn reshard(from: usize, to: usize) {
@@ -439,7 +410,7 @@ async fn resharding_from_separate_directories_is_refused_clearly() {
     }
     kill_all(daemons).await;
     // Shard 0's directory alone cannot be restored on one shard.
-    let a = shard_args(0, 1, &ports, &dir.path().join("shard0"));
+    let a = shard_args(0, &ports[..1], &flags(&dir.path().join("shard0")));
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     let err = Daemon::start(&a).await.expect_err("refuses to start");
     assert!(

@@ -9,7 +9,7 @@ use paramd::NodeConfig;
 use paramd_client::replay::{ReplayOptions, ReplayResult, replay};
 use paramd_client::trace::{Tolerance, compare, read_tensors};
 use paramd_tests::{
-    Daemon, TestCluster, TestServer, golden_traces, http_get, metric, reserve_ports,
+    TestCluster, TestServer, golden_traces, http_get, metric, reserve_ports, start_cluster,
 };
 
 /// 4 floats per chunk: a [4, 8] weight is cut into 8 chunks.
@@ -117,28 +117,10 @@ async fn three_in_process_shards_match_torch_and_one_shard_bit_for_bit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_paramd_processes_match_torch_and_one_shard_bit_for_bit() {
     let ports = reserve_ports(3);
-    let cluster = ports
-        .iter()
-        .map(|p| format!("http://127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut daemons = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
-        let args = [
-            "--shard-index".to_owned(),
-            i.to_string(),
-            "--cluster".to_owned(),
-            cluster.clone(),
-            "--listen".to_owned(),
-            format!("127.0.0.1:{port}"),
-            "--http-listen".to_owned(),
-            "127.0.0.1:0".to_owned(),
-            "--chunk-bytes".to_owned(),
-            CHUNK_BYTES.to_string(),
-        ];
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        daemons.push(Daemon::start(&args).await.expect("shard starts"));
-    }
+    let daemons = start_cluster(&ports, |_| {
+        vec!["--chunk-bytes".into(), CHUNK_BYTES.to_string()]
+    })
+    .await;
     let url = format!("http://127.0.0.1:{}", ports[0]);
     let one = TestServer::with_config(config()).await;
     for trace in golden_traces() {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use paramd_client::{Client, ClientError, v1 as pb};
 use paramd_proto::v1::param_server_client::ParamServerClient;
-use paramd_tests::{Daemon, reserve_ports};
+use paramd_tests::{reserve_ports, start_shard};
 use tonic::Code;
 
 /// Every call of the test ends within this, or the test fails.
@@ -54,29 +54,18 @@ async fn push(c: &mut Client, round: u64, worker: u32) -> Result<pb::PushRespons
         .expect("push ends")
 }
 
-fn start_args(i: usize, port: u16, cluster: &str) -> Vec<String> {
-    vec![
-        "--shard-index".into(),
-        i.to_string(),
-        "--cluster".into(),
-        cluster.into(),
-        "--listen".into(),
-        format!("127.0.0.1:{port}"),
-        "--http-listen".into(),
-        "127.0.0.1:0".into(),
-        "--chunk-bytes".into(),
-        "16".into(),
-        "--round-timeout".into(),
-        "1".into(),
-        "--peer-timeout".into(),
-        "2".into(),
+/// Short deadlines, so that the test sees them expire.
+fn flags() -> Vec<String> {
+    [
+        "--chunk-bytes",
+        "16",
+        "--round-timeout",
+        "1",
+        "--peer-timeout",
+        "2",
     ]
-}
-
-async fn start(i: usize, port: u16, cluster: &str) -> Daemon {
-    let args = start_args(i, port, cluster);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Daemon::start(&args).await.expect("shard starts")
+    .map(str::to_owned)
+    .to_vec()
 }
 
 /// The parameters shard `port` holds, pulled from it directly.
@@ -116,14 +105,9 @@ fn expect_shard_2(err: &ClientError, codes: &[Code]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_shard_fails_calls_fast_and_no_shard_applies_the_undecided_round() {
     let ports = reserve_ports(3);
-    let cluster = ports
-        .iter()
-        .map(|p| format!("http://127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let d0 = start(0, ports[0], &cluster).await;
-    let d1 = start(1, ports[1], &cluster).await;
-    let d2 = start(2, ports[2], &cluster).await;
+    let d0 = start_shard(0, &ports, &flags()).await;
+    let d1 = start_shard(1, &ports, &flags()).await;
+    let d2 = start_shard(2, &ports, &flags()).await;
 
     let url = format!("http://127.0.0.1:{}", ports[0]);
     let mut c = Client::connect(&url).await.expect("connect");
@@ -203,7 +187,7 @@ async fn a_killed_shard_fails_calls_fast_and_no_shard_applies_the_undecided_roun
 
     // Shard 2 comes back without the job (no checkpoints yet): its part of
     // round 2 can never arrive, so the round completes nowhere.
-    let d2 = start(2, ports[2], &cluster).await;
+    let d2 = start_shard(2, &ports, &flags()).await;
     let err = push(&mut c, 2, 0)
         .await
         .expect_err("the job is gone on shard 2");
