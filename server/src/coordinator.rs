@@ -233,11 +233,6 @@ impl Coordinator {
             }
         }
     }
-
-    /// Number of shards reporting to this coordinator.
-    pub fn shards(&self) -> usize {
-        self.shards
-    }
 }
 
 #[cfg(test)]
