@@ -103,6 +103,10 @@ fn describe() {
     );
     describe_counter!("paramd_refused_pushes_total", "Pushes refused, by reason");
     describe_counter!(
+        "paramd_unauthenticated_calls_total",
+        "Calls refused for a missing or wrong bearer token, by reason"
+    );
+    describe_counter!(
         "paramd_push_bytes_total",
         Unit::Bytes,
         "Gradient bytes received in counted pushes"
@@ -127,6 +131,11 @@ fn describe() {
         Unit::Seconds,
         "Time to reduce and apply a round"
     );
+}
+
+/// A call refused for its credentials, counted by reason.
+pub fn unauthenticated(reason: &'static str) {
+    counter!("paramd_unauthenticated_calls_total", "reason" => reason).increment(1);
 }
 
 /// A refused push, counted by reason.
