@@ -157,7 +157,7 @@ pub async fn serve(
         .add_service(shard_service)
         .serve_with_incoming_shutdown(incoming(grpc), stopped(stop_rx.clone()));
     let ready_node = Arc::clone(&node);
-    let http_server = axum::serve(http, http::router(handle, move || ready_node.is_ready()))
+    let http_server = axum::serve(http, http::router(handle, ready_node))
         .with_graceful_shutdown(stopped(stop_rx.clone()));
     let servers = async {
         tokio::try_join!(

@@ -262,7 +262,7 @@ impl ParamServer for Service {
                 shards,
             });
         }
-        let (rss_bytes, peak_rss_bytes) = process_memory();
+        let (rss_bytes, peak_rss_bytes) = metrics::process_memory();
         Ok(Response::new(pb::StatusResponse {
             jobs: out,
             rss_bytes,
@@ -309,20 +309,6 @@ impl ParamServer for Service {
         let job = self.node.job(&request.into_inner().job)?;
         Ok(Response::new(job.layout()))
     }
-}
-
-/// Resident and peak resident bytes of this process (Linux; zeros
-/// elsewhere).
-fn process_memory() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |k| k * 1024)
-    };
-    (kib("VmRSS:"), kib("VmHWM:"))
 }
 
 #[cfg(test)]
