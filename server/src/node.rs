@@ -148,14 +148,17 @@ impl Node {
     }
 
     /// Loads the newest complete checkpoint of every job in the checkpoint
-    /// directory, then serves.
-    pub fn restore(&self) -> Result<()> {
+    /// directory, then serves. On a cluster the coordinator then has the
+    /// shards agree, job by job, on the newest round every one of them can
+    /// restore (see `agree`); until then the jobs serve no worker.
+    pub fn restore(self: &Arc<Self>) -> Result<()> {
         let Some(settings) = &self.cluster.checkpoints else {
             self.ready.store(true, Ordering::Release);
             return Ok(());
         };
+        let mut restored = Vec::new();
         for name in checkpoint::jobs(&settings.dir) {
-            let loaded = checkpoint::load_latest(
+            let (loaded, rounds) = checkpoint::restorable(
                 &settings.dir,
                 &name,
                 self.cluster.shard,
@@ -165,11 +168,129 @@ impl Node {
                 continue;
             };
             let round = loaded.meta.round;
-            let job = Job::restore(Arc::clone(&self.cluster), loaded)?;
+            let job = Job::restore(Arc::clone(&self.cluster), loaded, rounds.clone())?;
             self.jobs.insert(name.clone(), Arc::new(job));
-            tracing::info!(job = %name, round, shard = self.cluster.shard, "job restored from its checkpoint");
+            tracing::info!(job = %name, round, restorable = ?rounds, shard = self.cluster.shard, "job restored from its checkpoint");
+            restored.push(name);
         }
         self.ready.store(true, Ordering::Release);
+        if self.cluster.shard == 0 && self.cluster.size() > 1 && !restored.is_empty() {
+            // The other shards may start after this one: agree in the
+            // background, while the ports serve.
+            let runtime = tokio::runtime::Handle::try_current()
+                .map_err(|e| Error::Internal(format!("restore outside the runtime: {e}")))?;
+            for name in restored {
+                runtime.spawn(Arc::clone(self).agree(name));
+            }
+        }
+        Ok(())
+    }
+
+    /// On the coordinator, after a restart: learns which checkpoint rounds
+    /// of job `name` every shard can restore, and has every shard hold the
+    /// newest round common to all (a shard whose newest checkpoint was
+    /// corrupt makes the whole cluster go back to an older one). Shards
+    /// that are not up yet are asked again, paced, until they answer.
+    async fn agree(self: Arc<Self>, name: String) {
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let Ok(job) = self.job(&name) else {
+                return;
+            };
+            match self.agree_once(&job).await {
+                Ok(round) => {
+                    tracing::info!(job = %name, round, shards = self.cluster.size(), "every shard holds the same restored round");
+                    return;
+                }
+                Err(e) if e.retryable() => {
+                    tracing::info!(job = %name, error = %e, "waiting for the shards to report their checkpoints");
+                    // Pacing the calls to shards still starting, not
+                    // waiting for an event.
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => {
+                    tracing::error!(job = %name, error = %e, "the shards cannot agree on a checkpoint round");
+                    job.hold(format!(
+                        "job '{name}' cannot be restored on this cluster: {e}"
+                    ));
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn agree_once(self: &Arc<Self>, job: &Job) -> Result<u64> {
+        let mut common = job.restorable();
+        let mut ahead = vec![job.round()];
+        for i in 1..self.cluster.size() {
+            let r = match self.cluster.restorable(i, &job.name).await {
+                Err(Error::Shard {
+                    code: tonic::Code::NotFound,
+                    ..
+                }) => {
+                    return Err(Error::Internal(format!(
+                        "shard {i} at {} has no checkpoint of it",
+                        self.cluster.address(i)
+                    )));
+                }
+                r => r?,
+            };
+            common.retain(|c| r.rounds.contains(c));
+            ahead.push(r.round);
+        }
+        let round = common.iter().copied().max().ok_or_else(|| {
+            Error::Internal(format!(
+                "no checkpoint round is intact on every shard (shard 0 has {:?})",
+                job.restorable()
+            ))
+        })?;
+        if ahead.iter().any(|&r| r != round) {
+            tracing::warn!(job = %job.name, round, held = ?ahead, "shards restored different rounds; every shard goes back to the newest one all can restore");
+        }
+        for i in 1..self.cluster.size() {
+            self.cluster.adopt(i, &job.name, round).await?;
+        }
+        let node = Arc::clone(self);
+        let name = job.name.clone();
+        tokio::task::spawn_blocking(move || node.adopt(&name, round))
+            .await
+            .map_err(|e| Error::Internal(format!("adopting a checkpoint panicked: {e}")))??;
+        Ok(round)
+    }
+
+    /// Holds job `name` as of its checkpoint `round` (loading it if this
+    /// shard holds another round) and serves it; checkpoints newer than
+    /// `round` are set aside. Blocking: it may read a checkpoint.
+    pub fn adopt(&self, name: &str, round: u64) -> Result<()> {
+        let settings = self
+            .cluster
+            .checkpoints
+            .as_ref()
+            .ok_or_else(|| Error::WrongShard("this shard has no --checkpoint-dir".into()))?;
+        let job = self.job(name)?;
+        if job.round() != round {
+            let loaded = checkpoint::load_round(
+                &settings.dir,
+                name,
+                round,
+                self.cluster.shard,
+                self.cluster.size(),
+            )?;
+            let rounds = job
+                .restorable()
+                .into_iter()
+                .filter(|&r| r <= round)
+                .collect();
+            let older = Arc::new(Job::restore(Arc::clone(&self.cluster), loaded, rounds)?);
+            self.jobs.insert(name.to_owned(), Arc::clone(&older));
+            job.close();
+            tracing::warn!(job = %name, from = job.round(), round, shard = self.cluster.shard, "job went back to an older checkpoint the other shards also hold");
+            older.serve();
+        } else {
+            job.serve();
+        }
+        checkpoint::set_aside_newer(&settings.dir, name, round);
         Ok(())
     }
 
@@ -221,7 +342,11 @@ impl Node {
         self.coordinator_only("Init")?;
         match self.jobs.get(name) {
             None => Ok(None),
-            Some(j) => same_job(j.value(), config).map(|()| Some(Arc::clone(j.value()))),
+            Some(j) => {
+                same_job(j.value(), config)?;
+                j.value().check_serving()?;
+                Ok(Some(Arc::clone(j.value())))
+            }
         }
     }
 
@@ -239,15 +364,6 @@ impl Node {
         validate_job_name(name)?;
         self.coordinator_only("Init")?;
         let shards = self.cluster.size();
-        if shards > 1 && (spec.backup_workers > 0 || spec.worker_timeout_seconds.is_some()) {
-            // Each shard would pick a round's workers on its own; until the
-            // coordinator decides them, a cluster's rounds wait for all.
-            return Err(invalid!(
-                "backup_workers ({}) and worker_timeout_seconds ({:?}) need a one-shard cluster; this one has {shards} shards",
-                spec.backup_workers,
-                spec.worker_timeout_seconds
-            ));
-        }
         let layout = Layout::new(&config.params, self.config.chunk_bytes);
         let owners = layout.place(shards);
         let pieces = initial_values(&config, &layout, &Ownership::all(&layout), values)?;

@@ -95,6 +95,48 @@ impl Shard for ShardService {
         }))
     }
 
+    async fn members(
+        &self,
+        request: Request<pb::MembersRequest>,
+    ) -> Result<Response<pb::MembersResponse>, Status> {
+        self.node.check_ready()?;
+        let r = request.into_inner();
+        let job = self.node.job(&r.job)?;
+        let m = job
+            .coordinate_members(r.round, r.shard as usize, &r.workers)
+            .await?;
+        Ok(Response::new(pb::MembersResponse {
+            round: m.round,
+            workers: m.workers,
+            dropped: m.dropped,
+        }))
+    }
+
+    async fn restorable(
+        &self,
+        request: Request<pb::RestorableRequest>,
+    ) -> Result<Response<pb::RestorableResponse>, Status> {
+        self.node.check_ready()?;
+        let job = self.node.job(&request.into_inner().job)?;
+        Ok(Response::new(pb::RestorableResponse {
+            rounds: job.restorable(),
+            round: job.round(),
+        }))
+    }
+
+    async fn adopt(
+        &self,
+        request: Request<pb::AdoptRequest>,
+    ) -> Result<Response<pb::AdoptResponse>, Status> {
+        self.node.check_ready()?;
+        let r = request.into_inner();
+        let node = Arc::clone(&self.node);
+        tokio::task::spawn_blocking(move || node.adopt(&r.job, r.round))
+            .await
+            .map_err(|e| Status::internal(format!("adopting a checkpoint panicked: {e}")))??;
+        Ok(Response::new(pb::AdoptResponse {}))
+    }
+
     async fn shard_status(
         &self,
         request: Request<pb::ShardStatusRequest>,

@@ -310,3 +310,26 @@ pub async fn start_cluster(ports: &[u16], extra: impl Fn(usize) -> Vec<String>) 
     }
     daemons
 }
+
+/// Waits (bounded) until job `job` serves workers again after a restart,
+/// the shards having agreed on the round they restore; returns what a pull
+/// of its current round gives. Pulls refused as UNAVAILABLE (restoring,
+/// agreeing) are tried again, paced; any other error fails the test.
+pub async fn wait_serving(c: &mut paramd_client::Client, job: &str) -> paramd_client::Pulled {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match c.pull(job, 0).await {
+            Ok(p) => return p,
+            Err(e) if e.status().map(tonic::Status::code) == Some(tonic::Code::Unavailable) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "job '{job}' does not serve after 30 s: {e}"
+                );
+                // Pacing the polls of a state change made by other
+                // processes, which report it no other way.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("pull of job '{job}' failed: {e}"),
+        }
+    }
+}

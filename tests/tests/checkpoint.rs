@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use paramd_client::{Client, Pulled, v1 as pb};
-use paramd_tests::{Daemon, TestServer, reserve_ports, shard_args, start_cluster};
+use paramd_tests::{Daemon, TestServer, reserve_ports, shard_args, start_cluster, wait_serving};
 
 const ROUNDS: u64 = 10;
 const WORKERS: u32 = 2;
@@ -200,6 +200,7 @@ async fn resume_after_kill(shards: usize) {
 
     let daemons = start(shards, &ports, dir.path()).await;
     let mut c = Client::connect(&url).await.expect("connect");
+    assert_eq!(wait_serving(&mut c, "run").await.round, 6);
     let s = c.status(Some("run")).await.expect("restored");
     assert_eq!(s.jobs[0].round, 6, "restored at the last checkpoint");
     for sh in &s.jobs[0].shards {
@@ -367,6 +368,7 @@ async fn reshard(from: usize, to: usize) {
 
     let daemons = start_shared(to, &ports, &ckpt).await;
     let mut c = Client::connect(&url).await.expect("connect");
+    assert_eq!(wait_serving(&mut c, "run").await.round, 6);
     let s = c.status(Some("run")).await.expect("restored");
     assert_eq!(s.jobs[0].round, 6);
     assert_eq!(s.jobs[0].shards.len(), to);

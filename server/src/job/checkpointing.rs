@@ -105,7 +105,9 @@ impl Job {
             files,
         };
         // Every shard's file is durable; now the checkpoint may exist.
+        checkpoint::failpoint("checkpoint.before_manifest", round);
         self.commit(&manifest)?;
+        checkpoint::failpoint("checkpoint.between_manifests", round);
         let json = serde_json::to_string(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
         let commits = (1..shards).map(|i| {
             self.cluster

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use crate::clip::sum_squares;
 use crate::cluster::Cluster;
 use crate::compute;
-use crate::coordinator::{Coordinator, Decision, Report};
+use crate::coordinator::{Coordinator, Decision, Members, Report};
 use crate::error::{Error, Result};
 use crate::invalid;
 use crate::layout::Layout;
@@ -92,6 +92,8 @@ pub struct Job {
     grads: Mutex<Vec<Vec<f32>>>,
     collect: Mutex<Collect>,
     completed: watch::Sender<u64>,
+    /// Pushes accepted so far, so that the round's gatherer reports anew.
+    arrivals: watch::Sender<u64>,
     /// The coordinator's side of the step decision, on shard 0.
     coordinator: Option<Coordinator>,
     /// The spec the job was created with, for checkpoints.
@@ -101,6 +103,12 @@ pub struct Job {
     owners: Vec<u32>,
     /// Set when the job is deleted, so that waiting pulls end at once.
     deleted: AtomicBool,
+    /// Rounds of the intact checkpoints this shard restored the job from,
+    /// newest first (none for a job created by Init).
+    restorable: Vec<u64>,
+    /// Why the job does not serve workers yet: restored on a cluster, it
+    /// waits for the shards to agree on a round all of them can restore.
+    held: Mutex<Option<String>>,
     pub metrics: JobMetrics,
 }
 
@@ -122,8 +130,34 @@ impl Job {
             .sum()
     }
 
+    /// Refuses workers while the job waits for the shards to agree on the
+    /// round they restore.
+    pub fn check_serving(&self) -> Result<()> {
+        match self.held.lock().as_ref() {
+            None => Ok(()),
+            Some(why) => Err(Error::Unavailable(why.clone())),
+        }
+    }
+
+    /// Serves workers (the shards agree on the job's round).
+    pub fn serve(&self) {
+        *self.held.lock() = None;
+    }
+
+    /// Stops serving workers, for `why`.
+    pub fn hold(&self, why: String) {
+        *self.held.lock() = Some(why);
+    }
+
+    /// Rounds of the intact checkpoints the job was restored from here,
+    /// newest first.
+    pub fn restorable(&self) -> Vec<u64> {
+        self.restorable.clone()
+    }
+
     /// Decides, from the header of a push alone, whether to read its payload.
     pub fn admit(&self, worker: u32, round: u64) -> Result<Admission> {
+        self.check_serving()?;
         let c = self.collect.lock();
         self.admit_locked(&c, worker, round)
     }
@@ -166,19 +200,115 @@ impl Job {
         }
     }
 
-    /// Whether rounds may complete without every worker: only where one
-    /// shard decides alone which workers a round holds.
-    fn partial_rounds(&self) -> bool {
-        self.cluster.size() == 1
+    /// Reports the workers this shard holds whole pushes of for `round`
+    /// until the coordinator has chosen the round's members, reporting
+    /// again as more pushes arrive; then completes the round with them.
+    /// Runs on its own task from the round's first push.
+    async fn gather(self: Arc<Self>, round: u64) {
+        let mut arrivals = self.arrivals.subscribe();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            arrivals.borrow_and_update();
+            let held: Vec<u32> = {
+                let c = self.collect.lock();
+                if c.round != round || c.closed {
+                    return;
+                }
+                (0..c.pushed.len() as u32)
+                    .filter(|&w| c.pushed[w as usize])
+                    .collect()
+            };
+            let answer = tokio::select! {
+                a = self.ask_members(round, &held) => a,
+                more = arrivals.changed() => match more {
+                    Ok(()) => continue,
+                    Err(_) => return,
+                },
+            };
+            match answer {
+                Ok(m) => {
+                    self.close_round(&m);
+                    return;
+                }
+                Err(e) if e.retryable() && !self.deleted.load(Ordering::Acquire) => {
+                    tracing::warn!(job = %self.name, round, error = %e, "members not chosen yet; reporting again");
+                    // Pacing the retries of an unreachable peer, not
+                    // waiting for an event.
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    tracing::error!(job = %self.name, round, error = %e, "cannot learn the members of the round");
+                    return;
+                }
+            }
+        }
     }
 
-    /// Closes the round with the workers that pushed, in rank order, and
-    /// completes it on its own task.
-    fn close_round(self: &Arc<Self>, c: &mut Collect) {
-        c.closed = true;
-        let round = c.round;
+    async fn ask_members(&self, round: u64, held: &[u32]) -> Result<Members> {
+        match &self.coordinator {
+            Some(c) => {
+                c.members(round, self.cluster.shard, held, self.cluster.round_timeout)
+                    .await
+            }
+            None => self.cluster.members(&self.name, round, held).await,
+        }
+    }
+
+    /// The coordinator's answer to shard `shard`'s report of the workers it
+    /// holds for `round`.
+    pub async fn coordinate_members(
+        &self,
+        round: u64,
+        shard: usize,
+        held: &[u32],
+    ) -> Result<Members> {
+        let c = self.coordinator.as_ref().ok_or_else(|| {
+            Error::WrongShard(format!(
+                "shard {} is not the coordinator of job '{}'",
+                self.cluster.shard, self.name
+            ))
+        })?;
+        c.members(round, shard, held, self.cluster.round_timeout)
+            .await
+    }
+
+    /// Closes the round with the members the coordinator chose, in rank
+    /// order, and completes it on its own task. Pushes this shard holds
+    /// from anyone else are dropped: a retry of theirs is stale.
+    fn close_round(self: &Arc<Self>, m: &Members) {
+        let mut c = self.collect.lock();
+        if c.round != m.round || c.closed {
+            return;
+        }
+        let mut member = vec![false; c.pushed.len()];
+        for &w in &m.workers {
+            if let Some(x) = member.get_mut(w as usize) {
+                *x = true;
+            }
+        }
+        if let Some(w) = (0..member.len()).find(|&w| member[w] && c.pushes[w].is_none()) {
+            // Cannot happen: a shard reports only the pushes it holds.
+            tracing::error!(job = %self.name, round = m.round, worker = w, "the coordinator chose a worker whose push this shard does not hold");
+            return;
+        }
         // Rank order, whatever the arrival order: the mean is deterministic.
-        let pushes: Vec<Pieces> = c.pushes.iter_mut().filter_map(Option::take).collect();
+        let mut pushes = Vec::with_capacity(m.workers.len());
+        for (w, &is_member) in member.iter().enumerate() {
+            let push = c.pushes[w].take();
+            if is_member {
+                pushes.extend(push);
+            } else {
+                c.pushed[w] = false;
+            }
+        }
+        c.closed = true;
+        c.count = pushes.len() as u32;
+        if !m.dropped.is_empty() && self.coordinator.is_some() {
+            self.metrics.dropped.increment(m.dropped.len() as u64);
+            tracing::warn!(job = %self.name, round = m.round, dropped = ?m.dropped, timeout_secs = self.config.worker_timeout.as_secs_f64(), "workers dropped from the round");
+        }
+        let round = m.round;
         let job = Arc::clone(self);
         tokio::spawn(async move {
             if let Err(e) = job.clone().complete(round, pushes).await {
@@ -187,27 +317,9 @@ impl Job {
         });
     }
 
-    /// After the worker timeout, completes `round` with whoever pushed.
-    fn arm_timeout(self: &Arc<Self>, round: u64) {
-        let job = Arc::clone(self);
-        tokio::spawn(async move {
-            // A deadline, not a synchronisation: the round may well have
-            // completed meanwhile, and then this does nothing.
-            tokio::time::sleep(job.config.worker_timeout).await;
-            let mut c = job.collect.lock();
-            if c.round != round || c.closed || c.count == 0 || job.deleted.load(Ordering::Acquire) {
-                return;
-            }
-            let missing: Vec<usize> = (0..c.pushed.len()).filter(|&w| !c.pushed[w]).collect();
-            job.metrics.dropped.increment(missing.len() as u64);
-            tracing::warn!(job = %job.name, round, dropped = ?missing, timeout_secs = job.config.worker_timeout.as_secs_f64(), "workers dropped from the round");
-            job.close_round(&mut c);
-        });
-    }
-
     /// Validates and records worker `worker`'s gradients for `round`. The
-    /// push that completes the round starts its completion, which runs on
-    /// its own task so that a client going away cannot abandon it.
+    /// round's first push starts the task that learns its members and
+    /// completes it, so that a client going away cannot abandon it.
     pub fn push(
         self: &Arc<Self>,
         worker: u32,
@@ -221,6 +333,7 @@ impl Job {
             own: &self.own,
             finite_only: self.config.non_finite == NonFinite::Error,
         };
+        self.check_serving()?;
         let pieces = target.split(grads)?;
         let bytes = pieces.bytes;
         let mut c = self.collect.lock();
@@ -235,15 +348,11 @@ impl Job {
         self.metrics.pushes.increment(1);
         self.metrics.push_bytes.increment(bytes as u64);
         self.metrics.workers_pushed.set(f64::from(count));
-        let quorum = if self.partial_rounds() {
-            self.config.workers - self.config.backup_workers
-        } else {
-            self.config.workers
-        };
-        if count >= quorum {
-            self.close_round(&mut c);
-        } else if count == 1 && self.partial_rounds() {
-            self.arm_timeout(round);
+        drop(c);
+        self.arrivals.send_modify(|n| *n += 1);
+        if count == 1 {
+            // The coordinator chooses the round's members once it may.
+            tokio::spawn(Arc::clone(self).gather(round));
         }
         Ok((Admission::Accept, count))
     }
@@ -260,6 +369,7 @@ impl Job {
             let mut c = self.collect.lock();
             c.round = round + 1;
             c.pushed.iter_mut().for_each(|p| *p = false);
+            c.pushes.iter_mut().for_each(|p| *p = None);
             c.count = 0;
             c.closed = false;
         }
@@ -416,6 +526,7 @@ impl Job {
 
     /// Waits until `round` rounds have completed, at most `wait`.
     pub async fn wait_round(&self, round: u64, wait: Duration) -> Result<()> {
+        self.check_serving()?;
         let started = Instant::now();
         let mut rx = self.completed.subscribe();
         let reached = |&r: &u64| r >= round || self.deleted.load(Ordering::Acquire);
@@ -445,6 +556,7 @@ impl Job {
     /// chunk by chunk with `read_chunk`, so a pull never copies the whole
     /// model at once.
     pub fn pull_plan(&self, names: &[String]) -> Result<Snapshot> {
+        self.check_serving()?;
         let wanted: Option<Vec<bool>> = if names.is_empty() {
             None
         } else {
