@@ -224,10 +224,17 @@ impl Daemon {
     /// Starts `paramd args...` and waits until it logs that it is ready
     /// (listening, checkpoints restored).
     pub async fn start(args: &[&str]) -> anyhow::Result<Daemon> {
+        Daemon::start_with_env(args, &[]).await
+    }
+
+    /// Starts `paramd args...` with the environment variables `env` added
+    /// (e.g. a `PARAMD_FAILPOINT`), and waits until it is ready.
+    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Daemon> {
         use tokio::io::AsyncBufReadExt;
         let mut child = tokio::process::Command::new(binary("paramd"))
             .args(args)
             .env("PARAMD_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
             .kill_on_drop(true)
@@ -300,6 +307,21 @@ pub async fn start_shard(i: usize, ports: &[u16], extra: &[String]) -> Daemon {
     let args = shard_args(i, ports, extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Daemon::start(&args).await.expect("shard starts")
+}
+
+/// Starts shard `i` of the cluster on `ports` with the environment
+/// variables `env` added, and waits until it is ready.
+pub async fn start_shard_with_env(
+    i: usize,
+    ports: &[u16],
+    extra: &[String],
+    env: &[(&str, &str)],
+) -> Daemon {
+    let args = shard_args(i, ports, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Daemon::start_with_env(&args, env)
+        .await
+        .expect("shard starts")
 }
 
 /// Starts every shard of the cluster on `ports`, shard `i` with `extra(i)`.

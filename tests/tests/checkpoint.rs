@@ -1,13 +1,18 @@
 //! Checkpoints: kill -9 every shard, restart from the last checkpoint, push
 //! the same gradients again from that round, and the result is bit-identical
 //! to a run that never stopped. A corrupt checkpoint is set aside and the
-//! one before it used.
+//! one before it used; on a cluster every shard goes back to the newest
+//! round all of them can restore. Processes stopped at exact points of a
+//! checkpoint (`PARAMD_FAILPOINT`) lose no acknowledged checkpoint.
 
 use std::path::Path;
 use std::time::Duration;
 
 use paramd_client::{Client, Pulled, v1 as pb};
-use paramd_tests::{Daemon, TestServer, reserve_ports, shard_args, start_cluster, wait_serving};
+use paramd_tests::{
+    Daemon, TestServer, reserve_ports, shard_args, start_cluster, start_shard_with_env,
+    wait_serving,
+};
 
 const ROUNDS: u64 = 10;
 const WORKERS: u32 = 2;
@@ -424,4 +429,187 @@ async fn resharding_from_separate_directories_is_refused_clearly() {
         dir.path().join("shard0/run/00000000000000000003").is_dir(),
         "the checkpoint is left in place"
     );
+}
+
+/// The checkpoint directory of shard `i` under `dir`.
+fn shard_dir(dir: &Path, i: usize) -> std::path::PathBuf {
+    dir.join(format!("shard{i}"))
+}
+
+/// The names in job "run"'s checkpoint directory of shard `i`.
+fn entries(dir: &Path, i: usize) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(shard_dir(dir, i).join("run"))
+        .expect("job dir")
+        .map(|e| e.expect("entry").file_name().into_string().expect("utf8"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Pushes the same gradients again from `from`, and checks the result is
+/// bit-identical to the run that never stopped.
+async fn finish_exactly(c: &mut Client, from: u64, want: &Pulled) {
+    let mut last = None;
+    for t in from..ROUNDS {
+        last = Some(round(c, "run", t).await);
+    }
+    let got = last.expect("rounds");
+    assert_eq!(
+        bits(&got),
+        bits(want),
+        "resumed from round {from}: bit-identical to the run that never stopped"
+    );
+    assert_eq!(got.last, want.last, "same norm, coefficient, lr and step");
+}
+
+/// Every shard of the job holds `round`, as the coordinator sees them.
+async fn every_shard_at(c: &mut Client, round: u64) {
+    let s = c.status(Some("run")).await.expect("status");
+    assert_eq!(s.jobs[0].round, round);
+    assert!(
+        s.jobs[0].shards.iter().all(|x| x.up && x.round == round),
+        "every shard at round {round}: {:?}",
+        s.jobs[0].shards
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_whose_newest_checkpoint_is_corrupt_takes_every_shard_back_to_an_older_one() {
+    let want = uninterrupted().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = reserve_ports(3);
+    let url = format!("http://127.0.0.1:{}", ports[0]);
+    let daemons = start(3, &ports, dir.path()).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    init(&mut c, "run").await;
+    // Checkpoints at rounds 3 and 6, then killed mid-round 7: worker 0
+    // pushed, worker 1 not yet.
+    for t in 0..7 {
+        round(&mut c, "run", t).await;
+    }
+    let g = grads(7, 0);
+    let named = [
+        ("enc.weight", g[0].as_slice()),
+        ("enc.bias", g[1].as_slice()),
+        ("scale", g[2].as_slice()),
+    ];
+    c.push("run", 0, 7, &named).await.expect("push");
+    kill_all(daemons).await;
+
+    // Shard 1's file of round 6 loses a byte at its end.
+    let newest = shard_dir(dir.path(), 1).join("run/00000000000000000006/shard-1-of-3.safetensors");
+    let data = std::fs::read(&newest).expect("read");
+    std::fs::write(&newest, &data[..data.len() - 1]).expect("truncate");
+
+    let daemons = start(3, &ports, dir.path()).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    assert_eq!(
+        wait_serving(&mut c, "run").await.round,
+        3,
+        "round 6 is not intact on shard 1: every shard goes back to round 3"
+    );
+    every_shard_at(&mut c, 3).await;
+    assert!(
+        entries(dir.path(), 1)
+            .iter()
+            .any(|n| n.starts_with("00000000000000000006.bad-")),
+        "shard 1 set its corrupt round 6 aside: {:?}",
+        entries(dir.path(), 1)
+    );
+    for i in [0, 2] {
+        assert!(
+            entries(dir.path(), i)
+                .iter()
+                .any(|n| n.starts_with("00000000000000000006.abandoned-")),
+            "shard {i} set its round 6 aside, not deleted: {:?}",
+            entries(dir.path(), i)
+        );
+    }
+    finish_exactly(&mut c, 3, &want).await;
+    kill_all(daemons).await;
+}
+
+/// Checkpoints on request only, three kept, chunks of 4 floats.
+fn on_request_flags(ckpt: &Path) -> Vec<String> {
+    let mut f = vec!["--checkpoint-dir".to_owned(), ckpt.display().to_string()];
+    f.extend(["--keep-checkpoints", "3", "--chunk-bytes", "16"].map(str::to_owned));
+    f
+}
+
+/// Three shards, shard `victim` started with `PARAMD_FAILPOINT=<point>@6`:
+/// a checkpoint of round 4 is acknowledged, the one of round 6 stops the
+/// victim exactly at `point`; the others are killed too. After a restart,
+/// every shard holds round 4 (no acknowledged checkpoint lost, nothing of
+/// the unacknowledged one used unless every shard has it whole), and the
+/// same gradients from there give the bits of the run that never stopped.
+async fn crash_at(point: &str, victim: usize) {
+    use std::os::unix::process::ExitStatusExt;
+    let want = uninterrupted().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = reserve_ports(3);
+    let url = format!("http://127.0.0.1:{}", ports[0]);
+    let failpoint = format!("{point}@6");
+    let mut daemons = Vec::new();
+    for i in 0..3 {
+        let env: &[(&str, &str)] = if i == victim {
+            &[("PARAMD_FAILPOINT", failpoint.as_str())]
+        } else {
+            &[]
+        };
+        let flags = on_request_flags(&shard_dir(dir.path(), i));
+        daemons.push(start_shard_with_env(i, &ports, &flags, env).await);
+    }
+    let mut c = Client::connect(&url).await.expect("connect");
+    init(&mut c, "run").await;
+    for t in 0..4 {
+        round(&mut c, "run", t).await;
+    }
+    let ack = c
+        .checkpoint(Some("run"))
+        .await
+        .expect("checkpoint of round 4");
+    assert_eq!(ack[0].round, 4);
+    for t in 4..6 {
+        round(&mut c, "run", t).await;
+    }
+    c.checkpoint(Some("run"))
+        .await
+        .expect_err("the checkpoint of round 6 is never acknowledged");
+    let mut dead = daemons.remove(victim);
+    let exit = tokio::time::timeout(Duration::from_secs(30), dead.child.wait())
+        .await
+        .expect("the victim stops at the failpoint")
+        .expect("exit status");
+    assert_eq!(exit.signal(), Some(6), "aborted at {point}: {exit:?}");
+    kill_all(daemons).await;
+
+    let daemons = start(3, &ports, dir.path()).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    assert_eq!(wait_serving(&mut c, "run").await.round, 4, "{point}");
+    every_shard_at(&mut c, 4).await;
+    for i in 0..3 {
+        let round6 = shard_dir(dir.path(), i).join("run/00000000000000000006");
+        assert!(
+            !round6.join("MANIFEST.json").exists(),
+            "{point}: shard {i} holds no complete round 6: {:?}",
+            entries(dir.path(), i)
+        );
+    }
+    finish_exactly(&mut c, 4, &want).await;
+    kill_all(daemons).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_mid_checkpoint_write_loses_no_acknowledged_checkpoint() {
+    crash_at("checkpoint.mid_write", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_between_the_shard_files_and_the_manifest_loses_no_acknowledged_checkpoint() {
+    crash_at("checkpoint.before_manifest", 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_between_the_manifests_of_the_shards_restores_a_round_all_of_them_hold() {
+    crash_at("checkpoint.between_manifests", 0).await;
 }
