@@ -308,6 +308,43 @@ impl Node {
         Ok(out)
     }
 
+    /// At shutdown (SIGTERM), with checkpoints: every job stops taking
+    /// pushes; the coordinator checkpoints every job at the last decided
+    /// round and decides no more; the other shards keep serving the
+    /// coordinator until it has committed a checkpoint of the round they
+    /// hold, so that stopping every shard at once loses no applied round.
+    /// Bounded by the caller's grace period.
+    pub async fn final_checkpoint(&self) -> Result<usize> {
+        let jobs = self.jobs();
+        for job in &jobs {
+            job.drain();
+        }
+        if self.cluster.shard == 0 {
+            for job in &jobs {
+                job.final_checkpoint().await?;
+            }
+            return Ok(jobs.len());
+        }
+        tracing::info!(
+            jobs = jobs.len(),
+            "waiting for the coordinator's final checkpoint"
+        );
+        // The caller bounds the whole wait; this deadline only keeps each
+        // job's wait finite on its own.
+        let deadline =
+            tokio::time::Instant::now() + self.cluster.round_timeout + self.cluster.peer_timeout;
+        for job in &jobs {
+            if !job.wait_committed(deadline).await {
+                return Err(Error::Timeout(format!(
+                    "the coordinator committed no checkpoint of round {} of job '{}'",
+                    job.round(),
+                    job.name
+                )));
+            }
+        }
+        Ok(jobs.len())
+    }
+
     /// The job named `name`.
     pub fn job(&self, name: &str) -> Result<Arc<Job>> {
         self.jobs

@@ -264,16 +264,22 @@ impl Daemon {
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub async fn terminate(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.sigterm()?;
+        Ok(tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??)
+    }
+
+    /// Sends SIGTERM without waiting, so that several daemons can be sent
+    /// it at once.
+    pub fn sigterm(&self) -> anyhow::Result<()> {
         let pid = self
             .child
             .id()
             .ok_or_else(|| anyhow::anyhow!("already exited"))?;
-        let kill = tokio::process::Command::new("kill")
+        let kill = std::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
-            .status()
-            .await?;
+            .status()?;
         anyhow::ensure!(kill.success(), "kill -TERM {pid} failed");
-        Ok(tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??)
+        Ok(())
     }
 }
 

@@ -613,3 +613,57 @@ async fn kill_between_the_shard_files_and_the_manifest_loses_no_acknowledged_che
 async fn kill_between_the_manifests_of_the_shards_restores_a_round_all_of_them_hold() {
     crash_at("checkpoint.between_manifests", 0).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_every_shard_at_once_takes_a_consistent_final_checkpoint() {
+    let want = uninterrupted().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = reserve_ports(3);
+    let url = format!("http://127.0.0.1:{}", ports[0]);
+    let grace = Duration::from_secs(10);
+    let flags = |i: usize| {
+        let mut f = on_request_flags(&shard_dir(dir.path(), i));
+        f.extend(["--shutdown-grace".to_owned(), grace.as_secs().to_string()]);
+        f
+    };
+    let daemons = start_cluster(&ports, flags).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    init(&mut c, "run").await;
+    for t in 0..5 {
+        round(&mut c, "run", t).await;
+    }
+    // As `docker stop` of every container does: SIGTERM to all at once,
+    // the coordinator last.
+    let started = std::time::Instant::now();
+    for d in daemons.iter().rev() {
+        d.sigterm().expect("SIGTERM");
+    }
+    for (i, mut d) in daemons.into_iter().enumerate() {
+        let exit = tokio::time::timeout(grace + Duration::from_secs(5), d.child.wait())
+            .await
+            .expect("exits within the grace period")
+            .expect("exit status");
+        assert_eq!(exit.code(), Some(0), "shard {i}: {exit:?}");
+    }
+    assert!(
+        started.elapsed() < grace,
+        "every shard stopped in {:?}, within the grace period",
+        started.elapsed()
+    );
+    for i in 0..3 {
+        assert!(
+            shard_dir(dir.path(), i)
+                .join("run/00000000000000000005/MANIFEST.json")
+                .is_file(),
+            "shard {i} holds the final checkpoint of round 5: {:?}",
+            entries(dir.path(), i)
+        );
+    }
+
+    let daemons = start_cluster(&ports, flags).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    assert_eq!(wait_serving(&mut c, "run").await.round, 5);
+    every_shard_at(&mut c, 5).await;
+    finish_exactly(&mut c, 5, &want).await;
+    kill_all(daemons).await;
+}

@@ -184,6 +184,8 @@ impl Job {
                     )
                 }),
             ),
+            committed: watch::channel((!resume.restorable.is_empty()).then_some(resume.round)).0,
+            draining: AtomicBool::new(false),
             restorable: resume.restorable,
             name,
             config,

@@ -109,6 +109,11 @@ pub struct Job {
     /// Why the job does not serve workers yet: restored on a cluster, it
     /// waits for the shards to agree on a round all of them can restore.
     held: Mutex<Option<String>>,
+    /// The newest checkpoint round committed on this shard in this process
+    /// (or restored from).
+    committed: watch::Sender<Option<u64>>,
+    /// Set at shutdown: pushes are refused, the final checkpoint is taken.
+    draining: AtomicBool,
     pub metrics: JobMetrics,
 }
 
@@ -149,6 +154,12 @@ impl Job {
         *self.held.lock() = Some(why);
     }
 
+    /// Refuses pushes from now on: the process is stopping, and the final
+    /// checkpoint must hold the rounds every shard has applied.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
     /// Rounds of the intact checkpoints the job was restored from here,
     /// newest first.
     pub fn restorable(&self) -> Vec<u64> {
@@ -163,6 +174,12 @@ impl Job {
     }
 
     fn admit_locked(&self, c: &Collect, worker: u32, round: u64) -> Result<Admission> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err(Error::Unavailable(format!(
+                "shard {} is shutting down: job '{}' takes no push; push round {round} again once the cluster is back",
+                self.cluster.shard, self.name
+            )));
+        }
         if worker >= self.config.workers {
             return Err(invalid!(
                 "worker {worker} is out of range: job '{}' has {} workers (ranks 0..{})",
