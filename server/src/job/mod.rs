@@ -247,8 +247,16 @@ impl Job {
                     self.close_round(&m);
                     return;
                 }
-                Err(e) if e.retryable() && !self.deleted.load(Ordering::Acquire) => {
-                    tracing::warn!(job = %self.name, round, error = %e, "members not chosen yet; reporting again");
+                Err(e) if self.deleted.load(Ordering::Acquire) => {
+                    tracing::debug!(job = %self.name, round, error = %e, "job deleted while its round was collected");
+                    return;
+                }
+                Err(e) if e.timed_out() => {
+                    // The call waited as long as it could: ask again now.
+                    tracing::debug!(job = %self.name, round, error = %e, "members not chosen yet; reporting again");
+                }
+                Err(e) if e.retryable() => {
+                    tracing::warn!(job = %self.name, round, error = %e, "cannot reach the coordinator; reporting again");
                     // Pacing the retries of an unreachable peer, not
                     // waiting for an event.
                     tokio::time::sleep(backoff).await;
