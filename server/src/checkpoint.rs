@@ -31,7 +31,8 @@ use crate::store::ChunkState;
 
 /// The format this build writes and reads.
 pub const FORMAT: &str = "paramd-checkpoint/1";
-const MANIFEST: &str = "MANIFEST.json";
+/// The name of a checkpoint's manifest.
+pub const MANIFEST: &str = "MANIFEST.json";
 
 /// Where and how often checkpoints are taken.
 #[derive(Clone, Debug)]
@@ -285,6 +286,123 @@ pub fn write_test_manifest(
     fs::write(dir.join(MANIFEST), json).map_err(io("write", dir))
 }
 
+/// The newest round of `job` that has a manifest.
+pub fn newest_round(root: &Path, job: &str) -> Option<u64> {
+    complete_rounds(&root.join(job)).into_iter().max()
+}
+
+/// Reads the manifest of checkpoint `round` of `job`, refusing a format
+/// this build does not read.
+pub fn read_manifest(root: &Path, job: &str, round: u64) -> Result<Manifest> {
+    let dir = round_dir(root, job, round);
+    let bad = |m: String| Error::Internal(format!("{}: {m}", dir.display()));
+    let manifest: Manifest =
+        serde_json::from_slice(&fs::read(dir.join(MANIFEST)).map_err(|e| bad(e.to_string()))?)
+            .map_err(|e| bad(format!("manifest: {e}")))?;
+    if manifest.format != FORMAT {
+        return Err(Error::Invalid(format!(
+            "{}: format {:?} is a newer format than this build reads ({FORMAT})",
+            dir.display(),
+            manifest.format
+        )));
+    }
+    Ok(manifest)
+}
+
+/// The shards (of the cluster that took it) whose files of checkpoint
+/// `round` a restore onto `shards` shards needs and this directory lacks:
+/// none when the shape is the same (a shard needs only its own file).
+pub fn missing_files(root: &Path, job: &str, round: u64, shards: usize) -> Result<Vec<usize>> {
+    let manifest = read_manifest(root, job, round)?;
+    if manifest.shards == shards {
+        return Ok(Vec::new());
+    }
+    let dir = round_dir(root, job, round);
+    Ok((0..manifest.shards)
+        .filter(|&i| !dir.join(shard_file(i, manifest.shards)).exists())
+        .collect())
+}
+
+/// The path of file `name` of checkpoint `round` of `job`, if `name` is a
+/// checkpoint file's name (the manifest or a shard's file) and nothing else.
+pub fn file_path(root: &Path, job: &str, round: u64, name: &str) -> Result<PathBuf> {
+    let shard_file = name.starts_with("shard-")
+        && name.ends_with(".safetensors")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && !name.contains("..");
+    if name != MANIFEST && !shard_file {
+        return Err(crate::invalid!(
+            "name {name:?} is not a checkpoint file (MANIFEST.json or shard-<i>-of-<n>.safetensors)"
+        ));
+    }
+    Ok(round_dir(root, job, round).join(name))
+}
+
+/// A checkpoint file arriving from another shard: written under a
+/// temporary name and hashed as it comes, kept only if it is what the
+/// manifest says.
+pub struct Receiving {
+    tmp: PathBuf,
+    path: PathBuf,
+    file: fs::File,
+    hash: Sha256,
+    bytes: u64,
+}
+
+impl Receiving {
+    /// Starts receiving file `name` of checkpoint `round` of `job`.
+    pub fn new(root: &Path, job: &str, round: u64, name: &str) -> Result<Receiving> {
+        let path = file_path(root, job, round, name)?;
+        let dir = round_dir(root, job, round);
+        fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        let tmp = path.with_extension("tmp");
+        let file = fs::File::create(&tmp).map_err(io("create", &tmp))?;
+        Ok(Receiving {
+            tmp,
+            path,
+            file,
+            hash: Sha256::new(),
+            bytes: 0,
+        })
+    }
+
+    /// Appends `data`.
+    pub fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.hash.update(data);
+        self.bytes += data.len() as u64;
+        self.file.write_all(data).map_err(io("write", &self.tmp))
+    }
+
+    /// Checks the file against `expect` (its manifest entry; none for the
+    /// manifest itself) and makes it durable under its name.
+    pub fn finish(self, expect: Option<&ManifestFile>) -> Result<()> {
+        let sum = hex(&self.hash.finalize());
+        if let Some(e) = expect
+            && (e.sha256 != sum || e.bytes != self.bytes)
+        {
+            let _ = fs::remove_file(&self.tmp);
+            return Err(Error::Internal(format!(
+                "{}: received {} bytes with checksum {sum}, the manifest says {} bytes with {}",
+                self.path.display(),
+                self.bytes,
+                e.bytes,
+                e.sha256
+            )));
+        }
+        self.file.sync_all().map_err(io("fsync", &self.tmp))?;
+        fs::rename(&self.tmp, &self.path).map_err(io("rename to", &self.path))?;
+        let dir = self
+            .path
+            .parent()
+            .ok_or_else(|| Error::Internal(format!("{} has no directory", self.path.display())))?;
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("fsync", dir))
+    }
+}
+
 /// Rounds of a job directory that have a manifest.
 fn complete_rounds(job_dir: &Path) -> Vec<u64> {
     let Ok(entries) = fs::read_dir(job_dir) else {
@@ -536,7 +654,7 @@ fn load_one(dir: &Path, shard: usize, shards: usize) -> Result<Loaded> {
         if !dir.join(&name).exists() && manifest.shards != shards {
             // Not damage: this directory holds only some shards' files.
             return Err(Error::Invalid(format!(
-                "{}: taken on {} shards, this cluster has {shards}; restoring onto another number of shards needs every shard's file in one directory, and {name} is not here",
+                "{}: taken on {} shards, this cluster has {shards}; restoring onto another number of shards needs every shard's file, and {name} is neither here nor on a shard of this cluster (copy it here)",
                 dir.display(),
                 manifest.shards
             )));

@@ -224,6 +224,31 @@ impl Cluster {
         Ok(())
     }
 
+    /// The bytes of file `name` of checkpoint `round` of `job` on shard `i`.
+    pub async fn checkpoint_file(
+        &self,
+        i: usize,
+        job: &str,
+        round: u64,
+        name: &str,
+    ) -> Result<tonic::Streaming<pb::CheckpointFileChunk>> {
+        let req = self.request(
+            pb::CheckpointFileRequest {
+                job: job.to_owned(),
+                round,
+                name: name.to_owned(),
+            },
+            // A whole shard's file: as long as a round may take.
+            self.round_timeout + self.peer_timeout,
+        );
+        Ok(self
+            .peer(i)?
+            .checkpoint_file(req)
+            .await
+            .map_err(self.err(i))?
+            .into_inner())
+    }
+
     /// A job's part on shard `i`.
     pub async fn shard_status(&self, i: usize, job: &str) -> Result<pb::ShardInfo> {
         let req = self.request(

@@ -405,7 +405,51 @@ async fn a_three_shard_checkpoint_restores_on_two_and_on_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resharding_from_separate_directories_is_refused_clearly() {
+async fn a_two_shard_checkpoint_in_separate_directories_restores_on_three() {
+    let want = uninterrupted().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = reserve_ports(3);
+    let url = format!("http://127.0.0.1:{}", ports[0]);
+    let daemons = start(2, &ports, dir.path()).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    init(&mut c, "run").await;
+    for t in 0..7 {
+        round(&mut c, "run", t).await;
+    }
+    kill_all(daemons).await;
+
+    // Shard 2 starts with an empty directory (a new volume); the others
+    // each hold their own file of round 6.
+    let daemons = start(3, &ports, dir.path()).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    assert_eq!(wait_serving(&mut c, "run").await.round, 6);
+    every_shard_at(&mut c, 6).await;
+    let s = c.status(Some("run")).await.expect("status");
+    assert!(
+        s.jobs[0].shards.iter().all(|x| x.chunks > 0),
+        "the chunks are placed on three shards: {:?}",
+        s.jobs[0].shards
+    );
+    for i in 0..3 {
+        let round6 = shard_dir(dir.path(), i).join("run/00000000000000000006");
+        for f in [
+            "shard-0-of-2.safetensors",
+            "shard-1-of-2.safetensors",
+            "MANIFEST.json",
+        ] {
+            assert!(
+                round6.join(f).is_file(),
+                "shard {i} holds {f}: {:?}",
+                entries(dir.path(), i)
+            );
+        }
+    }
+    finish_exactly(&mut c, 6, &want).await;
+    kill_all(daemons).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resharding_from_separate_directories_without_every_file_is_refused_clearly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ports = reserve_ports(3);
     let url = format!("http://127.0.0.1:{}", ports[0]);
@@ -416,15 +460,24 @@ async fn resharding_from_separate_directories_is_refused_clearly() {
         round(&mut c, "run", t).await;
     }
     kill_all(daemons).await;
-    // Shard 0's directory alone cannot be restored on one shard.
-    let a = shard_args(0, &ports[..1], &flags(&dir.path().join("shard0")));
-    let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    let err = Daemon::start(&a).await.expect_err("refuses to start");
-    assert!(
-        err.to_string()
-            .contains("needs every shard's file in one directory"),
-        "{err}"
-    );
+    // On one shard or on two, a file (shard 1's, shard 2's) is on no shard
+    // of the new cluster: the coordinator does not start, and says which.
+    for n in [1, 2] {
+        let a = shard_args(0, &ports[..n], &flags(&shard_dir(dir.path(), 0)));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let err = Daemon::start(&a).await.expect_err("refuses to start");
+        let want = if n == 1 {
+            "shard-1-of-3"
+        } else {
+            "shard-2-of-3"
+        };
+        assert!(
+            err.to_string()
+                .contains(&format!("{want}.safetensors is neither"))
+                && err.to_string().contains("copy it here"),
+            "{n} shards: {err}"
+        );
+    }
     assert!(
         dir.path().join("shard0/run/00000000000000000003").is_dir(),
         "the checkpoint is left in place"
