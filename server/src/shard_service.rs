@@ -127,6 +127,7 @@ impl Shard for ShardService {
         Ok(Response::new(pb::RestorableResponse {
             rounds: job.restorable(),
             round: job.round(),
+            serving: job.check_serving().is_ok(),
         }))
     }
 

@@ -720,3 +720,60 @@ async fn sigterm_to_every_shard_at_once_takes_a_consistent_final_checkpoint() {
     finish_exactly(&mut c, 5, &want).await;
     kill_all(daemons).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_restarted_alone_rejoins_only_at_the_coordinators_round() {
+    let want = uninterrupted().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = reserve_ports(3);
+    let url = format!("http://127.0.0.1:{}", ports[0]);
+    let flags = |i: usize| on_request_flags(&shard_dir(dir.path(), i));
+    let mut daemons = start_cluster(&ports, flags).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    init(&mut c, "run").await;
+    for t in 0..3 {
+        round(&mut c, "run", t).await;
+    }
+    assert_eq!(
+        c.checkpoint(Some("run")).await.expect("checkpoint")[0].round,
+        3
+    );
+
+    // Shard 2 dies and comes back while the others run on: it restored the
+    // round the coordinator is at, and serves again.
+    let mut d2 = daemons.pop().expect("shard 2");
+    d2.child.kill().await.expect("kill -9");
+    daemons.push(paramd_tests::start_shard(2, &ports, &flags(2)).await);
+    assert_eq!(wait_serving(&mut c, "run").await.round, 3);
+    every_shard_at(&mut c, 3).await;
+    for t in 3..5 {
+        round(&mut c, "run", t).await;
+    }
+
+    // Again after two rounds without a checkpoint: shard 2 restores round
+    // 3, the coordinator is at 5; shard 2 refuses workers and says why.
+    let mut d2 = daemons.pop().expect("shard 2");
+    d2.child.kill().await.expect("kill -9");
+    daemons.push(paramd_tests::start_shard(2, &ports, &flags(2)).await);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let why = loop {
+        let err = c.pull("run", 5).await.expect_err("shard 2 is at round 3");
+        let msg = err.to_string();
+        if msg.contains("restart every shard") {
+            break msg;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{msg}");
+        // Pacing the polls until shard 2 has asked the coordinator.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(why.contains("shard 2") && why.contains("round 3"), "{why}");
+
+    // Restarting every shard brings them to round 3, and training goes on
+    // exactly.
+    kill_all(daemons).await;
+    let daemons = start_cluster(&ports, flags).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    assert_eq!(wait_serving(&mut c, "run").await.round, 3);
+    finish_exactly(&mut c, 3, &want).await;
+    kill_all(daemons).await;
+}

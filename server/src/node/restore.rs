@@ -66,8 +66,66 @@ impl Node {
                 );
                 runtime.spawn(Arc::clone(self).reshard(name, round));
             }
+        } else if self.cluster.shard != 0 {
+            let runtime = tokio::runtime::Handle::try_current()
+                .map_err(|e| Error::Internal(format!("restore outside the runtime: {e}")))?;
+            for name in restored {
+                runtime.spawn(Arc::clone(self).rejoin(name));
+            }
         }
         Ok(())
+    }
+
+    /// On a shard other than the coordinator, restarted alone: if the
+    /// coordinator serves the job at the round this shard restored, serve
+    /// it too; at another round, say so (only restarting every shard
+    /// brings them to one checkpoint). If the coordinator is restoring the
+    /// job itself, it will have this shard adopt a round.
+    async fn rejoin(self: Arc<Self>, name: String) {
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let Ok(job) = self.job(&name) else {
+                return;
+            };
+            match self.cluster.restorable(0, &name).await {
+                Ok(r) if !r.serving => return,
+                Ok(r) if r.round == job.round() => {
+                    job.serve();
+                    tracing::info!(job = %name, round = r.round, "the coordinator serves the round this shard restored");
+                    return;
+                }
+                Ok(r) => {
+                    let why = format!(
+                        "job '{name}': this shard restored round {}, the coordinator is at round {}; restart every shard so that they agree on a checkpoint",
+                        job.round(),
+                        r.round
+                    );
+                    tracing::error!(job = %name, round = job.round(), coordinator_round = r.round, "restarted alone at another round than the coordinator's");
+                    job.hold(why);
+                    return;
+                }
+                Err(Error::Shard {
+                    code: tonic::Code::NotFound,
+                    ..
+                }) => {
+                    job.hold(format!(
+                        "job '{name}' was restored here, but the coordinator has no such job"
+                    ));
+                    return;
+                }
+                Err(e) if e.retryable() => {
+                    // Pacing the calls to a coordinator still starting.
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                // The coordinator is restoring, or cannot answer: it has
+                // every shard adopt a round once it can.
+                Err(e) => {
+                    tracing::info!(job = %name, error = %e, "the coordinator will set this shard's round");
+                    return;
+                }
+            }
+        }
     }
 
     /// Whether the newest checkpoint of job `name` was taken on another
