@@ -1,8 +1,9 @@
 //! The two decisions of a round. First its members: every shard reports
 //! which workers' pushes it holds whole, and the coordinator chooses the
-//! workers whose mean is the round's gradient (all of them, the first
-//! `workers - backup_workers`, or after the worker timeout those whole on
-//! every shard), so that every shard averages over the same set. Then its
+//! workers whose mean is the round's gradient (those whole on every shard,
+//! once they are all the workers, or `workers - backup_workers` of them, or
+//! at least one after the worker timeout), so that every shard averages
+//! over the same set. Then its
 //! step: once every shard has reported its per-chunk sums of squares, the
 //! coordinator computes the global norm, the clip coefficient and the
 //! learning rates (or the skip), and every shard applies that same decision.

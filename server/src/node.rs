@@ -179,10 +179,14 @@ impl Node {
             job.drain();
         }
         if self.cluster.shard == 0 {
+            // Every job gets its checkpoint even if another's fails.
+            let mut failure = None;
             for job in &jobs {
-                job.final_checkpoint().await?;
+                if let Err(e) = job.final_checkpoint().await {
+                    failure = failure.or(Some(e));
+                }
             }
-            return Ok(jobs.len());
+            return failure.map_or(Ok(jobs.len()), Err);
         }
         tracing::info!(
             jobs = jobs.len(),

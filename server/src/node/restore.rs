@@ -83,6 +83,9 @@ impl Node {
     /// job itself, it will have this shard adopt a round.
     async fn rejoin(self: Arc<Self>, name: String) {
         let mut backoff = Duration::from_millis(20);
+        // A coordinator that is down past this restarts too, and then has
+        // every shard adopt a round itself.
+        let give_up = tokio::time::Instant::now() + self.cluster.round_timeout;
         loop {
             let Ok(job) = self.job(&name) else {
                 return;
@@ -113,7 +116,7 @@ impl Node {
                     ));
                     return;
                 }
-                Err(e) if e.retryable() => {
+                Err(e) if e.retryable() && tokio::time::Instant::now() < give_up => {
                     // Pacing the calls to a coordinator still starting.
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(500));
