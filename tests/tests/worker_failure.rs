@@ -338,3 +338,88 @@ async fn on_three_shards_backup_workers_do_not_wait_for_the_slowest() {
         assert_eq!(d.terminate().await.expect("terminate").code(), Some(0));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_three_shards_a_push_that_reached_some_shards_only_is_dropped_on_all() {
+    use paramd_proto::v1::param_server_client::ParamServerClient;
+    let ports = reserve_ports(3);
+    let daemons = start_cluster(&ports, |_| cluster_flags()).await;
+    let url = format!("http://127.0.0.1:{}", ports[0]);
+    let mut c = Client::connect(&url).await.expect("connect");
+    c.timeout = Duration::from_secs(20);
+    c.init("partial", spec12(4, Some(1.0), 0), &[("w", &[0.5; 12])])
+        .await
+        .expect("init");
+    // Worker 3's push of round 0 reaches shard 0 only, as if its calls to
+    // the other shards had failed.
+    let mut raw = ParamServerClient::connect(url.clone())
+        .await
+        .expect("connect");
+    let layout = raw
+        .layout(pb::LayoutRequest {
+            job: "partial".into(),
+        })
+        .await
+        .expect("layout")
+        .into_inner();
+    assert_eq!(layout.chunk_elems, 4);
+    let g3 = grad12(3, 0);
+    let part: Vec<pb::Segment> = layout
+        .owners
+        .iter()
+        .enumerate()
+        .filter(|&(_, &owner)| owner == 0)
+        .map(|(i, _)| pb::Segment {
+            param: "w".into(),
+            offset: (i * 4) as u64,
+            data: paramd_client::to_le_bytes(&g3[i * 4..i * 4 + 4]),
+        })
+        .collect();
+    assert!(!part.is_empty(), "shard 0 holds a chunk: {layout:?}");
+    let req = futures::stream::iter(vec![pb::PushRequest {
+        job: "partial".into(),
+        worker: 3,
+        round: 0,
+        grads: part,
+    }]);
+    raw.push(req).await.expect("shard 0 takes worker 3's part");
+    for w in 0..3 {
+        push12(&mut c, "partial", w, 0).await.expect("push");
+    }
+    // After the timeout the round completes on every shard with workers 0,
+    // 1 and 2: worker 3's part on shard 0 is left out of the mean.
+    let got = c.pull("partial", 1).await.expect("round 0 completes");
+    let err = push12(&mut c, "partial", 3, 0)
+        .await
+        .expect_err("worker 3 is out of round 0");
+    assert_eq!(
+        err.status().map(tonic::Status::code),
+        Some(Code::FailedPrecondition),
+        "{err}"
+    );
+
+    // The same round on one shard, where worker 3 never pushed.
+    let one = TestServer::with_config(paramd::NodeConfig {
+        chunk_bytes: 16,
+        ..Default::default()
+    })
+    .await;
+    let mut c1 = one.client().await;
+    c1.timeout = Duration::from_secs(20);
+    c1.init("partial", spec12(4, Some(1.0), 0), &[("w", &[0.5; 12])])
+        .await
+        .expect("init");
+    for w in 0..3 {
+        push12(&mut c1, "partial", w, 0).await.expect("push");
+    }
+    let want = c1.pull("partial", 1).await.expect("round 0 completes");
+    assert_eq!(
+        bits(&got),
+        bits(&want),
+        "every shard averaged over workers 0, 1 and 2 only"
+    );
+    one.shutdown().await;
+    for d in daemons {
+        assert_eq!(d.terminate().await.expect("terminate").code(), Some(0));
+    }
+}
