@@ -256,7 +256,11 @@ impl Node {
         {
             out.write(&chunk.data)?;
         }
-        out.finish(Some(expect))?;
+        let entry = expect.clone();
+        // fsync and rename off the async runtime.
+        tokio::task::spawn_blocking(move || out.finish(Some(&entry)))
+            .await
+            .map_err(|e| Error::Internal(format!("storing a checkpoint file panicked: {e}")))??;
         tracing::info!(job = %name, round, file, from, bytes = expect.bytes, "checkpoint file received");
         Ok(())
     }
@@ -287,9 +291,14 @@ impl Node {
             }
         }
         // Last: the manifest makes the checkpoint exist here.
-        let mut out = checkpoint::Receiving::new(&root, name, round, checkpoint::MANIFEST)?;
-        out.write(&json)?;
-        out.finish(None)
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut out = checkpoint::Receiving::new(&root, &name, round, checkpoint::MANIFEST)?;
+            out.write(&json)?;
+            out.finish(None)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("storing a manifest panicked: {e}")))?
     }
 
     /// Has this shard hold job `name` as of checkpoint `round` and serve
