@@ -173,6 +173,7 @@ impl Node {
     /// shards' directories. Shards still starting are asked again, paced.
     async fn reshard(self: Arc<Self>, name: String, round: u64) {
         let mut backoff = Duration::from_millis(20);
+        let mut attempts = 0u32;
         loop {
             match self.reshard_once(&name, round).await {
                 Ok(()) => {
@@ -181,7 +182,13 @@ impl Node {
                     return;
                 }
                 Err(e) if e.retryable() => {
-                    tracing::info!(job = %name, error = %e, "waiting for the shards to hand over their checkpoint files");
+                    // Once at info level, then quietly while shards start.
+                    if attempts == 0 {
+                        tracing::info!(job = %name, error = %e, "waiting for the shards to hand over their checkpoint files");
+                    } else {
+                        tracing::debug!(job = %name, error = %e, "waiting for the shards to hand over their checkpoint files");
+                    }
+                    attempts += 1;
                     // Pacing the calls to shards still starting, not
                     // waiting for an event.
                     tokio::time::sleep(backoff).await;
@@ -322,6 +329,7 @@ impl Node {
     /// that are not up yet are asked again, paced, until they answer.
     async fn agree(self: Arc<Self>, name: String) {
         let mut backoff = Duration::from_millis(20);
+        let mut attempts = 0u32;
         loop {
             let Ok(job) = self.job(&name) else {
                 return;
@@ -332,7 +340,13 @@ impl Node {
                     return;
                 }
                 Err(e) if e.retryable() => {
-                    tracing::info!(job = %name, error = %e, "waiting for the shards to report their checkpoints");
+                    // Once at info level, then quietly while shards start.
+                    if attempts == 0 {
+                        tracing::info!(job = %name, error = %e, "waiting for the shards to report their checkpoints");
+                    } else {
+                        tracing::debug!(job = %name, error = %e, "waiting for the shards to report their checkpoints");
+                    }
+                    attempts += 1;
                     // Pacing the calls to shards still starting, not
                     // waiting for an event.
                     tokio::time::sleep(backoff).await;
