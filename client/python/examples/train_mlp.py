@@ -31,7 +31,7 @@ import paramd.torch
 
 IN, HIDDEN = 16, 32
 BATCH = 32
-LR, WEIGHT_DECAY, HEAD_LR = 3e-3, 0.01, 1e-2
+LR, WEIGHT_DECAY, HEAD_LR = 1e-2, 0.01, 3e-2
 MAX_NORM = 0.5
 
 

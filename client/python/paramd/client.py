@@ -275,9 +275,11 @@ class Client:
     def push(self, job: str, worker: int, round: int, grads: Mapping[str, Any]) -> PushResult:
         """Pushes worker `worker`'s gradients for `round`, each chunk
         straight to its shard, every shard at once. Every parameter of the
-        job must be given exactly once. Safe to retry."""
+        job must be given, with its number of elements (refused here,
+        before any shard counts part of it). Safe to retry."""
         route = self.route(job)
         flat = {name: as_f32(name, g) for name, g in grads.items()}
+        route.check(flat, "push of worker %d for round %d" % (worker, round))
         parts = route.split(flat)
 
         def call(i: int) -> "pb.PushResponse":

@@ -10,7 +10,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import Error
+from .errors import Error, InvalidArgument
 from .v1 import paramd_pb2 as pb
 
 __all__ = ["Route", "MESSAGE_BYTES", "segments", "pack", "as_f32", "Assembler"]
@@ -92,18 +92,35 @@ class Route:
             )
         self.n_shards = n
 
+    def check(self, tensors: Mapping[str, np.ndarray], what: str) -> None:
+        """Refuses tensors that do not cover the job's parameters exactly
+        (unknown names, wrong sizes, missing ones). On a cluster each shard
+        only sees its own chunks, so this is where a malformed push is
+        refused whole, before any shard has counted part of it."""
+        for name, flat in tensors.items():
+            where = self.params.get(name)
+            if where is None:
+                known = ", ".join(repr(n) for n in self.order[:8]) + (", ..." if len(self.order) > 8 else "")
+                raise InvalidArgument("%s: unknown parameter %r (job %r has %s)" % (what, name, self.job, known))
+            if where[1] != flat.size:
+                raise InvalidArgument(
+                    "%s: %r has %d values; its shape %s holds %d"
+                    % (what, name, flat.size, list(self.shapes[name]), where[1])
+                )
+        missing = [n for n in self.order if n not in tensors]
+        if missing:
+            raise InvalidArgument(
+                "%s: parameter %s missing; a push covers every parameter of job %r"
+                % (what, ", ".join(repr(n) for n in missing), self.job)
+            )
+
     def split(self, tensors: Mapping[str, np.ndarray]) -> List[List["pb.Segment"]]:
-        """Cuts flat f32 tensors into one list of segments per shard. A tensor
-        the layout does not describe (unknown, or of the wrong size) goes
-        whole to shard 0, whose refusal names what is wrong."""
+        """Cuts flat f32 tensors (checked by `check`) into one list of
+        segments per shard, each chunk to the shard that owns it."""
         out: List[List[pb.Segment]] = [[] for _ in range(self.n_shards)]
         ce = self.chunk_elems
         for name, flat in tensors.items():
-            where = self.params.get(name)
-            if where is None or where[1] != flat.size:
-                out[0].extend(segments(name, flat))
-                continue
-            first, numel = where
+            first, numel = self.params[name]
             k = 0
             # Consecutive chunks on the same shard travel as one run (cut
             # into segments of MESSAGE_BYTES), not one segment per chunk.

@@ -67,11 +67,13 @@ def test_refusals_carry_the_servers_message(cluster, job_name):
         c.init(job_name, INIT, paramd.AdamW(), workers=3)
     with pytest.raises(paramd.EarlyPush, match="early push: job '%s' is collecting round 0, not round 2" % job_name):
         c.push(job_name, 0, 2, grads(0))
+    # A malformed push is refused whole before any shard counts part of it.
     bad = dict(grads(0), nope=np.ones(2, np.float32))
-    with pytest.raises(paramd.InvalidArgument, match="unknown parameter 'nope'"):
+    with pytest.raises(paramd.InvalidArgument, match="push of worker 0 for round 0: unknown parameter 'nope'"):
         c.push(job_name, 0, 0, bad)
-    with pytest.raises(paramd.InvalidArgument, match="worker"):
+    with pytest.raises(paramd.InvalidArgument, match="worker 5"):
         c.push(job_name, 5, 0, grads(0))
+    assert c.job_status(job_name).workers_pushed == 0
     c.push(job_name, 0, 0, grads(0))
     c.pull(job_name, 1)
     with pytest.raises(paramd.StalePush, match="stale push: round 0 of job '%s' is complete" % job_name):
@@ -100,7 +102,7 @@ def test_export_writes_what_the_client_pulls(cluster, job_name, tmp_path, paramc
     c.init(job_name, INIT, paramd.Adam(lr=0.01), workers=1)
     for t in range(3):
         c.push(job_name, 0, t, grads(t))
-    pulled = c.pull(job_name, 3)
+        pulled = c.pull(job_name, t + 1)
     ours = tmp_path / "client.safetensors"
     e = c.export(ours, job=job_name)
     assert (e.job, e.round, e.tensors) == (job_name, 3, len(INIT))
@@ -119,13 +121,14 @@ def test_export_writes_what_the_client_pulls(cluster, job_name, tmp_path, paramc
 
 
 def test_checkpoint_returns_the_round(paramd_bin, tmp_path, job_name):
-    c3 = Cluster(paramd_bin, 1, ["--checkpoint-dir", str(tmp_path / "ckpt")])
+    server = Cluster(paramd_bin, 1, ["--checkpoint-dir", str(tmp_path / "ckpt")])
     try:
-        c = c3.client()
+        c = server.client()
         c.init(job_name, INIT, paramd.AdamW(), workers=1)
         c.push(job_name, 0, 0, grads(0))
         c.pull(job_name, 1)
         assert c.checkpoint(job_name) == {job_name: 1}
-        assert (tmp_path / "ckpt" / job_name / "1").is_dir()
+        (taken,) = (tmp_path / "ckpt" / job_name).iterdir()
+        assert int(taken.name) == 1 and (taken / "MANIFEST.json").is_file()
     finally:
-        c3.stop()
+        server.stop()

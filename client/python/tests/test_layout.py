@@ -80,11 +80,16 @@ def test_split_then_assemble_round_trips_every_element():
         first += -(-numel[n] // ce)
 
 
-def test_unknown_or_misshapen_tensors_go_whole_to_shard_0():
-    r = Route(layout([("w", [8])], 4, [1, 2]), "job")
-    per_shard = r.split({"nope": np.ones(3, np.float32), "w": np.ones(5, np.float32)})
-    assert sorted((s.param, len(s.data)) for s in per_shard[0]) == [("nope", 12), ("w", 20)]
-    assert per_shard[1] == [] and per_shard[2] == []
+def test_pushes_that_do_not_cover_the_job_exactly_are_refused_before_sending():
+    r = Route(layout([("w", [2, 4]), ("b", [])], 4, [1, 2, 0]), "job")
+    ok = {"w": np.ones(8, np.float32), "b": np.ones(1, np.float32)}
+    r.check(ok, "push")
+    with pytest.raises(paramd.InvalidArgument, match=r"push: unknown parameter 'nope' \(job 'job' has 'w', 'b'\)"):
+        r.check(dict(ok, nope=np.ones(3, np.float32)), "push")
+    with pytest.raises(paramd.InvalidArgument, match=r"push: 'w' has 5 values; its shape \[2, 4\] holds 8"):
+        r.check(dict(ok, w=np.ones(5, np.float32)), "push")
+    with pytest.raises(paramd.InvalidArgument, match=r"push: parameter 'b' missing; a push covers every parameter"):
+        r.check({"w": ok["w"]}, "push")
 
 
 def test_large_tensors_are_cut_below_the_message_size():
