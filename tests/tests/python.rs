@@ -26,7 +26,11 @@ fn repo() -> PathBuf {
 }
 
 /// Runs `cmd` to completion within `limit`, killing it past that.
-async fn run(mut cmd: tokio::process::Command, what: &str, limit: Duration) -> std::process::Output {
+async fn run(
+    mut cmd: tokio::process::Command,
+    what: &str,
+    limit: Duration,
+) -> std::process::Output {
     let child = cmd
         .kill_on_drop(true)
         .stdout(Stdio::piped())
@@ -71,7 +75,15 @@ async fn python_client_suite() {
     // generated at build time) cannot shadow the installed package.
     let mut pytest = tokio::process::Command::new(&python);
     pytest
-        .args(["-m", "pytest", "-q", "-rfEs", "--durations=8", "-p", "no:cacheprovider"])
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-rfEs",
+            "--durations=8",
+            "-p",
+            "no:cacheprovider",
+        ])
         .current_dir(pkg.join("tests"))
         .env("PARAMD_BIN", &paramd)
         .env("PARAMCTL_BIN", &paramctl)
