@@ -81,8 +81,7 @@ class Optimizer:
         for key, value in hyper.items():
             if key not in cls.options:
                 raise InvalidArgument(
-                    "%s: %s is not an option of %s (options: %s)"
-                    % (where, key, cls.torch_name, ", ".join(cls.options))
+                    "%s: %s is not an option of %s (options: %s)" % (where, key, cls.torch_name, ", ".join(cls.options))
                 )
             out[key] = cls._check(key, value, "%s.%s" % (where, key))
         return out
@@ -251,9 +250,7 @@ class WarmupCosine(Schedule):
             )
         self.min_lr_ratio = _number("schedule.min_lr_ratio", min_lr_ratio)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise InvalidArgument(
-                "schedule.min_lr_ratio must be in [0, 1], got %r" % self.min_lr_ratio
-            )
+            raise InvalidArgument("schedule.min_lr_ratio must be in [0, 1], got %r" % self.min_lr_ratio)
 
     def factor(self, step: int) -> float:
         """The LambdaLR factor at optimizer step `step` (0-based)."""
@@ -344,15 +341,12 @@ def job_spec(
     override the optimizer's hyperparameters.
     """
     if not isinstance(optimizer, Optimizer):
-        raise InvalidArgument(
-            "optimizer must be paramd.SGD, paramd.Adam or paramd.AdamW, got %r" % (optimizer,)
-        )
+        raise InvalidArgument("optimizer must be paramd.SGD, paramd.Adam or paramd.AdamW, got %r" % (optimizer,))
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise InvalidArgument("workers must be an integer >= 1, got %r" % (workers,))
     if schedule is not None and not isinstance(schedule, Schedule):
         raise InvalidArgument(
-            "schedule must be paramd.Constant, paramd.WarmupCosine or paramd.CosineAnnealing, got %r"
-            % (schedule,)
+            "schedule must be paramd.Constant, paramd.WarmupCosine or paramd.CosineAnnealing, got %r" % (schedule,)
         )
     if clip is not None and not isinstance(clip, ClipGradNorm):
         raise InvalidArgument("clip must be paramd.ClipGradNorm, got %r" % (clip,))
@@ -384,9 +378,7 @@ def job_spec(
                 if n not in seen:
                     raise InvalidArgument("%s names parameter %r, which the job does not have" % (where, n))
                 if n in owner:
-                    raise InvalidArgument(
-                        "parameter %r is in param_groups[%d] and %s" % (n, owner[n], where)
-                    )
+                    raise InvalidArgument("parameter %r is in param_groups[%d] and %s" % (n, owner[n], where))
                 owner[n] = i
             spec.param_groups.add(params=names, hyper=optimizer.hyper_pb(overrides))
         missing = [n for n, _ in params if n not in owner]
@@ -405,4 +397,3 @@ def job_spec(
             raise InvalidArgument("worker_timeout must be > 0 seconds, got %r" % t)
         spec.worker_timeout_seconds = t
     return spec
-

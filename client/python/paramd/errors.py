@@ -130,9 +130,7 @@ _PRECONDITIONS = [
 ]
 
 
-def from_rpc_error(
-    err: grpc.RpcError, shard: Optional[int] = None, url: Optional[str] = None
-) -> Error:
+def from_rpc_error(err: grpc.RpcError, shard: Optional[int] = None, url: Optional[str] = None) -> Error:
     """The `Error` for a failed call, carrying the server's message."""
     code = err.code() if hasattr(err, "code") else None
     details = err.details() if hasattr(err, "details") else None

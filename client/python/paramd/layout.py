@@ -87,9 +87,7 @@ class Route:
             raise Error("layout of %r has %d owners for %d chunks" % (job, self.owners.size, nxt))
         n = max(1, len(self.shards))
         if self.owners.size and (self.owners.max() >= n or self.owners.min() < 0):
-            raise Error(
-                "layout of %r names shard %d of %d" % (job, int(self.owners.max()), n)
-            )
+            raise Error("layout of %r names shard %d of %d" % (job, int(self.owners.max()), n))
         self.n_shards = n
 
     def check(self, tensors: Mapping[str, np.ndarray], what: str) -> None:

@@ -58,9 +58,7 @@ def _rank_and_world(rank: Optional[int], world_size: Optional[int]) -> Tuple[int
         if isinstance(v, bool) or not isinstance(v, int):
             raise errors.InvalidArgument("%s must be an integer, got %r" % (name, v))
     if world_size < 1 or not 0 <= rank < world_size:
-        raise errors.InvalidArgument(
-            "rank must be in [0, world_size): got rank %d, world_size %d" % (rank, world_size)
-        )
+        raise errors.InvalidArgument("rank must be in [0, world_size): got rank %d, world_size %d" % (rank, world_size))
     return rank, world_size
 
 
@@ -141,12 +139,13 @@ class _Remote:
     def _setup(
         self,
         named: Sequence[Tuple[str, torch.Tensor]],
+        optimizer: Optimizer,
+        groups: Optional[List[Dict[str, Any]]],
+        *,
         server: Optional[str],
         job: str,
         rank: Optional[int],
         world_size: Optional[int],
-        optimizer: Optimizer,
-        groups: Optional[List[Dict[str, Any]]],
         schedule: Optional[Schedule],
         clip: Optional[ClipGradNorm],
         client: Optional[Client],
@@ -173,9 +172,7 @@ class _Remote:
             if not isinstance(p, torch.Tensor):
                 raise errors.InvalidArgument("parameter %r is not a tensor: %r" % (n, type(p)))
             if p.dtype != torch.float32:
-                raise errors.InvalidArgument(
-                    "parameter %r is %s: paramd trains float32 parameters" % (n, p.dtype)
-                )
+                raise errors.InvalidArgument("parameter %r is %s: paramd trains float32 parameters" % (n, p.dtype))
         spec = job_spec(
             [(n, tuple(p.shape)) for n, p in named],
             optimizer,
@@ -393,9 +390,24 @@ class RemoteOptimizer(_Remote):
         self.optimizer = optimizer
         self.param_groups = groups or [{"params": [n for n, _ in named]}]
         self._setup(
-            named, server, job, rank, world_size, optimizer, groups, schedule, clip, client, token, tls,
-            timeout, join_timeout, non_finite, worker_timeout, backup_workers,
-        )  # fmt: skip
+            named,
+            optimizer,
+            groups,
+            server=server,
+            job=job,
+            rank=rank,
+            world_size=world_size,
+            schedule=schedule,
+            clip=clip,
+            client=client,
+            token=token,
+            tls=tls,
+            timeout=timeout,
+            join_timeout=join_timeout,
+            non_finite=non_finite,
+            worker_timeout=worker_timeout,
+            backup_workers=backup_workers,
+        )
 
     def __repr__(self) -> str:
         return "paramd.torch.RemoteOptimizer(job=%r, rank=%d/%d, %r, round=%d)" % (
@@ -461,9 +473,24 @@ class DistributedOptimizer(_Remote):
         self.optimizer = optimizer
         self.param_groups = optimizer.param_groups
         self._setup(
-            job_params, server, job, rank, world_size, base, groups, schedule, clip, client, token, tls,
-            timeout, join_timeout, non_finite, worker_timeout, backup_workers,
-        )  # fmt: skip
+            job_params,
+            base,
+            groups,
+            server=server,
+            job=job,
+            rank=rank,
+            world_size=world_size,
+            schedule=schedule,
+            clip=clip,
+            client=client,
+            token=token,
+            tls=tls,
+            timeout=timeout,
+            join_timeout=join_timeout,
+            non_finite=non_finite,
+            worker_timeout=worker_timeout,
+            backup_workers=backup_workers,
+        )
 
     def __repr__(self) -> str:
         return "paramd.torch.DistributedOptimizer(%s, job=%r, rank=%d/%d, round=%d)" % (

@@ -1,5 +1,5 @@
 """Fixtures: real paramd processes on reserved loopback ports (one shard,
-and three shards), the golden traces, and the paths of the binaries.
+and three shards), and the paths of the binaries.
 
 `cargo test -p paramd-tests --test python` sets PARAMD_BIN and PARAMCTL_BIN;
 run by hand, the binaries are looked up in the cargo target directory.
@@ -7,6 +7,7 @@ run by hand, the binaries are looked up in the cargo target directory.
 
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,14 +40,18 @@ def pytest_report_header(config):
 
 
 def _die_with_parent() -> None:
-    # SIGKILL when the parent dies, whatever kills it: the daemons die with
-    # pytest, and pytest with the cargo test that started it.
+    # SIGKILL when the parent dies, whatever kills it: pytest dies with the
+    # cargo test that started it.
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 if sys.platform == "linux" and os.environ.get("PARAMD_BIN"):
     _die_with_parent()
+
+# The daemons get SIGKILL when pytest dies, set by util-linux's setpriv
+# before it execs paramd (no Python code runs between fork and exec).
+SETPRIV = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
 
 
 def _binary(env: str, name: str) -> Path:
@@ -94,12 +99,11 @@ class Daemon:
         self._ready = threading.Event()
         env = dict(os.environ, PARAMD_LOG="info")
         self.proc = subprocess.Popen(
-            [str(binary)] + args,
+            SETPRIV + [str(binary)] + args,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
             text=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         threading.Thread(target=self._drain, daemon=True).start()
 

@@ -129,7 +129,9 @@ def test_the_spec_carries_every_hyperparameter_and_group():
     g0, g1 = spec.param_groups
     assert list(g0.params) == ["enc.weight", "enc.bias"] and g0.hyper.lr == 1e-4
     assert not g0.hyper.HasField("weight_decay")
-    assert list(g1.params) == ["head"] and g1.hyper.weight_decay == 0.0 and (g1.hyper.beta1, g1.hyper.beta2) == (0.5, 0.6)
+    assert (
+        list(g1.params) == ["head"] and g1.hyper.weight_decay == 0.0 and (g1.hyper.beta1, g1.hyper.beta2) == (0.5, 0.6)
+    )
     assert spec.schedule.warmup_cosine == pb.WarmupCosine(warmup_steps=3, total_steps=12, min_lr_ratio=0.1)
     assert spec.clip.max_norm == 1.0
     assert spec.workers == 4 and spec.backup_workers == 1 and spec.worker_timeout_seconds == 30

@@ -147,7 +147,10 @@ def test_errors_of_a_real_call_carry_the_servers_message(fakes):
 
 def test_an_error_of_one_shard_names_it_and_the_others_still_get_their_part(fakes):
     shards, urls = fakes
-    shards[1].fail = (grpc.StatusCode.FAILED_PRECONDITION, "stale push: round 0 of job 'j' is complete; the current round is 1")
+    shards[1].fail = (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "stale push: round 0 of job 'j' is complete; the current round is 1",
+    )
     with paramd.Client(urls[0], retries=0) as c:
         with pytest.raises(paramd.StalePush) as e:
             c.push("j", 0, 0, {"w": np.zeros((2, 5), np.float32), "b": np.zeros(3, np.float32)})

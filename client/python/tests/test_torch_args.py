@@ -50,7 +50,10 @@ def test_sgd_and_adam_are_translated():
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda ps: torch.optim.RMSprop(ps), r"torch\.optim\.rmsprop\.RMSprop cannot run on paramd: only torch\.optim\.SGD"),
+        (
+            lambda ps: torch.optim.RMSprop(ps),
+            r"torch\.optim\.rmsprop\.RMSprop cannot run on paramd: only torch\.optim\.SGD",
+        ),
         (lambda ps: torch.optim.AdamW(ps, maximize=True), r"maximize=True is not supported"),
         (lambda ps: torch.optim.Adagrad(ps), r"Adagrad cannot run"),
     ],
@@ -93,9 +96,18 @@ def test_a_subclass_is_not_taken_for_its_base():
         ({"rank": 4, "world_size": 4}, r"rank must be in \[0, world_size\): got rank 4, world_size 4"),
         ({"server": None}, "server is required"),
         ({"param_groups": [{"lr": 0.1}]}, r"param_groups\[0\] must be a dict with 'params'"),
-        ({"param_groups": [{"params": [torch.zeros(2)]}]}, r"param_groups\[0\] holds a tensor that is not in named_parameters"),
-        ({"param_groups": [{"params": ["0.weight"], "lr": 0.1}]}, r"'0.bias', '2.weight', '2.bias' are in no param group"),
-        ({"param_groups": [{"params": ["0.weight", "0.bias", "2.weight", "2.bias"], "nesterov": True}]}, "nesterov is not an option of AdamW"),
+        (
+            {"param_groups": [{"params": [torch.zeros(2)]}]},
+            r"param_groups\[0\] holds a tensor that is not in named_parameters",
+        ),
+        (
+            {"param_groups": [{"params": ["0.weight"], "lr": 0.1}]},
+            r"'0.bias', '2.weight', '2.bias' are in no param group",
+        ),
+        (
+            {"param_groups": [{"params": ["0.weight", "0.bias", "2.weight", "2.bias"], "nesterov": True}]},
+            "nesterov is not an option of AdamW",
+        ),
         ({"schedule": paramd.AdamW()}, "schedule must be"),
     ],
 )
