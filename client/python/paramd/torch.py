@@ -425,6 +425,9 @@ class DistributedOptimizer(_Remote):
     BytePS's DistributedOptimizer wrap one. The wrapped optimizer's own
     step is never called. Parameters of `named_parameters` the optimizer
     does not hold stay as they are (frozen), as they would with torch.
+    The hyperparameters are read once, here: the server holds them (and
+    the schedule) from then on, so changing the wrapped optimizer's groups
+    later has no effect.
     """
 
     def __init__(
