@@ -116,3 +116,33 @@ def test_a_different_configuration_is_refused(cluster, job_name):
             world_size=2,
             optimizer=paramd.SGD(lr=0.1),
         )
+
+
+def test_a_worker_dropped_from_a_round_rejoins_at_the_current_one(one_shard, job_name):
+    # worker_timeout: a round that waited this long completes with the
+    # workers that pushed (one-shard deployments).
+    def opt(model, rank):
+        return pt.RemoteOptimizer(
+            model.named_parameters(),
+            server=one_shard.url,
+            job=job_name,
+            rank=rank,
+            world_size=2,
+            optimizer=paramd.SGD(lr=0.1),
+            worker_timeout=0.5,
+            timeout=30,
+        )
+
+    m0, m1 = net(0), net(1)
+    o0 = opt(m0, 0)
+    o1 = opt(m1, 1)
+    # Rank 0 alone: the round completes without rank 1 after 0.5 s.
+    train(m0, o0, 1, 20)
+    assert o0.round == 1 and not same_weights(m0, m1)
+    # Rank 1's push for round 0 is stale: it takes the current weights and
+    # joins round 1, its gradients for the old weights dropped.
+    with pytest.warns(UserWarning, match="round 0 of job .* completed without this worker; rejoining at round 1"):
+        train(m1, o1, 1, 21)
+    assert o1.round == 1 and same_weights(m0, m1)
+    in_parallel(lambda: train(m0, o0, 1, 22), lambda: train(m1, o1, 1, 23))
+    assert o0.round == o1.round == 2 and same_weights(m0, m1)
