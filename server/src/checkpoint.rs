@@ -291,10 +291,9 @@ pub fn newest_round(root: &Path, job: &str) -> Option<u64> {
     complete_rounds(&root.join(job)).into_iter().max()
 }
 
-/// Reads the manifest of checkpoint `round` of `job`, refusing a format
-/// this build does not read.
-pub fn read_manifest(root: &Path, job: &str, round: u64) -> Result<Manifest> {
-    let dir = round_dir(root, job, round);
+/// The manifest in checkpoint directory `dir`, refused if unreadable or of
+/// a format this build does not read.
+fn manifest_in(dir: &Path) -> Result<Manifest> {
     let bad = |m: String| Error::Internal(format!("{}: {m}", dir.display()));
     let manifest: Manifest =
         serde_json::from_slice(&fs::read(dir.join(MANIFEST)).map_err(|e| bad(e.to_string()))?)
@@ -307,6 +306,12 @@ pub fn read_manifest(root: &Path, job: &str, round: u64) -> Result<Manifest> {
         )));
     }
     Ok(manifest)
+}
+
+/// Reads the manifest of checkpoint `round` of `job`, refusing a format
+/// this build does not read.
+pub fn read_manifest(root: &Path, job: &str, round: u64) -> Result<Manifest> {
+    manifest_in(&round_dir(root, job, round))
 }
 
 /// The shards (of the cluster that took it) whose files of checkpoint
@@ -628,16 +633,7 @@ fn read_shard_file(dir: &Path, entry: &ManifestFile, index: usize) -> Result<Sha
 /// file of it in `dir` (a shared checkpoint directory).
 fn load_one(dir: &Path, shard: usize, shards: usize) -> Result<Loaded> {
     let bad = |m: String| Error::Internal(format!("{}: {m}", dir.display()));
-    let manifest: Manifest =
-        serde_json::from_slice(&fs::read(dir.join(MANIFEST)).map_err(|e| bad(e.to_string()))?)
-            .map_err(|e| bad(format!("manifest: {e}")))?;
-    if manifest.format != FORMAT {
-        return Err(Error::Invalid(format!(
-            "{}: format {:?} is a newer format than this build reads ({FORMAT})",
-            dir.display(),
-            manifest.format
-        )));
-    }
+    let manifest = manifest_in(dir)?;
     let indices: Vec<usize> = if manifest.shards == shards {
         vec![shard]
     } else {

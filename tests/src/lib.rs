@@ -167,6 +167,32 @@ pub fn reserve_ports(n: usize) -> Vec<u16> {
     ports
 }
 
+/// A job of `workers` workers training one parameter `w` of shape `shape`
+/// with optimizer `kind` at learning rate `lr`, torch's defaults otherwise.
+pub fn one_param_spec(
+    kind: paramd_proto::v1::OptimizerKind,
+    shape: &[u64],
+    workers: u32,
+    lr: f64,
+) -> paramd_proto::v1::JobSpec {
+    use paramd_proto::v1 as pb;
+    pb::JobSpec {
+        params: vec![pb::ParamSpec {
+            name: "w".into(),
+            shape: shape.to_vec(),
+        }],
+        optimizer: Some(pb::Optimizer {
+            kind: kind as i32,
+            hyper: Some(pb::Hyperparameters {
+                lr: Some(lr),
+                ..Default::default()
+            }),
+        }),
+        workers,
+        ..Default::default()
+    }
+}
+
 /// The golden traces copied into the repository.
 pub fn golden_traces() -> Vec<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("golden");

@@ -11,28 +11,14 @@ use std::time::Duration;
 use paramd::auth::AuthToken;
 use paramd_client::trace::{Tolerance, compare, read_tensors};
 use paramd_client::{Client, Credentials, v1 as pb};
-use paramd_tests::{Daemon, TestServer, binary, http_get, reserve_ports};
+use paramd_tests::{Daemon, TestServer, binary, http_get, one_param_spec, reserve_ports};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tonic::Code;
 
 const TOKEN: &str = "s3cret-Token_0123456789";
 
 fn sgd_spec(workers: u32) -> pb::JobSpec {
-    pb::JobSpec {
-        params: vec![pb::ParamSpec {
-            name: "w".into(),
-            shape: vec![2],
-        }],
-        optimizer: Some(pb::Optimizer {
-            kind: pb::OptimizerKind::Sgd as i32,
-            hyper: Some(pb::Hyperparameters {
-                lr: Some(1.0),
-                ..Default::default()
-            }),
-        }),
-        workers,
-        ..Default::default()
-    }
+    one_param_spec(pb::OptimizerKind::Sgd, &[2], workers, 1.0)
 }
 
 fn code(e: &paramd_client::ClientError) -> Option<Code> {

@@ -5,24 +5,10 @@
 use std::time::{Duration, Instant};
 
 use paramd_client::{Client, v1 as pb};
-use paramd_tests::{Daemon, reserve_ports};
+use paramd_tests::{Daemon, one_param_spec, reserve_ports};
 
 fn spec(workers: u32) -> pb::JobSpec {
-    pb::JobSpec {
-        params: vec![pb::ParamSpec {
-            name: "w".into(),
-            shape: vec![3],
-        }],
-        optimizer: Some(pb::Optimizer {
-            kind: pb::OptimizerKind::Adamw as i32,
-            hyper: Some(pb::Hyperparameters {
-                lr: Some(0.1),
-                ..Default::default()
-            }),
-        }),
-        workers,
-        ..Default::default()
-    }
+    one_param_spec(pb::OptimizerKind::Adamw, &[3], workers, 0.1)
 }
 
 fn kill(pid: u32, signal: &str) {
@@ -70,14 +56,13 @@ async fn sigterm_with_idle_streams_exits_0_within_grace_after_a_checkpoint() {
     // An idle client stream: worker 0's push of round 1 has sent its first
     // message and never ends. And a pull waiting for a round far ahead.
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::PushRequest>(1);
-    tx.send(pb::PushRequest {
+    let header = pb::PushRequest {
         job: "run".into(),
         worker: 0,
         round: 1,
         grads: Vec::new(),
-    })
-    .await
-    .expect("queue");
+    };
+    tx.send(header.clone()).await.expect("queue");
     let channel = tonic::transport::Endpoint::from_shared(url.clone())
         .expect("url")
         .connect()
@@ -90,14 +75,7 @@ async fn sigterm_with_idle_streams_exits_0_within_grace_after_a_checkpoint() {
     });
     // The channel holds one message: this second one is queued once the
     // transport has taken the first, so the push is on the wire.
-    tx.send(pb::PushRequest {
-        job: "run".into(),
-        worker: 0,
-        round: 1,
-        grads: Vec::new(),
-    })
-    .await
-    .expect("queue");
+    tx.send(header.clone()).await.expect("queue");
     let mut waiting = c.clone();
     let waiting_pull = tokio::spawn(async move { waiting.pull("run", 50).await });
     // The pull shares the status call's connection and was sent first.

@@ -7,26 +7,16 @@
 use std::time::{Duration, Instant};
 
 use paramd_client::{Client, Pulled, v1 as pb};
-use paramd_tests::{Daemon, TestServer, http_get, metric, reserve_ports, start_cluster};
+use paramd_tests::{
+    Daemon, TestServer, http_get, metric, one_param_spec, reserve_ports, start_cluster,
+};
 use tonic::Code;
 
 fn spec(workers: u32, timeout: Option<f64>, backup: u32) -> pb::JobSpec {
     pb::JobSpec {
-        params: vec![pb::ParamSpec {
-            name: "w".into(),
-            shape: vec![3],
-        }],
-        optimizer: Some(pb::Optimizer {
-            kind: pb::OptimizerKind::Sgd as i32,
-            hyper: Some(pb::Hyperparameters {
-                lr: Some(1.0),
-                ..Default::default()
-            }),
-        }),
-        workers,
         worker_timeout_seconds: timeout,
         backup_workers: backup,
-        ..Default::default()
+        ..one_param_spec(pb::OptimizerKind::Sgd, &[3], workers, 1.0)
     }
 }
 
