@@ -11,12 +11,14 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Barrier;
 
-use crate::{Client, v1 as pb};
+use crate::{Client, Credentials, v1 as pb};
 
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
     pub server: String,
+    /// Token and TLS settings the server needs.
+    pub credentials: Credentials,
     pub workers: u32,
     /// Parameters in all, split over `tensors` tensors.
     pub params: usize,
@@ -125,7 +127,7 @@ pub async fn run(o: &BenchOptions) -> anyhow::Result<BenchReport> {
     let spec = spec(o)?;
     let sizes = sizes(o);
     let names: Vec<String> = spec.params.iter().map(|p| p.name.clone()).collect();
-    let mut client = Client::connect(&o.server).await?;
+    let mut client = Client::connect_with(&o.server, o.credentials.clone()).await?;
     {
         let init: Vec<Vec<f32>> = sizes
             .iter()
@@ -142,8 +144,9 @@ pub async fn run(o: &BenchOptions) -> anyhow::Result<BenchReport> {
     let barrier = Arc::new(Barrier::new(o.workers as usize));
     let mut tasks = Vec::new();
     for w in 0..o.workers {
-        let (server, job, names, sizes, barrier) = (
+        let (server, credentials, job, names, sizes, barrier) = (
             o.server.clone(),
+            o.credentials.clone(),
             job.clone(),
             names.clone(),
             sizes.clone(),
@@ -151,7 +154,7 @@ pub async fn run(o: &BenchOptions) -> anyhow::Result<BenchReport> {
         );
         let rounds = o.rounds;
         tasks.push(tokio::spawn(async move {
-            let mut c = Client::connect(&server).await?;
+            let mut c = Client::connect_with(&server, credentials).await?;
             let grads: Vec<Vec<f32>> = sizes
                 .iter()
                 .enumerate()

@@ -19,10 +19,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use paramd_proto::transport::AuthChannel;
 use paramd_proto::v1 as pb;
 use paramd_proto::v1::param_server_client::ParamServerClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
+pub use paramd_proto::transport::Credentials;
 pub use paramd_proto::v1;
 pub use paramd_proto::wire::to_le_bytes;
 
@@ -86,7 +88,7 @@ struct Route {
     /// First chunk id and element count of every parameter.
     params: HashMap<String, (usize, usize)>,
     owners: Vec<u32>,
-    shards: Vec<(String, ParamServerClient<Channel>)>,
+    shards: Vec<(String, ParamServerClient<AuthChannel>)>,
 }
 
 impl Route {
@@ -116,27 +118,21 @@ impl Route {
 /// A connection to a paramd server or cluster (through its coordinator).
 #[derive(Debug, Clone)]
 pub struct Client {
-    inner: ParamServerClient<Channel>,
+    inner: ParamServerClient<AuthChannel>,
     url: String,
+    credentials: Credentials,
     routes: Arc<Mutex<HashMap<String, Arc<Route>>>>,
     /// Deadline of every call (a pull's wait included).
     pub timeout: Duration,
 }
 
-fn endpoint(url: &str) -> Result<Endpoint> {
-    Ok(Endpoint::from_shared(url.to_owned())
-        .map_err(|source| ClientError::Connect {
-            url: url.to_owned(),
-            source,
-        })?
-        .connect_timeout(Duration::from_secs(10))
-        .initial_stream_window_size(8 << 20)
-        .initial_connection_window_size(32 << 20)
-        .max_frame_size(1 << 20)
-        .tcp_nodelay(true))
+fn endpoint(url: &str, credentials: &Credentials) -> Result<Endpoint> {
+    credentials
+        .endpoint(url, Duration::from_secs(10))
+        .map_err(|e| ClientError::Invalid(format!("cannot connect to {url}: {e}")))
 }
 
-fn grpc_client(channel: Channel) -> ParamServerClient<Channel> {
+fn grpc_client(channel: AuthChannel) -> ParamServerClient<AuthChannel> {
     ParamServerClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
@@ -145,7 +141,14 @@ fn grpc_client(channel: Channel) -> ParamServerClient<Channel> {
 impl Client {
     /// Connects to `url` (`http://host:port`), the coordinator of a cluster.
     pub async fn connect(url: &str) -> Result<Client> {
-        let channel = endpoint(url)?
+        Client::connect_with(url, Credentials::none()).await
+    }
+
+    /// Connects to `url` presenting `credentials`: a bearer token, and the
+    /// CA and client certificate used for `https://` URLs. Every shard of
+    /// the cluster is reached with the same credentials.
+    pub async fn connect_with(url: &str, credentials: Credentials) -> Result<Client> {
+        let channel = endpoint(url, &credentials)?
             .connect()
             .await
             .map_err(|source| ClientError::Connect {
@@ -153,8 +156,9 @@ impl Client {
                 source,
             })?;
         Ok(Client {
-            inner: grpc_client(channel),
+            inner: grpc_client(credentials.wrap(channel)),
             url: url.to_owned(),
+            credentials,
             routes: Arc::default(),
             timeout: Duration::from_secs(300),
         })
@@ -201,7 +205,13 @@ impl Client {
         // addresses the cluster was started with.
         let mut shards = vec![(self.url.clone(), self.inner.clone())];
         for url in layout.shards.iter().skip(1) {
-            shards.push((url.clone(), grpc_client(endpoint(url)?.connect_lazy())));
+            shards.push((
+                url.clone(),
+                grpc_client(
+                    self.credentials
+                        .wrap(endpoint(url, &self.credentials)?.connect_lazy()),
+                ),
+            ));
         }
         if let Some(&bad) = layout.owners.iter().find(|&&o| o as usize >= shards.len()) {
             return Err(ClientError::Invalid(format!(

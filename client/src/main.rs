@@ -12,7 +12,8 @@ use clap::{Parser, Subcommand};
 use paramd_client::bench::BenchOptions;
 use paramd_client::replay::{ReplayOptions, replay};
 use paramd_client::trace::{Tolerance, compare, read_tensors};
-use paramd_client::{Client, v1 as pb};
+use paramd_client::{Client, Credentials, v1 as pb};
+use paramd_proto::transport::read_token;
 use serde_json::json;
 
 #[derive(Debug, Parser)]
@@ -29,8 +30,51 @@ struct Args {
         default_value = "http://127.0.0.1:50051"
     )]
     server: String,
+    /// File holding the server's bearer token.
+    #[arg(
+        long,
+        global = true,
+        env = "PARAMD_TOKEN_FILE",
+        conflicts_with = "token"
+    )]
+    token_file: Option<PathBuf>,
+    /// The server's bearer token (prefer --token-file: arguments are visible
+    /// to other users of the machine).
+    #[arg(long, global = true, env = "PARAMD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// PEM CA that signed the server's certificate, for https:// servers.
+    #[arg(long, global = true, env = "PARAMD_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// PEM client certificate, for servers that require mutual TLS.
+    #[arg(long, global = true, env = "PARAMD_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// PEM key of --cert.
+    #[arg(long, global = true, env = "PARAMD_KEY", requires = "cert")]
+    key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+impl Args {
+    /// The token and TLS settings the flags give.
+    fn credentials(&self) -> anyhow::Result<Credentials> {
+        let mut credentials = Credentials::none();
+        let token = match (&self.token_file, &self.token) {
+            (Some(path), _) => Some(read_token(path).map_err(anyhow::Error::msg)?),
+            (None, Some(token)) => Some(token.clone()),
+            (None, None) => None,
+        };
+        if let Some(token) = token {
+            credentials = credentials.with_token(&token).map_err(anyhow::Error::msg)?;
+        }
+        if let Some(ca) = &self.ca_cert {
+            let identity = self.cert.as_deref().zip(self.key.as_deref());
+            credentials = credentials
+                .with_tls(ca, identity)
+                .map_err(anyhow::Error::msg)?;
+        }
+        Ok(credentials)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -133,9 +177,10 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let credentials = args.credentials()?;
     match args.command {
         Command::Status { job, json } => {
-            let mut client = Client::connect(&args.server).await?;
+            let mut client = Client::connect_with(&args.server, credentials.clone()).await?;
             let status = client.status(job.as_deref()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status_json(&status))?);
@@ -155,6 +200,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         } => {
             let opts = ReplayOptions {
                 server: args.server,
+                credentials: credentials.clone(),
                 job,
                 every_step,
             };
@@ -199,6 +245,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         } => {
             let opts = BenchOptions {
                 server: args.server,
+                credentials: credentials.clone(),
                 workers,
                 params,
                 tensors,
@@ -250,7 +297,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Export { job, out } => {
-            let mut client = Client::connect(&args.server).await?;
+            let mut client = Client::connect_with(&args.server, credentials.clone()).await?;
             let e = paramd_client::export::export(&mut client, job.as_deref(), &out).await?;
             println!(
                 "exported {} tensors of job '{}' at round {} to {} ({} bytes)",
@@ -262,13 +309,13 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Checkpoint { job } => {
-            let mut client = Client::connect(&args.server).await?;
+            let mut client = Client::connect_with(&args.server, credentials.clone()).await?;
             for j in client.checkpoint(job.as_deref()).await? {
                 println!("checkpointed job '{}' at round {}", j.job, j.round);
             }
         }
         Command::Delete { job } => {
-            Client::connect(&args.server)
+            Client::connect_with(&args.server, credentials.clone())
                 .await?
                 .delete_job(&job)
                 .await?;

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use safetensors::{Dtype, tensor::TensorView};
 
-use crate::Client;
 use crate::trace::Trace;
+use crate::{Client, Credentials};
 
 /// What a replay pulled from the server.
 #[derive(Debug, Default)]
@@ -33,6 +33,8 @@ pub struct ReplayResult {
 #[derive(Debug, Clone)]
 pub struct ReplayOptions {
     pub server: String,
+    /// Token and TLS settings the server needs.
+    pub credentials: Credentials,
     /// Job name; a fresh one when absent.
     pub job: Option<String>,
     /// Keep the parameters after every step, not only the last.
@@ -72,15 +74,29 @@ pub async fn replay(path: &Path, opts: &ReplayOptions) -> anyhow::Result<ReplayR
         .map(String::as_str)
         .zip(init.iter().map(Vec::as_slice))
         .collect();
-    let mut client = Client::connect(&opts.server).await?;
+    let mut client = Client::connect_with(&opts.server, opts.credentials.clone()).await?;
     let start = client.init(&job, trace.spec.clone(), &values).await?.round;
 
     let mut workers = Vec::new();
     for w in 0..trace.workers {
-        let (trace, job, server) = (Arc::clone(&trace), job.clone(), opts.server.clone());
+        let (trace, job, server, credentials) = (
+            Arc::clone(&trace),
+            job.clone(),
+            opts.server.clone(),
+            opts.credentials.clone(),
+        );
         let every_step = opts.every_step;
         workers.push(tokio::spawn(async move {
-            run_worker(&trace, &job, &server, w, start, every_step && w == 0).await
+            run_worker(
+                &trace,
+                &job,
+                &server,
+                credentials,
+                w,
+                start,
+                every_step && w == 0,
+            )
+            .await
         }));
     }
     let mut result = None;
@@ -109,11 +125,12 @@ async fn run_worker(
     trace: &Trace,
     job: &str,
     server: &str,
+    credentials: Credentials,
     w: u32,
     start: u64,
     keep_steps: bool,
 ) -> anyhow::Result<ReplayResult> {
-    let mut client = Client::connect(server).await?;
+    let mut client = Client::connect_with(server, credentials).await?;
     let mut out = ReplayResult::default();
     for t in 0..trace.steps {
         let grads = trace.grads(t, w)?;

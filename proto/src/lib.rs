@@ -4,7 +4,14 @@
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("paramd.v1");
+
+    /// The encoded `FileDescriptorSet` of `paramd.v1`, served by gRPC
+    /// reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/paramd_descriptor.bin"));
 }
+
+pub mod transport;
 
 /// Helpers of the wire format shared by the server and the client.
 pub mod wire {

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
+use paramd_proto::transport::{AuthChannel, Credentials};
 use paramd_proto::v1 as pb;
 use paramd_proto::v1::shard_client::ShardClient;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::checkpoint::{CheckpointSettings, ManifestFile};
 use crate::coordinator::{Decision, Report};
@@ -20,7 +20,7 @@ pub struct Cluster {
     pub shard: usize,
     /// Address of every shard; empty for a one-shard cluster.
     pub urls: Vec<String>,
-    peers: Vec<Option<ShardClient<Channel>>>,
+    peers: Vec<Option<ShardClient<AuthChannel>>>,
     /// Deadline of a call to another shard.
     pub peer_timeout: Duration,
     /// Longest the coordinator waits for every shard's report of a round.
@@ -38,6 +38,7 @@ impl Cluster {
         urls: Vec<String>,
         peer_timeout: Duration,
         round_timeout: Duration,
+        credentials: &Credentials,
     ) -> Result<Cluster> {
         Cluster::check(shard, &urls)?;
         let mut peers = Vec::with_capacity(urls.len());
@@ -46,14 +47,10 @@ impl Cluster {
                 peers.push(None);
                 continue;
             }
-            let endpoint = Endpoint::from_shared(url.clone())
-                .map_err(|e| invalid!("cluster[{i}] {url:?} is not a URL: {e}"))?
-                .connect_timeout(peer_timeout)
-                .tcp_nodelay(true)
-                .initial_stream_window_size(8 << 20)
-                .initial_connection_window_size(32 << 20)
-                .max_frame_size(crate::MAX_FRAME);
-            let client = ShardClient::new(endpoint.connect_lazy())
+            let endpoint = credentials
+                .endpoint(url, peer_timeout)
+                .map_err(|e| invalid!("cluster[{i}]: {e}"))?;
+            let client = ShardClient::new(credentials.wrap(endpoint.connect_lazy()))
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20);
             peers.push(Some(client));
@@ -107,7 +104,7 @@ impl Cluster {
             .unwrap_or_else(|| "local".to_owned())
     }
 
-    fn peer(&self, i: usize) -> Result<ShardClient<Channel>> {
+    fn peer(&self, i: usize) -> Result<ShardClient<AuthChannel>> {
         self.peers.get(i).and_then(Clone::clone).ok_or_else(|| {
             Error::Internal(format!("shard {i} is not a peer of shard {}", self.shard))
         })

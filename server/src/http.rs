@@ -1,18 +1,27 @@
 //! The HTTP port: Prometheus metrics and probes for agents that speak HTTP.
 
+use std::sync::Arc;
+
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::Node;
+
 /// Routes of the HTTP port: `/metrics`, `/healthz` (the process is up) and
 /// `/readyz` (503 until checkpoints are restored).
-pub fn router(
-    handle: PrometheusHandle,
-    ready: impl Fn() -> bool + Clone + Send + Sync + 'static,
-) -> Router {
+pub fn router(handle: PrometheusHandle, node: Arc<Node>) -> Router {
+    let scraped = Arc::clone(&node);
+    let ready = move || node.is_ready();
     Router::new()
-        .route("/metrics", get(move || std::future::ready(handle.render())))
+        .route(
+            "/metrics",
+            get(move || {
+                crate::metrics::before_scrape(scraped.jobs().len());
+                std::future::ready(handle.render())
+            }),
+        )
         .route("/healthz", get(|| std::future::ready("ok\n")))
         .route(
             "/readyz",

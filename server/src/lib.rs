@@ -4,10 +4,12 @@
 //! slices; `layout`, `pieces`, `store`, `job` and `coordinator` hold a job's
 //! chunks and run its rounds; `service` and `http` are the network surface.
 
+pub mod auth;
 pub mod checkpoint;
 pub mod clip;
 pub mod cluster;
 pub mod compute;
+pub mod config;
 pub mod coordinator;
 pub mod error;
 pub mod fuzzing;
@@ -33,6 +35,7 @@ use paramd_proto::v1::shard_server::ShardServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 
 pub use crate::error::{Error, Result};
 pub use crate::node::{Node, NodeConfig};
@@ -41,8 +44,7 @@ pub use crate::node::{Node, NodeConfig};
 /// not throttled by round trips on a fast link.
 const STREAM_WINDOW: u32 = 8 << 20;
 const CONNECTION_WINDOW: u32 = 32 << 20;
-/// HTTP/2 frames of 1 MiB instead of 16 KiB: 64x fewer frames per tensor.
-pub const MAX_FRAME: u32 = 1 << 20;
+pub use paramd_proto::transport::MAX_FRAME;
 
 /// Marks the whole server and the ParamServer service SERVING or
 /// NOT_SERVING.
@@ -103,15 +105,35 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let handle = metrics::install();
     let max_message = config.max_message_bytes;
+    let auth = auth::Authenticate(config.auth_token.clone());
+    let tls = config.tls.clone();
+    let concurrency = config.max_concurrent_requests;
     let node = Arc::new(Node::new(config)?);
-    let service = ParamServerServer::new(service::Service::new(Arc::clone(&node)))
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
-    let shard_service = ShardServer::new(shard_service::ShardService::new(Arc::clone(&node)))
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
+    // Every service but health checks the token on the call's headers,
+    // before any message is decoded; messages over the limit are refused
+    // from their length prefix, before they are buffered.
+    let service = InterceptedService::new(
+        ParamServerServer::new(service::Service::new(Arc::clone(&node)))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+        auth.clone(),
+    );
+    let shard_service = InterceptedService::new(
+        ShardServer::new(shard_service::ShardService::new(Arc::clone(&node)))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+        auth.clone(),
+    );
+    let reflection = InterceptedService::new(
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(paramd_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?,
+        auth,
+    );
     // The standard gRPC health service: NOT_SERVING until the checkpoints
-    // are restored, and again once shutdown starts.
+    // are restored, and again once shutdown starts. Probes carry no token,
+    // so it is open.
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, false).await;
 
@@ -120,16 +142,22 @@ pub async fn serve(
         // An error means the sender is gone: stop as well.
         let _ = rx.wait_for(|&s| s).await;
     };
-    let grpc_server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let grpc_server = builder
+        .concurrency_limit_per_connection(concurrency)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .add_service(health_service)
+        .add_service(reflection)
         .add_service(service)
         .add_service(shard_service)
         .serve_with_incoming_shutdown(incoming(grpc), stopped(stop_rx.clone()));
     let ready_node = Arc::clone(&node);
-    let http_server = axum::serve(http, http::router(handle, move || ready_node.is_ready()))
+    let http_server = axum::serve(http, http::router(handle, ready_node))
         .with_graceful_shutdown(stopped(stop_rx.clone()));
     let servers = async {
         tokio::try_join!(

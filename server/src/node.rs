@@ -7,9 +7,12 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
+use paramd_proto::transport::Credentials;
 use paramd_proto::v1 as pb;
 use paramd_proto::v1::Segment;
+use tonic::transport::ServerTlsConfig;
 
+use crate::auth::AuthToken;
 use crate::checkpoint::{self, CheckpointSettings};
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
@@ -41,6 +44,14 @@ pub struct NodeConfig {
     pub peer_timeout: Duration,
     /// Longest the coordinator waits for every shard's report of a round.
     pub round_timeout: Duration,
+    /// What this shard presents to the others: the cluster's token and TLS.
+    pub peer_credentials: Credentials,
+    /// Calls served at once on one client connection.
+    pub max_concurrent_requests: usize,
+    /// The token every call must carry; none: no access control.
+    pub auth_token: Option<AuthToken>,
+    /// This server's TLS identity and client CA; none: plaintext.
+    pub tls: Option<ServerTlsConfig>,
 }
 
 impl Default for NodeConfig {
@@ -54,6 +65,10 @@ impl Default for NodeConfig {
             checkpoints: None,
             peer_timeout: Duration::from_secs(10),
             round_timeout: Duration::from_secs(60),
+            peer_credentials: Credentials::none(),
+            max_concurrent_requests: 64,
+            auth_token: None,
+            tls: None,
         }
     }
 }
@@ -119,6 +134,7 @@ impl Node {
             config.cluster.clone(),
             config.peer_timeout,
             config.round_timeout,
+            &config.peer_credentials,
         )?;
         cluster.checkpoints = config.checkpoints.clone();
         let node = Node {

@@ -45,6 +45,19 @@ impl Service {
 
 /// Reads the segments of a stream's remaining messages after `first`,
 /// refusing once they exceed `budget` bytes.
+/// The next message of a client stream. A message over the size limit is
+/// refused from its length prefix, unread, as RESOURCE_EXHAUSTED (tonic
+/// says OUT_OF_RANGE).
+pub(crate) async fn next_message<M>(stream: &mut Streaming<M>) -> Result<Option<M>, Status> {
+    stream.message().await.map_err(|s| {
+        if s.code() == tonic::Code::OutOfRange && s.message().contains("too large") {
+            Status::resource_exhausted(format!("{}; the server's max_message_bytes", s.message()))
+        } else {
+            s
+        }
+    })
+}
+
 pub(crate) async fn read_segments<M>(
     mut segments: Vec<pb::Segment>,
     stream: &mut Streaming<M>,
@@ -61,7 +74,7 @@ pub(crate) async fn read_segments<M>(
             ))
             .into());
         }
-        let Some(msg) = stream.message().await? else {
+        let Some(msg) = next_message(stream).await? else {
             return Ok(segments);
         };
         let more = take(msg);
@@ -107,8 +120,7 @@ impl ParamServer for Service {
     ) -> Result<Response<pb::InitResponse>, Status> {
         self.node.check_ready()?;
         let mut stream = request.into_inner();
-        let first = stream
-            .message()
+        let first = next_message(&mut stream)
             .await?
             .ok_or_else(|| Status::invalid_argument("empty Init stream"))?;
         let spec = first.spec.clone().ok_or_else(|| {
@@ -138,8 +150,7 @@ impl ParamServer for Service {
         self.node.check_ready()?;
         let started = Instant::now();
         let mut stream = request.into_inner();
-        let first = stream
-            .message()
+        let first = next_message(&mut stream)
             .await?
             .ok_or_else(|| Status::invalid_argument("empty Push stream"))?;
         let job = self.node.job(&first.job)?;
@@ -262,7 +273,7 @@ impl ParamServer for Service {
                 shards,
             });
         }
-        let (rss_bytes, peak_rss_bytes) = process_memory();
+        let (rss_bytes, peak_rss_bytes) = metrics::process_memory();
         Ok(Response::new(pb::StatusResponse {
             jobs: out,
             rss_bytes,
@@ -309,20 +320,6 @@ impl ParamServer for Service {
         let job = self.node.job(&request.into_inner().job)?;
         Ok(Response::new(job.layout()))
     }
-}
-
-/// Resident and peak resident bytes of this process (Linux; zeros
-/// elsewhere).
-fn process_memory() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |k| k * 1024)
-    };
-    (kib("VmRSS:"), kib("VmHWM:"))
 }
 
 #[cfg(test)]

@@ -33,8 +33,7 @@ impl Shard for ShardService {
     ) -> Result<Response<pb::CreateShardResponse>, Status> {
         self.node.check_ready()?;
         let mut stream = request.into_inner();
-        let first = stream
-            .message()
+        let first = crate::service::next_message(&mut stream)
             .await?
             .ok_or_else(|| Status::invalid_argument("empty CreateShard stream"))?;
         if first.shard as usize != self.node.cluster.shard {

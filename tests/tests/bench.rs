@@ -7,6 +7,7 @@ use paramd_tests::TestServer;
 async fn bench_runs_rounds_and_reports_sizes() {
     let server = TestServer::start().await;
     let opts = BenchOptions {
+        credentials: Default::default(),
         server: server.url(),
         workers: 2,
         params: 10_000,

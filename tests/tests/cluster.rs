@@ -24,6 +24,7 @@ fn config() -> NodeConfig {
 
 async fn run(url: String, trace: &Path) -> ReplayResult {
     let opts = ReplayOptions {
+        credentials: Default::default(),
         server: url,
         job: None,
         every_step: true,

@@ -12,6 +12,7 @@ async fn check(url: String) {
         .find(|t| t.ends_with("adamw_shapes_8_workers.safetensors"))
         .expect("trace");
     let opts = ReplayOptions {
+        credentials: Default::default(),
         server: url.clone(),
         job: Some("exported".into()),
         every_step: false,

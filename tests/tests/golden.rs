@@ -9,6 +9,7 @@ use paramd_tests::{TestServer, golden_traces};
 
 async fn check(server: &TestServer, trace: &Path, every_step: bool) {
     let opts = ReplayOptions {
+        credentials: Default::default(),
         server: server.url(),
         job: None,
         every_step,

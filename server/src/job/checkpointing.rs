@@ -80,6 +80,11 @@ impl Job {
                 self.metrics
                     .checkpoint_duration
                     .record(started.elapsed().as_secs_f64());
+                self.metrics.checkpoint_round.set(round as f64);
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                self.metrics.checkpoint_timestamp.set(now);
                 tracing::info!(job = %self.name, round, secs = started.elapsed().as_secs_f64(), "checkpoint taken");
             }
             Err(e) => {

@@ -163,6 +163,7 @@ impl Job {
                 count: 0,
                 pushes: (0..workers).map(|_| None).collect(),
                 closed: false,
+                opened: None,
             }),
             completed: watch::channel(resume.round).0,
             deleted: AtomicBool::new(false),

@@ -78,6 +78,8 @@ struct Collect {
     /// The round has its contributors and is being completed: a push from
     /// anyone else is too late.
     closed: bool,
+    /// When the round's first push arrived: the start of its barrier.
+    opened: Option<Instant>,
 }
 
 /// A job as held by one shard.
@@ -176,6 +178,11 @@ impl Job {
     /// completes it on its own task.
     fn close_round(self: &Arc<Self>, c: &mut Collect) {
         c.closed = true;
+        if let Some(opened) = c.opened.take() {
+            self.metrics
+                .barrier_wait
+                .record(opened.elapsed().as_secs_f64());
+        }
         let round = c.round;
         // Rank order, whatever the arrival order: the mean is deterministic.
         let pushes: Vec<Pieces> = c.pushes.iter_mut().filter_map(Option::take).collect();
@@ -231,6 +238,7 @@ impl Job {
         c.pushed[worker as usize] = true;
         c.pushes[worker as usize] = Some(pieces);
         c.count += 1;
+        c.opened.get_or_insert_with(Instant::now);
         let count = c.count;
         self.metrics.pushes.increment(1);
         self.metrics.push_bytes.increment(bytes as u64);
@@ -400,7 +408,15 @@ impl Job {
         m.apply_duration.record(took.as_secs_f64());
         m.round.set((d.round + 1) as f64);
         m.workers_pushed.set(0.0);
+        m.rounds.increment(1);
         m.grad_norm.set(f64::from(d.grad_norm));
+        // What the update used: zero for a skipped round.
+        let applied = if d.skip {
+            0.0
+        } else {
+            f64::from(d.grad_norm) * f64::from(d.coef)
+        };
+        m.grad_norm_clipped.set(applied);
         m.clip_coefficient.set(f64::from(d.coef));
         m.step.set(d.step as f64);
         for (g, lr) in m.lr.iter().zip(&d.lrs) {

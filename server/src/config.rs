@@ -1,0 +1,461 @@
+//! The daemon's configuration, in layers: built-in defaults, then a TOML
+//! file (`--config`), then `PARAMD_*` environment variables, then flags.
+//! Every key of the file is the long flag's name with `_` for `-`, and its
+//! environment variable is `PARAMD_` and the key in capitals.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use paramd_proto::transport::{self, Credentials};
+use serde::{Deserialize, Serialize};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+use crate::auth::AuthToken;
+use crate::checkpoint::CheckpointSettings;
+use crate::node::NodeConfig;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Every setting of the daemon, as the TOML file spells it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// gRPC address.
+    pub listen: SocketAddr,
+    /// HTTP address of /metrics, /healthz and /readyz.
+    pub http_listen: SocketAddr,
+    /// Largest chunk a parameter is cut into, in bytes.
+    pub chunk_bytes: usize,
+    /// Largest gRPC message, in bytes; larger ones are refused unread.
+    pub max_message_bytes: usize,
+    /// Calls served at once on one client connection; more wait.
+    pub max_concurrent_requests: usize,
+    /// Longest a pull waits for its round without a client deadline, in seconds.
+    pub max_pull_wait: f64,
+    /// This shard's index in `cluster`; 0 is the coordinator.
+    pub shard_index: usize,
+    /// Every shard's URL in shard order; empty: a one-shard cluster.
+    pub cluster: Vec<String>,
+    /// Deadline of a call to another shard, in seconds.
+    pub peer_timeout: f64,
+    /// Longest the coordinator waits for every shard's report, in seconds.
+    pub round_timeout: f64,
+    /// Directory of this shard's checkpoints; none: no checkpoints.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Checkpoint after every this many rounds (0: on request and at exit).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept per job.
+    pub keep_checkpoints: usize,
+    /// Seconds in-flight calls get to finish after SIGTERM or SIGINT.
+    pub shutdown_grace: f64,
+    /// `plain` or `json`.
+    pub log_format: LogFormat,
+    /// File holding the bearer token every call must carry.
+    pub auth_token_file: Option<PathBuf>,
+    /// PEM certificate chain of this server; with `tls_key`, gRPC is TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA that client certificates must chain to (mutual TLS).
+    pub tls_client_ca: Option<PathBuf>,
+    /// PEM CA that other shards' certificates chain to; default: `tls_client_ca`.
+    pub tls_peer_ca: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let node = NodeConfig::default();
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
+            http_listen: SocketAddr::from(([0, 0, 0, 0], 9464)),
+            chunk_bytes: node.chunk_bytes,
+            max_message_bytes: node.max_message_bytes,
+            max_concurrent_requests: node.max_concurrent_requests,
+            max_pull_wait: node.max_pull_wait.as_secs_f64(),
+            shard_index: 0,
+            cluster: Vec::new(),
+            peer_timeout: node.peer_timeout.as_secs_f64(),
+            round_timeout: node.round_timeout.as_secs_f64(),
+            checkpoint_dir: None,
+            checkpoint_every: 0,
+            keep_checkpoints: 3,
+            shutdown_grace: 20.0,
+            log_format: LogFormat::Plain,
+            auth_token_file: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            tls_peer_ca: None,
+        }
+    }
+}
+
+/// Keys that may be left unset; `--print-config` lists them as comments.
+const OPTIONAL_KEYS: &[&str] = &[
+    "checkpoint_dir",
+    "auth_token_file",
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+    "tls_peer_ca",
+];
+
+/// The command line. Each setting is optional here: what is not given falls
+/// through to the environment, the file and the defaults.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "paramd",
+    version,
+    about = "A parameter server whose SGD, Adam and AdamW reproduce torch.optim",
+    after_help = "Settings come from the defaults, then --config FILE, then PARAMD_* \
+                  environment variables, then flags; --print-config shows the result."
+)]
+pub struct Args {
+    /// TOML file of settings (keys: the long flags, with _ for -).
+    #[arg(long, env = "PARAMD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    #[command(flatten)]
+    pub overrides: Overrides,
+}
+
+/// Settings given on the command line or in the environment.
+#[derive(Debug, Default, clap::Args)]
+pub struct Overrides {
+    /// gRPC address [default: 0.0.0.0:50051].
+    #[arg(long, env = "PARAMD_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// HTTP address of /metrics, /healthz and /readyz [default: 0.0.0.0:9464].
+    #[arg(long, env = "PARAMD_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// Largest chunk a parameter is cut into, in bytes [default: 4 MiB].
+    #[arg(long, env = "PARAMD_CHUNK_BYTES")]
+    pub chunk_bytes: Option<usize>,
+    /// Largest gRPC message, in bytes [default: 64 MiB].
+    #[arg(long, env = "PARAMD_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Calls served at once per client connection [default: 64].
+    #[arg(long, env = "PARAMD_MAX_CONCURRENT_REQUESTS")]
+    pub max_concurrent_requests: Option<usize>,
+    /// Longest a pull waits for its round without a deadline, in seconds [default: 300].
+    #[arg(long, env = "PARAMD_MAX_PULL_WAIT")]
+    pub max_pull_wait: Option<f64>,
+    /// This shard's index in --cluster; 0 is the coordinator [default: 0].
+    #[arg(long, env = "PARAMD_SHARD_INDEX")]
+    pub shard_index: Option<usize>,
+    /// URLs of every shard, comma-separated, in shard order [default: one shard].
+    #[arg(long, env = "PARAMD_CLUSTER", value_delimiter = ',')]
+    pub cluster: Option<Vec<String>>,
+    /// Deadline of a call to another shard, in seconds [default: 10].
+    #[arg(long, env = "PARAMD_PEER_TIMEOUT")]
+    pub peer_timeout: Option<f64>,
+    /// Longest the coordinator waits for every shard's report, in seconds [default: 60].
+    #[arg(long, env = "PARAMD_ROUND_TIMEOUT")]
+    pub round_timeout: Option<f64>,
+    /// Directory of this shard's checkpoints, restored before serving [default: none].
+    #[arg(long, env = "PARAMD_CHECKPOINT_DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Checkpoint after every this many rounds; 0: on request and at exit [default: 0].
+    #[arg(long, env = "PARAMD_CHECKPOINT_EVERY")]
+    pub checkpoint_every: Option<u64>,
+    /// Checkpoints kept per job [default: 3].
+    #[arg(long, env = "PARAMD_KEEP_CHECKPOINTS")]
+    pub keep_checkpoints: Option<usize>,
+    /// Seconds in-flight calls get after SIGTERM or SIGINT [default: 20].
+    #[arg(long, env = "PARAMD_SHUTDOWN_GRACE")]
+    pub shutdown_grace: Option<f64>,
+    /// Log format [default: plain].
+    #[arg(long, env = "PARAMD_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// File holding the bearer token every call must carry [default: none].
+    #[arg(long, env = "PARAMD_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+    /// PEM certificate of this server; with --tls-key, gRPC is TLS [default: none].
+    #[arg(long, env = "PARAMD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert [default: none].
+    #[arg(long, env = "PARAMD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA client certificates must chain to: mutual TLS [default: none].
+    #[arg(long, env = "PARAMD_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// PEM CA of the other shards' certificates [default: --tls-client-ca].
+    #[arg(long, env = "PARAMD_TLS_PEER_CA")]
+    pub tls_peer_ca: Option<PathBuf>,
+}
+
+/// Sets each field of `config` that `overrides` gives.
+macro_rules! overlay {
+    ($config:ident, $overrides:ident; $($field:ident),* ; optional $($opt:ident),*) => {
+        $( if let Some(v) = $overrides.$field { $config.$field = v; } )*
+        $( if let Some(v) = $overrides.$opt { $config.$opt = Some(v); } )*
+    };
+}
+
+impl Config {
+    /// The configuration `args` describe: defaults, the file, then the
+    /// environment and flags (clap gives flags precedence over variables).
+    pub fn load(args: Args) -> Result<Config, String> {
+        let mut config = match &args.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        let o = args.overrides;
+        overlay!(config, o;
+            listen, http_listen, chunk_bytes, max_message_bytes, max_concurrent_requests,
+            max_pull_wait, shard_index, cluster, peer_timeout, round_timeout, checkpoint_every,
+            keep_checkpoints, shutdown_grace, log_format;
+            optional checkpoint_dir, auth_token_file, tls_cert, tls_key, tls_client_ca, tls_peer_ca);
+        Ok(config)
+    }
+
+    /// Parses a TOML file; an unknown key or a wrong type is named with its
+    /// line.
+    pub fn from_file(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        Config::from_toml(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            let message = e.message().replace('\n', " ");
+            let Some(span) = e.span() else {
+                return message;
+            };
+            let start = span.start.min(text.len());
+            let line = text[..start].matches('\n').count() + 1;
+            // The key of the offending line, which the message may not name.
+            let key = text
+                .lines()
+                .nth(line - 1)
+                .and_then(|l| l.split_once('='))
+                .map(|(k, _)| k.trim())
+                .filter(|k| !k.is_empty() && !message.contains(k));
+            match key {
+                Some(k) => format!("line {line}: {k}: {message}"),
+                None => format!("line {line}: {message}"),
+            }
+        })
+    }
+
+    /// The configuration as TOML, with unset optional keys as comments.
+    pub fn to_toml(&self) -> String {
+        let mut out = String::from("# paramd's effective configuration\n");
+        out.push_str(&toml::to_string(self).unwrap_or_else(|e| format!("# cannot print: {e}\n")));
+        let table = toml::Table::try_from(self).unwrap_or_default();
+        for key in OPTIONAL_KEYS {
+            if !table.contains_key(*key) {
+                out.push_str(&format!("# {key} is not set\n"));
+            }
+        }
+        out
+    }
+
+    /// The settings checked, with every file they name read: the node's
+    /// settings and the grace period. Nothing is bound yet.
+    pub fn resolve(&self) -> Result<(NodeConfig, Duration), String> {
+        let seconds = |name: &str, v: f64| {
+            Duration::try_from_secs_f64(v)
+                .map_err(|_| format!("{name} must be a non-negative number of seconds, got {v}"))
+        };
+        if self.checkpoint_dir.is_none() && self.checkpoint_every > 0 {
+            return Err(format!(
+                "checkpoint_every = {} needs checkpoint_dir",
+                self.checkpoint_every
+            ));
+        }
+        if self.keep_checkpoints == 0 {
+            return Err("keep_checkpoints must be at least 1, got 0".into());
+        }
+        if self.max_concurrent_requests == 0 {
+            return Err("max_concurrent_requests must be at least 1, got 0".into());
+        }
+        let token = match &self.auth_token_file {
+            Some(path) => Some(transport::read_token(path)?),
+            None => None,
+        };
+        let (tls, peer_tls) = self.tls()?;
+        let mut peer_credentials = Credentials::none();
+        if let Some(token) = &token {
+            peer_credentials = peer_credentials.with_token(token)?;
+        }
+        if let Some((ca, identity)) = &peer_tls {
+            peer_credentials = peer_credentials.with_tls(
+                ca,
+                identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+            )?;
+        }
+        let config = NodeConfig {
+            chunk_bytes: self.chunk_bytes,
+            max_message_bytes: self.max_message_bytes,
+            max_concurrent_requests: self.max_concurrent_requests,
+            max_pull_wait: seconds("max_pull_wait", self.max_pull_wait)?,
+            shard_index: self.shard_index,
+            cluster: self.cluster.clone(),
+            peer_timeout: seconds("peer_timeout", self.peer_timeout)?,
+            round_timeout: seconds("round_timeout", self.round_timeout)?,
+            checkpoints: self.checkpoint_dir.clone().map(|dir| CheckpointSettings {
+                dir,
+                every: self.checkpoint_every,
+                keep: self.keep_checkpoints,
+            }),
+            peer_credentials,
+            auth_token: token.as_deref().map(AuthToken::new),
+            tls,
+        };
+        config.validate().map_err(|e| e.to_string())?;
+        let grace = seconds("shutdown_grace", self.shutdown_grace)?;
+        Ok((config, grace))
+    }
+
+    /// The server's TLS settings, and the CA and identity this shard uses to
+    /// call the others, when TLS is on.
+    #[allow(clippy::type_complexity)]
+    fn tls(
+        &self,
+    ) -> Result<
+        (
+            Option<ServerTlsConfig>,
+            Option<(PathBuf, Option<(PathBuf, PathBuf)>)>,
+        ),
+        String,
+    > {
+        let (cert, key) = match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => (c, k),
+            (None, None) => {
+                if let Some(ca) = &self.tls_client_ca {
+                    return Err(format!(
+                        "tls_client_ca = {:?} needs tls_cert and tls_key",
+                        ca.display().to_string()
+                    ));
+                }
+                return Ok((None, None));
+            }
+            (Some(c), None) => {
+                return Err(format!(
+                    "tls_cert = {:?} needs tls_key",
+                    c.display().to_string()
+                ));
+            }
+            (None, Some(k)) => {
+                return Err(format!(
+                    "tls_key = {:?} needs tls_cert",
+                    k.display().to_string()
+                ));
+            }
+        };
+        let identity = Identity::from_pem(
+            transport::read_file("tls_cert", cert)?,
+            transport::read_file("tls_key", key)?,
+        );
+        let mut server = ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.tls_client_ca {
+            server = server.client_ca_root(Certificate::from_pem(transport::read_file(
+                "tls_client_ca",
+                ca,
+            )?));
+        }
+        let peer_ca = self.tls_peer_ca.as_ref().or(self.tls_client_ca.as_ref());
+        let peer = match peer_ca {
+            Some(ca) => Some((ca.clone(), Some((cert.clone(), key.clone())))),
+            None if self.cluster.len() > 1 => {
+                return Err(
+                    "a TLS cluster needs tls_peer_ca (or tls_client_ca) to check the other shards"
+                        .into(),
+                );
+            }
+            None => None,
+        };
+        Ok((Some(server), peer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e =
+            Config::from_toml("listen = \"127.0.0.1:1\"\nchunk_byte = 4\n").expect_err("refused");
+        assert!(e.contains("line 2") && e.contains("chunk_byte"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_are_named() {
+        let e = Config::from_toml("keep_checkpoints = \"three\"").expect_err("refused");
+        assert!(
+            e.contains("line 1") && e.contains("keep_checkpoints"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn printed_config_reads_back() {
+        let config = Config {
+            cluster: vec!["http://a:1".into(), "http://b:1".into()],
+            checkpoint_dir: Some("/var/lib/paramd".into()),
+            log_format: LogFormat::Json,
+            ..Config::default()
+        };
+        let text = config.to_toml();
+        assert!(text.contains("# tls_cert is not set"), "{text}");
+        assert_eq!(Config::from_toml(&text), Ok(config));
+    }
+
+    #[test]
+    fn defaults_resolve() {
+        let (node, grace) = Config::default().resolve().expect("defaults are valid");
+        assert_eq!(grace, Duration::from_secs(20));
+        assert!(node.checkpoints.is_none() && node.auth_token.is_none() && node.tls.is_none());
+    }
+
+    /// `deploy/paramd.example.toml` parses, matches the defaults, and
+    /// documents every key.
+    #[test]
+    fn the_example_documents_every_key() {
+        let example = include_str!("../../deploy/paramd.example.toml");
+        assert_eq!(Config::from_toml(example), Ok(Config::default()));
+        let full = Config {
+            checkpoint_dir: Some("d".into()),
+            auth_token_file: Some("t".into()),
+            tls_cert: Some("c".into()),
+            tls_key: Some("k".into()),
+            tls_client_ca: Some("a".into()),
+            tls_peer_ca: Some("p".into()),
+            ..Config::default()
+        };
+        let keys = toml::Table::try_from(&full).expect("a table");
+        for key in keys.keys() {
+            let set = format!("\n{key} = ");
+            let commented = format!("\n# {key} = ");
+            assert!(
+                example.contains(&set) || example.contains(&commented),
+                "deploy/paramd.example.toml does not document {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn half_tls_is_refused() {
+        let config = Config {
+            tls_cert: Some("/x.pem".into()),
+            ..Config::default()
+        };
+        let e = config.resolve().expect_err("refused");
+        assert!(e.contains("tls_cert") && e.contains("tls_key"), "{e}");
+    }
+}
