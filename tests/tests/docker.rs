@@ -591,6 +591,7 @@ async fn every_dashboard_query_names_metrics_a_live_paramd_exports() {
     // A replay with clipping and a schedule, and a checkpoint: every series
     // the dashboard plots has values.
     let opts = ReplayOptions {
+        credentials: Default::default(),
         server: url.clone(),
         job: Some("dash".into()),
         every_step: false,
@@ -640,11 +641,15 @@ async fn every_dashboard_query_names_metrics_a_live_paramd_exports() {
     for wanted in [
         "paramd_learning_rate",
         "paramd_grad_norm",
-        "paramd_round",
+        "paramd_grad_norm_clipped",
+        "paramd_grad_clip_coefficient",
+        "paramd_rounds_total",
         "paramd_push_duration_seconds_bucket",
         "paramd_workers_expected",
         "paramd_workers_pushed",
+        "paramd_workers_dropped_total",
         "paramd_rounds_skipped_total",
+        "paramd_checkpoint_last_timestamp_seconds",
     ] {
         assert!(used.contains(wanted), "the dashboard plots no {wanted}");
     }
@@ -700,15 +705,6 @@ fn interpolate(text: &str) -> String {
     out
 }
 
-/// Whether this paramd has `--print-config`.
-fn has_print_config() -> bool {
-    let out = std::process::Command::new(binary("paramd"))
-        .arg("--help")
-        .output()
-        .expect("paramd --help");
-    String::from_utf8_lossy(&out.stdout).contains("--print-config")
-}
-
 /// `paramd --print-config args...` with exactly `env` of the PARAMD_*
 /// variables: the effective config, or why paramd refused it.
 fn print_config(args: &[String], env: &[(String, String)]) -> Result<String, String> {
@@ -744,16 +740,22 @@ fn assert_config_has(config: &str, key: &str, value: &str) {
     );
 }
 
-/// Checks shard `i`'s arguments with `paramd --print-config` when paramd
-/// has it; says so when it does not.
-fn check_shard_args(what: &str, i: usize, args: &[String], env: &[(String, String)]) {
-    if !has_print_config() {
-        eprintln!("{what}: paramd has no --print-config yet; shard {i}'s arguments were not run");
-        return;
-    }
+/// Shard `i`'s arguments and environment as paramd takes them: it
+/// accepts them, and they make it shard `i` of `cluster` with its
+/// checkpoints on the volume.
+fn check_shard_args(
+    what: &str,
+    i: usize,
+    args: &[String],
+    env: &[(String, String)],
+    cluster: &[&str],
+) {
     let config = print_config(args, env)
         .unwrap_or_else(|e| panic!("{what}: paramd refuses shard {i}'s arguments {args:?}: {e}"));
     assert_config_has(&config, "shard_index", &i.to_string());
+    let urls: Vec<String> = cluster.iter().map(|u| format!("{u:?}")).collect();
+    assert_config_has(&config, "cluster", &format!("[{}]", urls.join(", ")));
+    assert_config_has(&config, "checkpoint_dir", "\"/var/lib/paramd\"");
 }
 
 #[test]
@@ -815,7 +817,8 @@ fn the_compose_file_is_a_three_shard_cluster_with_prometheus_and_grafana() {
             .parse()
             .expect("seconds");
         assert!(grace + 5.0 <= stop, "grace {grace} s, stop after {stop} s");
-        check_shard_args("compose", i, &args, &env);
+        let urls: Vec<&str> = cluster.iter().map(String::as_str).collect();
+        check_shard_args("compose", i, &args, &env, &urls);
     }
     // Compose stops the coordinator first: its final checkpoint needs the
     // other shards.
@@ -1064,7 +1067,7 @@ fn the_statefulset_finds_its_shards_through_the_headless_service() {
             ("PARAMD_SHARD_INDEX".to_owned(), i.to_string()),
             ("PARAMD_CLUSTER".to_owned(), cluster.clone()),
         ];
-        check_shard_args("k8s", i, &args, &env);
+        check_shard_args("k8s", i, &args, &env, &urls);
     }
 }
 
