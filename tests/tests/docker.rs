@@ -243,15 +243,7 @@ async fn three_shard_containers_replay_survive_a_kill_and_a_partition_and_stop_c
 
     // A client container replays a trace through the coordinator, as the
     // README shows, and compares it with torch's.
-    let out = dk.client_container(&[
-        "-c",
-        &format!(
-            "paramctl replay /golden/{CLIENT_TRACE} --server {} --out /tmp/result.safetensors \
-             && paramctl compare /golden/{CLIENT_TRACE} /tmp/result.safetensors",
-            cluster[0]
-        ),
-    ]);
-    assert!(out.contains(" passed, 0 failed"), "{out}");
+    dk.replay_in_client_container(&dk.network(), &cluster[0]);
 
     // The host drives another trace, round by round.
     let job = "docker-run";
@@ -401,6 +393,39 @@ async fn three_shard_containers_replay_survive_a_kill_and_a_partition_and_stop_c
             trace.steps
         );
     }
+    // The compose file's shards, as users start them, from the same image
+    // on a free /24: healthy, a trace replays through them, and `stop`
+    // stops the coordinator first, which exits 0 after its final
+    // checkpoint.
+    let net = dk.free_net_prefix();
+    let network = format!("{}-compose", dk.prefix);
+    let env = [
+        ("PARAMD_IMAGE", dk.image.as_str()),
+        ("PARAMD_NET", net.as_str()),
+        ("PARAMD_NETWORK", network.as_str()),
+    ];
+    let minute = Duration::from_secs(60);
+    // shard0 depends on the others: they start with it.
+    dk.compose(&env, &["up", "-d", "shard0"], Duration::from_secs(180));
+    let ids: Vec<String> = (0..3)
+        .map(|i| dk.compose(&env, &["ps", "-q", &format!("shard{i}")], minute))
+        .collect();
+    for id in &ids {
+        assert!(!id.is_empty(), "compose started every shard: {ids:?}");
+        dk.wait_healthy(id, HEALTHY_WITHIN);
+    }
+    dk.replay_in_client_container(&network, &format!("http://{net}.10:50051"));
+    dk.compose(&env, &["stop"], Duration::from_secs(180));
+    for (i, id) in ids.iter().enumerate() {
+        let code = dk.docker(&["inspect", "-f", "{{.State.ExitCode}}", id], minute);
+        assert_eq!(code, "0", "compose shard {i} exits 0:\n{}", dk.logs(id));
+    }
+    let logs = dk.logs(&ids[0]);
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("final checkpoint taken") && l.contains("jobs=1")),
+        "the compose coordinator took a final checkpoint:\n{logs}"
+    );
 }
 
 // ---------------------------------------------------------------------
@@ -1122,11 +1147,22 @@ const LABEL: &str = "io.paramd.test";
 
 /// `program args...`, killed after `limit`: its stdout when it exits 0.
 fn run_bounded(program: &str, args: &[&str], limit: Duration) -> Result<String, String> {
+    run_bounded_env(program, args, &[], limit)
+}
+
+/// `run_bounded` with variables added to the environment.
+fn run_bounded_env(
+    program: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    limit: Duration,
+) -> Result<String, String> {
     let out = std::process::Command::new("timeout")
         .arg("--kill-after=5")
         .arg(limit.as_secs().max(1).to_string())
         .arg(program)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
         .output()
         .map_err(|e| format!("cannot run timeout {program}: {e}"))?;
@@ -1428,13 +1464,12 @@ impl Docker {
         }
     }
 
-    /// `sh args...` in a throwaway container of the image on the network,
+    /// `sh args...` in a throwaway container of the image on `network`,
     /// with the golden traces at /golden.
-    fn client_container(&self, args: &[&str]) -> String {
+    fn client_container(&self, network: &str, args: &[&str]) -> String {
         let golden = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("golden");
         let mount = format!("{}:/golden:ro", golden.display());
         let name = format!("{}-client", self.prefix);
-        let network = self.network();
         let mut a = vec![
             "run",
             "--rm",
@@ -1443,7 +1478,7 @@ impl Docker {
             "--label",
             &self.label,
             "--network",
-            &network,
+            network,
             "-v",
             &mount,
             "--entrypoint",
@@ -1452,6 +1487,62 @@ impl Docker {
         ];
         a.extend_from_slice(args);
         self.docker(&a, Duration::from_secs(180))
+    }
+
+    /// `paramctl replay` of the client trace through the coordinator at
+    /// `server`, then `paramctl compare` with torch's, in a client
+    /// container on `network`, as the README shows.
+    fn replay_in_client_container(&self, network: &str, server: &str) {
+        let out = self.client_container(
+            network,
+            &[
+                "-c",
+                &format!(
+                    "paramctl replay /golden/{CLIENT_TRACE} --server {server} \
+                     --out /tmp/result.safetensors \
+                     && paramctl compare /golden/{CLIENT_TRACE} /tmp/result.safetensors"
+                ),
+            ],
+        );
+        assert!(out.contains(" passed, 0 failed"), "{out}");
+    }
+
+    /// The first three octets of a /24 no Docker network uses: the start
+    /// of a subnet Docker picks for a network made and removed at once.
+    fn free_net_prefix(&self) -> String {
+        let limit = Duration::from_secs(30);
+        let probe = format!("{}-probe", self.prefix);
+        self.docker(
+            &["network", "create", "--label", &self.label, &probe],
+            limit,
+        );
+        let subnet = self.docker(
+            &[
+                "network",
+                "inspect",
+                "-f",
+                "{{(index .IPAM.Config 0).Subnet}}",
+                &probe,
+            ],
+            limit,
+        );
+        self.docker(&["network", "rm", &probe], limit);
+        let (prefix, _) = subnet
+            .split('/')
+            .next()
+            .and_then(|a| a.rsplit_once('.'))
+            .unwrap_or_else(|| panic!("an IPv4 subnet: {subnet}"));
+        prefix.to_owned()
+    }
+
+    /// `docker-compose -f deploy/compose.yaml -p <prefix> args...` with
+    /// `env`, within `limit`.
+    fn compose(&self, env: &[(&str, &str)], args: &[&str], limit: Duration) -> String {
+        let file = repo().join("deploy/compose.yaml").display().to_string();
+        let mut a = vec!["-f", file.as_str(), "-p", self.prefix.as_str()];
+        a.extend_from_slice(args);
+        tokio::task::block_in_place(|| run_bounded_env("docker-compose", &a, env, limit))
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// The checkpoint rounds of `job` in shard `i`'s volume.
@@ -1488,15 +1579,24 @@ impl Drop for Docker {
                 }
             }
         }
-        for args in [
-            vec!["network", "rm", &self.network()],
-            vec!["rmi", "-f", &self.image],
+        // Networks and volumes, the compose project's included.
+        for (list, remove) in [
+            (["network", "ls", "-q"], ["network", "rm"]),
+            (["volume", "ls", "-q"], ["volume", "rm"]),
         ] {
-            // Absent when the test failed before making it.
-            let _ = docker(&args, limit);
+            let mut args = list.to_vec();
+            args.extend(["--filter", &filter]);
+            if let Ok(names) = docker(&args, limit) {
+                for n in names.lines() {
+                    let mut args = remove.to_vec();
+                    args.push(n);
+                    if let Err(e) = docker(&args, limit) {
+                        eprintln!("cleanup: {e}");
+                    }
+                }
+            }
         }
-        for i in 0..3 {
-            let _ = docker(&["volume", "rm", "-f", &self.volume(i)], limit);
-        }
+        // Absent when the test failed before making it.
+        let _ = docker(&["rmi", "-f", &self.image], limit);
     }
 }
