@@ -7,7 +7,8 @@
 //! (restored from its checkpoint, bit-identical result) and a shard cut off
 //! the network mid-round (clear errors in time, completion once it is
 //! back); health, non-root user, `docker stop` exiting 0 with a final
-//! checkpoint. Set `PARAMD_SKIP_DOCKER=1` to skip what needs the engine.
+//! checkpoint; then the compose file's shards started, replayed through and
+//! stopped. Set `PARAMD_SKIP_DOCKER=1` to skip what needs the engine.
 //!
 //! Without one: every Grafana query names metrics a live paramd exports,
 //! and the compose file and Kubernetes manifests hold together and their
