@@ -114,6 +114,7 @@ type PullStream = Pin<Box<dyn Stream<Item = Result<pb::PullResponse, Status>> + 
 
 #[tonic::async_trait]
 impl ParamServer for Service {
+    #[tracing::instrument(name = "init", skip_all, fields(shard = self.node.cluster.shard, job))]
     async fn init(
         &self,
         request: Request<Streaming<pb::InitRequest>>,
@@ -123,6 +124,7 @@ impl ParamServer for Service {
         let first = next_message(&mut stream)
             .await?
             .ok_or_else(|| Status::invalid_argument("empty Init stream"))?;
+        tracing::Span::current().record("job", first.job.as_str());
         let spec = first.spec.clone().ok_or_else(|| {
             Status::invalid_argument("spec is required in the first Init message")
         })?;
@@ -143,6 +145,7 @@ impl ParamServer for Service {
         }))
     }
 
+    #[tracing::instrument(name = "push", skip_all, fields(shard = self.node.cluster.shard, job, worker, round))]
     async fn push(
         &self,
         request: Request<Streaming<pb::PushRequest>>,
@@ -153,6 +156,10 @@ impl ParamServer for Service {
         let first = next_message(&mut stream)
             .await?
             .ok_or_else(|| Status::invalid_argument("empty Push stream"))?;
+        let span = tracing::Span::current();
+        span.record("job", first.job.as_str());
+        span.record("worker", first.worker);
+        span.record("round", first.round);
         let job = self.node.job(&first.job)?;
         let refused = |e: Error| {
             metrics::refused(&job.name, e.reason());
@@ -190,6 +197,7 @@ impl ParamServer for Service {
 
     type PullStream = PullStream;
 
+    #[tracing::instrument(name = "pull", skip_all, fields(shard = self.node.cluster.shard, job, round))]
     async fn pull(
         &self,
         request: Request<pb::PullRequest>,
@@ -202,6 +210,9 @@ impl ParamServer for Service {
                 .min(self.node.config.max_pull_wait)
         });
         let req = request.into_inner();
+        let span = tracing::Span::current();
+        span.record("job", req.job.as_str());
+        span.record("round", req.round);
         let job = self.node.job(&req.job)?;
         job.wait_round(req.round, wait).await?;
         let plan = job.pull_plan(&req.params)?;

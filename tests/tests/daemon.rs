@@ -86,3 +86,30 @@ async fn paramd_with_no_flags_serves_grpc_and_metrics() {
     let exit = daemon.terminate().await.expect("terminate");
     assert_eq!(exit.code(), Some(0), "SIGTERM exits 0");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line_with_fields() {
+    let ports = paramd_tests::reserve_ports(1);
+    let listen = format!("127.0.0.1:{}", ports[0]);
+    let daemon = Daemon::start(&[
+        "--listen",
+        &listen,
+        "--http-listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+    ])
+    .await
+    .expect("paramd starts with JSON logs");
+    assert!(daemon.log.len() >= 2, "{:?}", daemon.log);
+    for line in &daemon.log {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON object: {line:?}: {e}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{v}");
+    }
+    let serving: serde_json::Value = serde_json::from_str(&daemon.log[0]).expect("json");
+    assert_eq!(serving["fields"]["message"], "paramd serving");
+    assert_eq!(serving["fields"]["grpc"], listen.as_str());
+    let exit = daemon.terminate().await.expect("terminate");
+    assert_eq!(exit.code(), Some(0));
+}

@@ -256,6 +256,7 @@ impl Job {
         Ok((Admission::Accept, count))
     }
 
+    #[tracing::instrument(name = "round", skip_all, fields(job = %self.name, round = round, shard = self.cluster.shard))]
     async fn complete(self: Arc<Self>, round: u64, pushes: Vec<Pieces>) -> Result<()> {
         let started = Instant::now();
         let job = Arc::clone(&self);
