@@ -663,6 +663,27 @@ async fn every_dashboard_query_names_metrics_a_live_paramd_exports() {
             used.insert(n);
         }
     }
+    // Prometheus parses every query, with Grafana's variables as Grafana
+    // would fill them in: promtool checks them as recording rules.
+    install_promtool();
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, q) in queries.iter().enumerate() {
+        let q = q.replace("$__rate_interval", "1m").replace("$job", ".+");
+        let quoted = serde_json::to_string(&q).expect("a JSON string is a YAML scalar");
+        rules.push_str(&format!(
+            "      - record: dashboard:query{i}\n        expr: {quoted}\n"
+        ));
+    }
+    let rules_path = dir.path().join("dashboard-rules.yml");
+    std::fs::write(&rules_path, rules).expect("write rules");
+    let rules_path = rules_path.display().to_string();
+    if let Err(e) = run_bounded(
+        "promtool",
+        &["check", "rules", &rules_path],
+        Duration::from_secs(60),
+    ) {
+        panic!("Prometheus refuses a query of the dashboard: {e}");
+    }
     // What the issue asks the dashboard to show.
     for wanted in [
         "paramd_learning_rate",
@@ -872,6 +893,17 @@ fn the_compose_file_is_a_three_shard_cluster_with_prometheus_and_grafana() {
         .map(|t| t.as_str().expect("string"))
         .collect();
     assert_eq!(targets, ["shard0:9464", "shard1:9464", "shard2:9464"]);
+
+    install_promtool();
+    let prom_path = repo().join("deploy/prometheus/prometheus.yml");
+    let prom_path = prom_path.display().to_string();
+    if let Err(e) = run_bounded(
+        "promtool",
+        &["check", "config", &prom_path],
+        Duration::from_secs(60),
+    ) {
+        panic!("promtool refuses deploy/prometheus/prometheus.yml: {e}");
+    }
 
     // Grafana mounts files that exist.
     let grafana = at(services, "grafana");
@@ -1188,6 +1220,16 @@ fn run_bounded_env(
 
 fn docker(args: &[&str], limit: Duration) -> Result<String, String> {
     run_bounded("docker", args, limit)
+}
+
+/// promtool, from Debian's `prometheus` package, through the project's
+/// install script (idempotent; the Prometheus test uses it too).
+fn install_promtool() {
+    let script = repo().join("tests/scripts/install-prometheus.sh");
+    let script = script.display().to_string();
+    if let Err(e) = run_bounded("bash", &[&script], Duration::from_secs(900)) {
+        panic!("{script} failed: {e}");
+    }
 }
 
 /// Whether the Docker part runs: a Docker engine answers, or the test
