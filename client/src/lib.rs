@@ -275,27 +275,43 @@ impl Client {
     ) -> Result<pb::PushResponse> {
         let route = self.route(job).await?;
         let calls = route.split(grads).into_iter().enumerate().map(|(i, segs)| {
-            let mut messages: Vec<pb::PushRequest> = pack(segs)
-                .into_iter()
-                .map(|grads| pb::PushRequest {
+            // A header-only first message: the server admits or refuses the
+            // push (stale, early, duplicate) before any payload is sent.
+            let header = pb::PushRequest {
+                job: job.to_owned(),
+                worker,
+                round,
+                grads: Vec::new(),
+            };
+            let messages: Vec<pb::PushRequest> = std::iter::once(header)
+                .chain(pack(segs).into_iter().map(|grads| pb::PushRequest {
                     grads,
                     ..Default::default()
-                })
+                }))
                 .collect();
-            if messages.is_empty() {
-                messages.push(pb::PushRequest::default());
-            }
-            messages[0].job = job.to_owned();
-            messages[0].worker = worker;
-            messages[0].round = round;
-            let req = self.request(futures::stream::iter(messages));
             let (url, mut client) = route.shards[i].clone();
             let n = route.shards.len();
+            let timeout = self.timeout;
             async move {
-                client
-                    .push(req)
-                    .await
-                    .map_err(|s| shard_error(i, &url, s, n))
+                // ABORTED: another copy of this push is being received (a
+                // retry raced the original). Pushes are idempotent, so send
+                // again after a short pause: it will be a duplicate.
+                let deadline = std::time::Instant::now() + timeout;
+                let mut pause = Duration::from_millis(5);
+                loop {
+                    let mut req = tonic::Request::new(futures::stream::iter(messages.clone()));
+                    req.set_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
+                    match client.push(req).await {
+                        Err(s)
+                            if s.code() == tonic::Code::Aborted
+                                && std::time::Instant::now() + pause < deadline =>
+                        {
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_millis(200));
+                        }
+                        r => return r.map_err(|s| shard_error(i, &url, s, n)),
+                    }
+                }
             }
         });
         let mut out = pb::PushResponse {

@@ -176,12 +176,30 @@ impl ParamServer for Service {
                 pushed: n,
             })
         };
-        match job.admit(first.worker, first.round).map_err(refused)? {
-            Admission::Duplicate => {
-                job.metrics.duplicates.increment(1);
-                return Ok(pushed(job.status().workers_pushed, true));
+        let admit = || -> Result<bool, Status> {
+            match job.admit(first.worker, first.round).map_err(refused)? {
+                Admission::Duplicate => {
+                    job.metrics.duplicates.increment(1);
+                    Ok(false)
+                }
+                Admission::Accept => Ok(true),
             }
-            Admission::Accept => {}
+        };
+        if !admit()? {
+            return Ok(pushed(job.status().workers_pushed, true));
+        }
+        // One push per worker is read at a time. Another copy arriving
+        // meanwhile (a flood of retries or duplicates) is refused at once,
+        // before its payload is read: waiting would hold HTTP/2 window that
+        // the push being read needs.
+        let _slot = job.push_slot(first.worker).try_acquire().map_err(|_| {
+            refused(Error::Aborted(format!(
+                "worker {}'s push for round {} of job '{}' is already being received; retry if it fails",
+                first.worker, first.round, job.name
+            )))
+        })?;
+        if !admit()? {
+            return Ok(pushed(job.status().workers_pushed, true));
         }
         let budget = 2 * job.push_bytes() + PAYLOAD_SLACK;
         let what = format!("push of worker {} for round {}", first.worker, first.round);

@@ -436,3 +436,67 @@ async fn an_oversized_message_is_refused_before_it_is_buffered() {
     // Nothing was applied.
     assert_eq!((after.jobs[0].round, after.jobs[0].workers_pushed), (0, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_duplicate_pushes_keeps_memory_bounded() {
+    let ports = reserve_ports(1);
+    let addr = format!("127.0.0.1:{}", ports[0]);
+    let _daemon = Daemon::start(&["--listen", &addr, "--http-listen", "127.0.0.1:0"])
+        .await
+        .expect("paramd starts");
+    let url = format!("http://{addr}");
+    let mut client = Client::connect(&url).await.expect("connect");
+    const N: usize = 2 << 20; // 8 MiB of f32 per push
+    let mut spec = sgd_spec(2);
+    spec.params[0].shape = vec![N as u64];
+    let init = vec![0.0f32; N];
+    client
+        .init("flood", spec, &[("w", &init)])
+        .await
+        .expect("init");
+    let before = client.status(None).await.expect("status").peak_rss_bytes;
+
+    // 32 copies of worker 0's push at once: one is counted, the others are
+    // acknowledged as duplicates. Only one is read at a time: a copy that
+    // arrives meanwhile is refused (ABORTED) unread, and the client sends
+    // it again.
+    const COPIES: usize = 32;
+    let grad = std::sync::Arc::new(vec![1.0f32; N]);
+    let pushes: Vec<_> = (0..COPIES)
+        .map(|_| {
+            let (mut c, grad) = (client.clone(), std::sync::Arc::clone(&grad));
+            tokio::spawn(async move { c.push("flood", 0, 0, &[("w", &grad)]).await })
+        })
+        .collect();
+    let (mut counted, mut duplicates, mut aborted) = (0, 0, 0);
+    for p in pushes {
+        match p.await.expect("join") {
+            Ok(r) if r.duplicate => duplicates += 1,
+            Ok(_) => counted += 1,
+            Err(e) if code(&e) == Some(Code::Aborted) => aborted += 1,
+            Err(e) => panic!("push: {e}"),
+        }
+    }
+    assert_eq!(counted, 1, "{duplicates} duplicates, {aborted} refused");
+    assert_eq!(duplicates + aborted, COPIES - 1);
+    let after = client.status(None).await.expect("status");
+    let grew = after.peak_rss_bytes.saturating_sub(before);
+    eprintln!(
+        "{COPIES} pushes of {} MiB ({duplicates} duplicates, {aborted} refused): peak RSS {:.1} MiB -> {:.1} MiB",
+        (N * 4) >> 20,
+        before as f64 / 1048576.0,
+        after.peak_rss_bytes as f64 / 1048576.0
+    );
+    // Read all at once they would take COPIES x 8 MiB = 256 MiB.
+    assert!(
+        grew < (COPIES * N * 4 / 2) as u64,
+        "peak RSS grew by {} MiB",
+        grew >> 20
+    );
+    assert_eq!(after.jobs[0].workers_pushed, 1);
+    client
+        .push("flood", 1, 0, &[("w", &grad)])
+        .await
+        .expect("worker 1");
+    assert_eq!(client.pull("flood", 1).await.expect("round 0").round, 1);
+}

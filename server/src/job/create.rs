@@ -167,6 +167,9 @@ impl Job {
             }),
             completed: watch::channel(resume.round).0,
             deleted: AtomicBool::new(false),
+            push_slots: (0..workers)
+                .map(|_| tokio::sync::Semaphore::new(1))
+                .collect(),
             name,
             config,
             layout,

@@ -103,6 +103,8 @@ pub struct Job {
     owners: Vec<u32>,
     /// Set when the job is deleted, so that waiting pulls end at once.
     deleted: AtomicBool,
+    /// One permit per worker: the push of that worker being read.
+    push_slots: Vec<tokio::sync::Semaphore>,
     pub metrics: JobMetrics,
 }
 
@@ -429,6 +431,12 @@ impl Job {
         } else {
             tracing::debug!(job = %self.name, round = d.round, step = d.step, grad_norm = d.grad_norm, coef = d.coef, "round applied");
         }
+    }
+
+    /// The slot a push of `worker` holds while it is read; `worker` was
+    /// admitted, so it is in range.
+    pub fn push_slot(&self, worker: u32) -> &tokio::sync::Semaphore {
+        &self.push_slots[worker as usize]
     }
 
     /// Waits until `round` rounds have completed, at most `wait`.
