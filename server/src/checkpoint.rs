@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use paramd_proto::v1 as pb;
 use prost::Message;
@@ -30,7 +31,8 @@ use crate::store::ChunkState;
 
 /// The format this build writes and reads.
 pub const FORMAT: &str = "paramd-checkpoint/1";
-const MANIFEST: &str = "MANIFEST.json";
+/// The name of a checkpoint's manifest.
+pub const MANIFEST: &str = "MANIFEST.json";
 
 /// Where and how often checkpoints are taken.
 #[derive(Clone, Debug)]
@@ -96,15 +98,55 @@ fn io<'a>(what: &str, path: &'a Path) -> impl Fn(std::io::Error) -> Error + 'a {
     move |e| Error::Internal(format!("cannot {what} {}: {e}", path.display()))
 }
 
-/// Writes `data` to `path` atomically and durably.
-fn write_durably(path: &Path, data: &[u8]) -> Result<()> {
+/// The failpoint this process was started with: `PARAMD_FAILPOINT=<name>`
+/// or `<name>@<round>`, read once. When the named point is reached (for
+/// checkpoint `<round>` only, if given), the process aborts there, as a
+/// `kill -9` at exactly that point would stop it. Crash tests use it; it
+/// is unset in production. The points:
+///
+/// - `checkpoint.mid_write`: a shard has written half of its checkpoint
+///   file (under its temporary name);
+/// - `checkpoint.before_manifest`: the coordinator has every shard's file,
+///   durable, and has written no manifest yet;
+/// - `checkpoint.between_manifests`: the coordinator has written its own
+///   manifest and not yet sent it to the other shards.
+pub fn failpoint(name: &str, round: u64) {
+    static ARMED: OnceLock<Option<(String, Option<u64>)>> = OnceLock::new();
+    let armed = ARMED.get_or_init(|| {
+        let v = std::env::var("PARAMD_FAILPOINT").ok()?;
+        Some(match v.split_once('@') {
+            Some((n, r)) => (n.to_owned(), r.parse().ok()),
+            None => (v, None),
+        })
+    });
+    if let Some((n, r)) = armed
+        && n == name
+        && r.is_none_or(|r| r == round)
+    {
+        tracing::error!(
+            failpoint = name,
+            round,
+            "PARAMD_FAILPOINT reached: aborting"
+        );
+        std::process::abort();
+    }
+}
+
+/// Writes `data` to `path` atomically and durably. `round` names the
+/// checkpoint for the `checkpoint.mid_write` failpoint.
+fn write_durably(path: &Path, data: &[u8], round: Option<u64>) -> Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| Error::Internal(format!("{} has no directory", path.display())))?;
     fs::create_dir_all(dir).map_err(io("create", dir))?;
     let tmp = path.with_extension("tmp");
     let mut f = fs::File::create(&tmp).map_err(io("create", &tmp))?;
-    f.write_all(data).map_err(io("write", &tmp))?;
+    let (head, tail) = data.split_at(data.len() / 2);
+    f.write_all(head).map_err(io("write", &tmp))?;
+    if let Some(round) = round {
+        failpoint("checkpoint.mid_write", round);
+    }
+    f.write_all(tail).map_err(io("write", &tmp))?;
     f.sync_all().map_err(io("fsync", &tmp))?;
     fs::rename(&tmp, path).map_err(io("rename to", path))?;
     fs::File::open(dir)
@@ -195,7 +237,7 @@ pub fn write_shard(
         .map_err(|e| Error::Internal(format!("checkpoint: {e}")))?;
     let name = shard_file(meta.shard, meta.shards);
     let path = round_dir(root, &meta.job, meta.round).join(&name);
-    write_durably(&path, &data)?;
+    write_durably(&path, &data, Some(meta.round))?;
     Ok(ManifestFile {
         name,
         sha256: hex(&Sha256::digest(&data)),
@@ -208,7 +250,7 @@ pub fn write_shard(
 pub fn commit(root: &Path, manifest: &Manifest, keep: usize) -> Result<()> {
     let dir = round_dir(root, &manifest.job, manifest.round);
     let json = serde_json::to_vec_pretty(manifest).map_err(|e| Error::Internal(e.to_string()))?;
-    write_durably(&dir.join(MANIFEST), &json)?;
+    write_durably(&dir.join(MANIFEST), &json, None)?;
     let mut rounds = complete_rounds(&root.join(&manifest.job));
     rounds.sort_unstable_by(|a, b| b.cmp(a));
     for old in rounds.into_iter().skip(keep.max(1)) {
@@ -244,6 +286,123 @@ pub fn write_test_manifest(
     fs::write(dir.join(MANIFEST), json).map_err(io("write", dir))
 }
 
+/// The newest round of `job` that has a manifest.
+pub fn newest_round(root: &Path, job: &str) -> Option<u64> {
+    complete_rounds(&root.join(job)).into_iter().max()
+}
+
+/// Reads the manifest of checkpoint `round` of `job`, refusing a format
+/// this build does not read.
+pub fn read_manifest(root: &Path, job: &str, round: u64) -> Result<Manifest> {
+    let dir = round_dir(root, job, round);
+    let bad = |m: String| Error::Internal(format!("{}: {m}", dir.display()));
+    let manifest: Manifest =
+        serde_json::from_slice(&fs::read(dir.join(MANIFEST)).map_err(|e| bad(e.to_string()))?)
+            .map_err(|e| bad(format!("manifest: {e}")))?;
+    if manifest.format != FORMAT {
+        return Err(Error::Invalid(format!(
+            "{}: format {:?} is a newer format than this build reads ({FORMAT})",
+            dir.display(),
+            manifest.format
+        )));
+    }
+    Ok(manifest)
+}
+
+/// The shards (of the cluster that took it) whose files of checkpoint
+/// `round` a restore onto `shards` shards needs and this directory lacks:
+/// none when the shape is the same (a shard needs only its own file).
+pub fn missing_files(root: &Path, job: &str, round: u64, shards: usize) -> Result<Vec<usize>> {
+    let manifest = read_manifest(root, job, round)?;
+    if manifest.shards == shards {
+        return Ok(Vec::new());
+    }
+    let dir = round_dir(root, job, round);
+    Ok((0..manifest.shards)
+        .filter(|&i| !dir.join(shard_file(i, manifest.shards)).exists())
+        .collect())
+}
+
+/// The path of file `name` of checkpoint `round` of `job`, if `name` is a
+/// checkpoint file's name (the manifest or a shard's file) and nothing else.
+pub fn file_path(root: &Path, job: &str, round: u64, name: &str) -> Result<PathBuf> {
+    let shard_file = name.starts_with("shard-")
+        && name.ends_with(".safetensors")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && !name.contains("..");
+    if name != MANIFEST && !shard_file {
+        return Err(crate::invalid!(
+            "name {name:?} is not a checkpoint file (MANIFEST.json or shard-<i>-of-<n>.safetensors)"
+        ));
+    }
+    Ok(round_dir(root, job, round).join(name))
+}
+
+/// A checkpoint file arriving from another shard: written under a
+/// temporary name and hashed as it comes, kept only if it is what the
+/// manifest says.
+pub struct Receiving {
+    tmp: PathBuf,
+    path: PathBuf,
+    file: fs::File,
+    hash: Sha256,
+    bytes: u64,
+}
+
+impl Receiving {
+    /// Starts receiving file `name` of checkpoint `round` of `job`.
+    pub fn new(root: &Path, job: &str, round: u64, name: &str) -> Result<Receiving> {
+        let path = file_path(root, job, round, name)?;
+        let dir = round_dir(root, job, round);
+        fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        let tmp = path.with_extension("tmp");
+        let file = fs::File::create(&tmp).map_err(io("create", &tmp))?;
+        Ok(Receiving {
+            tmp,
+            path,
+            file,
+            hash: Sha256::new(),
+            bytes: 0,
+        })
+    }
+
+    /// Appends `data`.
+    pub fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.hash.update(data);
+        self.bytes += data.len() as u64;
+        self.file.write_all(data).map_err(io("write", &self.tmp))
+    }
+
+    /// Checks the file against `expect` (its manifest entry; none for the
+    /// manifest itself) and makes it durable under its name.
+    pub fn finish(self, expect: Option<&ManifestFile>) -> Result<()> {
+        let sum = hex(&self.hash.finalize());
+        if let Some(e) = expect
+            && (e.sha256 != sum || e.bytes != self.bytes)
+        {
+            let _ = fs::remove_file(&self.tmp);
+            return Err(Error::Internal(format!(
+                "{}: received {} bytes with checksum {sum}, the manifest says {} bytes with {}",
+                self.path.display(),
+                self.bytes,
+                e.bytes,
+                e.sha256
+            )));
+        }
+        self.file.sync_all().map_err(io("fsync", &self.tmp))?;
+        fs::rename(&self.tmp, &self.path).map_err(io("rename to", &self.path))?;
+        let dir = self
+            .path
+            .parent()
+            .ok_or_else(|| Error::Internal(format!("{} has no directory", self.path.display())))?;
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("fsync", dir))
+    }
+}
+
 /// Rounds of a job directory that have a manifest.
 fn complete_rounds(job_dir: &Path) -> Vec<u64> {
     let Ok(entries) = fs::read_dir(job_dir) else {
@@ -272,27 +431,85 @@ pub fn jobs(root: &Path) -> Vec<String> {
 
 /// Loads the newest checkpoint of `job` that is complete and intact for
 /// shard `shard` of `shards`. A bad one is reported and set aside (renamed
-/// `<round>.bad-<reason>`), and the one before it is tried.
+/// `<round>.bad-<pid>`), and the one before it is tried.
 pub fn load_latest(root: &Path, job: &str, shard: usize, shards: usize) -> Result<Option<Loaded>> {
+    restorable(root, job, shard, shards).map(|(loaded, _)| loaded)
+}
+
+/// Loads the newest checkpoint of `job` that is complete and intact for
+/// shard `shard` of `shards`, and lists the rounds of every intact one,
+/// newest first, so that the shards of a cluster can agree on a round all
+/// of them can restore. A bad checkpoint is reported and set aside
+/// (renamed `<round>.bad-<pid>`, not deleted).
+pub fn restorable(
+    root: &Path,
+    job: &str,
+    shard: usize,
+    shards: usize,
+) -> Result<(Option<Loaded>, Vec<u64>)> {
     let mut rounds = complete_rounds(&root.join(job));
     rounds.sort_unstable_by(|a, b| b.cmp(a));
+    let mut newest = None;
+    let mut intact = Vec::new();
     for round in rounds {
         let dir = round_dir(root, job, round);
         match load_one(&dir, shard, shards) {
-            Ok(l) => return Ok(Some(l)),
+            Ok(l) => {
+                intact.push(round);
+                // Older ones are only checked, so that they can be agreed on.
+                newest.get_or_insert(l);
+            }
             // A newer format, or a reshard this directory cannot serve: not
             // damage; stop with the reason rather than set it aside.
-            Err(e @ Error::Invalid(_)) => return Err(e),
+            Err(e @ Error::Invalid(_)) if newest.is_none() => return Err(e),
+            Err(Error::Invalid(_)) => {}
             Err(e) => {
-                let aside = dir.with_extension(format!("bad-{}", std::process::id()));
-                tracing::error!(job, round, error = %e, set_aside = %aside.display(), "checkpoint unusable; trying the one before");
-                if let Err(r) = fs::rename(&dir, &aside) {
-                    tracing::error!(error = %r, "cannot set the checkpoint aside");
-                }
+                set_aside(&dir, "bad");
+                tracing::error!(job, round, error = %e, "checkpoint unusable; trying the one before");
             }
         }
     }
-    Ok(None)
+    Ok((newest, intact))
+}
+
+/// Loads checkpoint `round` of `job` for shard `shard` of `shards`.
+pub fn load_round(
+    root: &Path,
+    job: &str,
+    round: u64,
+    shard: usize,
+    shards: usize,
+) -> Result<Loaded> {
+    load_one(&round_dir(root, job, round), shard, shards)
+}
+
+/// Sets aside (renames `<round>.<why>-<pid>`) every checkpoint of `job`
+/// newer than `round`: the cluster went back to `round`, and a later
+/// checkpoint of the same round must not meet these files.
+pub fn set_aside_newer(root: &Path, job: &str, round: u64) {
+    for newer in complete_rounds(&root.join(job))
+        .into_iter()
+        .filter(|&r| r > round)
+    {
+        let dir = round_dir(root, job, newer);
+        set_aside(&dir, "abandoned");
+        tracing::warn!(
+            job,
+            round = newer,
+            agreed = round,
+            "checkpoint newer than the round the shards agree on set aside"
+        );
+    }
+}
+
+fn set_aside(dir: &Path, why: &str) {
+    let aside = dir.with_extension(format!("{why}-{}", std::process::id()));
+    match fs::rename(dir, &aside) {
+        Ok(()) => tracing::warn!(set_aside = %aside.display(), "checkpoint set aside"),
+        Err(e) => {
+            tracing::error!(dir = %dir.display(), error = %e, "cannot set the checkpoint aside")
+        }
+    }
 }
 
 /// One shard's file of a checkpoint, checked against its manifest entry.
@@ -437,7 +654,7 @@ fn load_one(dir: &Path, shard: usize, shards: usize) -> Result<Loaded> {
         if !dir.join(&name).exists() && manifest.shards != shards {
             // Not damage: this directory holds only some shards' files.
             return Err(Error::Invalid(format!(
-                "{}: taken on {} shards, this cluster has {shards}; restoring onto another number of shards needs every shard's file in one directory, and {name} is not here",
+                "{}: taken on {} shards, this cluster has {shards}; restoring onto another number of shards needs every shard's file, and {name} is neither here nor on a shard of this cluster (copy it here)",
                 dir.display(),
                 manifest.shards
             )));

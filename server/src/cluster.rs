@@ -9,7 +9,7 @@ use paramd_proto::v1 as pb;
 use paramd_proto::v1::shard_client::ShardClient;
 
 use crate::checkpoint::{CheckpointSettings, ManifestFile};
-use crate::coordinator::{Decision, Report};
+use crate::coordinator::{Decision, Members, Report};
 use crate::error::{Error, Result};
 use crate::invalid;
 
@@ -164,6 +164,86 @@ impl Cluster {
             lrs: d.lr,
             step: d.step,
         })
+    }
+
+    /// Tells the coordinator which workers' pushes of `round` this shard
+    /// holds whole; returns the round's members once chosen.
+    pub async fn members(&self, job: &str, round: u64, workers: &[u32]) -> Result<Members> {
+        let msg = pb::MembersRequest {
+            job: job.to_owned(),
+            round,
+            shard: self.shard as u32,
+            workers: workers.to_vec(),
+        };
+        // The coordinator may hold the call for a whole round timeout.
+        let req = self.request(msg, self.round_timeout + self.peer_timeout);
+        let r = self
+            .peer(0)?
+            .members(req)
+            .await
+            .map_err(self.err(0))?
+            .into_inner();
+        Ok(Members {
+            round: r.round,
+            workers: r.workers,
+            dropped: r.dropped,
+        })
+    }
+
+    /// The checkpoint rounds of `job` shard `i` can restore, newest first,
+    /// and the round it holds.
+    pub async fn restorable(&self, i: usize, job: &str) -> Result<pb::RestorableResponse> {
+        let req = self.request(
+            pb::RestorableRequest {
+                job: job.to_owned(),
+            },
+            self.peer_timeout,
+        );
+        Ok(self
+            .peer(i)?
+            .restorable(req)
+            .await
+            .map_err(self.err(i))?
+            .into_inner())
+    }
+
+    /// Has shard `i` hold `job` as of checkpoint `round` and serve it.
+    pub async fn adopt(&self, i: usize, job: &str, round: u64) -> Result<()> {
+        let req = self.request(
+            pb::AdoptRequest {
+                job: job.to_owned(),
+                round,
+            },
+            // Loading a checkpoint may take a while for a large model.
+            self.round_timeout + self.peer_timeout,
+        );
+        self.peer(i)?.adopt(req).await.map_err(self.err(i))?;
+        Ok(())
+    }
+
+    /// The bytes of file `name` of checkpoint `round` of `job` on shard `i`.
+    pub async fn checkpoint_file(
+        &self,
+        i: usize,
+        job: &str,
+        round: u64,
+        name: &str,
+    ) -> Result<tonic::Streaming<pb::CheckpointFileChunk>> {
+        let req = self.request(
+            pb::CheckpointFileRequest {
+                job: job.to_owned(),
+                round,
+                name: name.to_owned(),
+            },
+            // A whole shard's file: as long as a round may take.
+            self.round_timeout + self.peer_timeout,
+        );
+        Ok(self
+            .peer(i)?
+            .checkpoint_file(req)
+            .await
+            .map_err(self.err(i))?
+            .into_inner())
     }
 
     /// A job's part on shard `i`.

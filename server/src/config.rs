@@ -145,7 +145,7 @@ pub struct Overrides {
     /// Largest gRPC message, in bytes [default: 64 MiB].
     #[arg(long, env = "PARAMD_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
-    /// Calls served at once per client connection [default: 64].
+    /// Calls served at once per client connection [default: 256].
     #[arg(long, env = "PARAMD_MAX_CONCURRENT_REQUESTS")]
     pub max_concurrent_requests: Option<usize>,
     /// Longest a pull waits for its round without a deadline, in seconds [default: 300].

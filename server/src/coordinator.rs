@@ -1,7 +1,12 @@
-//! The step decision of a round: once every shard has reported its per-chunk
-//! sums of squares, the coordinator computes the global norm, the clip
-//! coefficient and the learning rates (or the skip), and every shard applies
-//! that same decision.
+//! The two decisions of a round. First its members: every shard reports
+//! which workers' pushes it holds whole, and the coordinator chooses the
+//! workers whose mean is the round's gradient (those whole on every shard,
+//! once they are all the workers, or `workers - backup_workers` of them, or
+//! at least one after the worker timeout), so that every shard averages
+//! over the same set. Then its
+//! step: once every shard has reported its per-chunk sums of squares, the
+//! coordinator computes the global norm, the clip coefficient and the
+//! learning rates (or the skip), and every shard applies that same decision.
 //!
 //! In a one-shard cluster the shard reports to an in-process coordinator;
 //! the code path is the same.
@@ -10,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use metrics::Histogram;
 use parking_lot::Mutex;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::clip::{clip_coefficient, global_norm};
 use crate::error::{Error, Result};
@@ -41,12 +46,30 @@ pub struct Decision {
     pub step: u64,
 }
 
+/// The workers of a round, as the coordinator chose them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Members {
+    pub round: u64,
+    /// The workers whose mean is the round's gradient, in rank order.
+    pub workers: Vec<u32>,
+    /// Workers dropped because the worker timeout expired (none when the
+    /// round completed with every worker or by the backup-worker rule).
+    pub dropped: Vec<u32>,
+}
+
 /// What the coordinator needs of a job's configuration.
 #[derive(Clone, Debug)]
 pub struct Policy {
     pub base_lrs: Vec<f64>,
     pub schedule: Schedule,
     pub clip: Option<f64>,
+    /// Workers of the job.
+    pub workers: u32,
+    /// A round may complete once `workers - backup_workers` pushed.
+    pub backup_workers: u32,
+    /// After this long with at least one push, a round completes with the
+    /// workers whose pushes every shard holds.
+    pub worker_timeout: Duration,
 }
 
 impl Policy {
@@ -82,6 +105,37 @@ impl Policy {
             step: if skip { step } else { step + 1 },
         }
     }
+
+    /// The members of `round` if the policy lets it complete now: `held`
+    /// says, per shard, which workers' pushes it holds whole (`None`: none
+    /// reported yet); `expired` whether the worker timeout has passed.
+    pub fn members(
+        &self,
+        round: u64,
+        held: &[Option<Vec<bool>>],
+        expired: bool,
+    ) -> Option<Members> {
+        let whole: Vec<u32> = (0..self.workers)
+            .filter(|&w| {
+                held.iter()
+                    .all(|h| h.as_ref().is_some_and(|h| h.get(w as usize) == Some(&true)))
+            })
+            .collect();
+        let n = whole.len() as u32;
+        let quorum = self.workers - self.backup_workers;
+        let dropped = if n >= quorum {
+            Vec::new()
+        } else if expired && n > 0 {
+            (0..self.workers).filter(|w| !whole.contains(w)).collect()
+        } else {
+            return None;
+        };
+        Some(Members {
+            round,
+            workers: whole,
+            dropped,
+        })
+    }
 }
 
 /// Gathers the reports of a round and hands the decision to every shard.
@@ -95,6 +149,8 @@ pub struct Coordinator {
     /// Freeze after deciding every round that ends a multiple of this many
     /// rounds (0: never), so its checkpoint is taken at exactly that round.
     checkpoint_every: u64,
+    /// The members of the newest round whose members were chosen.
+    members: watch::Sender<Option<Members>>,
 }
 
 #[derive(Debug)]
@@ -109,6 +165,11 @@ struct Gather {
     /// While above zero, no round is decided: a checkpoint is being taken
     /// of the rounds decided so far.
     frozen: u32,
+    /// Per shard, the workers whose pushes of `round` it holds whole.
+    held: Vec<Option<Vec<bool>>>,
+    /// When the first shard reported a push of `round`: the worker timeout
+    /// runs from there.
+    first_push: Option<Instant>,
 }
 
 impl Coordinator {
@@ -132,9 +193,12 @@ impl Coordinator {
                 first_report: None,
                 last: None,
                 frozen: 0,
+                held: vec![None; shards],
+                first_push: None,
             }),
             shard_wait,
             checkpoint_every: 0,
+            members: watch::channel(None).0,
         }
     }
 
@@ -171,6 +235,8 @@ impl Coordinator {
         g.step = decision.step;
         g.round += 1;
         g.first_report = None;
+        g.held.iter_mut().for_each(|h| *h = None);
+        g.first_push = None;
         g.last = Some(decision.clone());
         if self.checkpoint_every > 0 && g.round.is_multiple_of(self.checkpoint_every) {
             g.frozen += 1;
@@ -178,6 +244,105 @@ impl Coordinator {
         for w in g.waiters.drain(..) {
             // A shard that stopped waiting asks again and gets `last`.
             let _ = w.send(decision.clone());
+        }
+    }
+
+    /// Chooses the members of `round` if the policy allows it now.
+    fn choose_locked(&self, g: &Gather) {
+        if g.held.iter().all(Option::is_none) || self.chosen(g.round).is_some() {
+            return;
+        }
+        let expired = g
+            .first_push
+            .is_some_and(|t| t.elapsed() >= self.policy.worker_timeout);
+        if let Some(m) = self.policy.members(g.round, &g.held, expired) {
+            self.members.send_replace(Some(m));
+        }
+    }
+
+    fn chosen(&self, round: u64) -> Option<Members> {
+        self.members
+            .borrow()
+            .as_ref()
+            .filter(|m| m.round == round)
+            .cloned()
+    }
+
+    /// Records that shard `shard` holds whole pushes of `round` from
+    /// `workers`, and waits, at most `wait`, for the round's members. A
+    /// shard reports again as more pushes arrive: what it holds only grows
+    /// within a round, so reports are merged, in whatever order they come.
+    pub async fn members(
+        &self,
+        round: u64,
+        shard: usize,
+        workers: &[u32],
+        wait: Duration,
+    ) -> Result<Members> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let (mut rx, timeout_at) = {
+            let mut g = self.state.lock();
+            if let Some(m) = self.chosen(round) {
+                return Ok(m);
+            }
+            if round != g.round {
+                return Err(Error::Internal(format!(
+                    "shard {shard} collects round {round}, the coordinator is deciding round {}",
+                    g.round
+                )));
+            }
+            let n = self.policy.workers as usize;
+            let slot = g
+                .held
+                .get_mut(shard)
+                .ok_or_else(|| Error::Internal(format!("shard {shard} is not in this cluster")))?
+                .get_or_insert_with(|| vec![false; n]);
+            for &w in workers {
+                if let Some(h) = slot.get_mut(w as usize) {
+                    *h = true;
+                }
+            }
+            let first = *g.first_push.get_or_insert_with(Instant::now);
+            self.choose_locked(&g);
+            (
+                self.members.subscribe(),
+                tokio::time::Instant::from_std(first + self.policy.worker_timeout),
+            )
+        };
+        loop {
+            if let Some(m) = rx.borrow_and_update().as_ref().filter(|m| m.round == round) {
+                return Ok(m.clone());
+            }
+            // Wake at the worker timeout to apply it, or at the deadline.
+            let wake = if timeout_at > tokio::time::Instant::now() {
+                timeout_at.min(deadline)
+            } else {
+                deadline
+            };
+            match tokio::time::timeout_at(wake, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    return Err(Error::Internal(format!(
+                        "round {round} was abandoned by the coordinator"
+                    )));
+                }
+                Err(_) if tokio::time::Instant::now() >= deadline => {
+                    let g = self.state.lock();
+                    let quiet: Vec<usize> = (0..self.shards)
+                        .filter(|&s| g.round == round && g.held[s].is_none())
+                        .collect();
+                    return Err(Error::Timeout(format!(
+                        "members of round {round} not chosen after {:.1}s: shards {quiet:?} hold no push",
+                        wait.as_secs_f64()
+                    )));
+                }
+                Err(_) => {
+                    let g = self.state.lock();
+                    if g.round == round {
+                        self.choose_locked(&g);
+                    }
+                }
+            }
         }
     }
 
@@ -248,6 +413,9 @@ mod tests {
                 min_lr_ratio: 0.0,
             },
             clip,
+            workers: 4,
+            backup_workers: 0,
+            worker_timeout: Duration::from_secs(60),
         }
     }
 
@@ -280,6 +448,67 @@ mod tests {
         assert!(d.skip);
         assert_eq!(d.step, 3);
         assert_eq!(d.coef, 1.0);
+    }
+
+    fn held(shards: &[&[u32]]) -> Vec<Option<Vec<bool>>> {
+        shards
+            .iter()
+            .map(|ws| Some((0..4).map(|w| ws.contains(&w)).collect()))
+            .collect()
+    }
+
+    #[test]
+    fn members_are_the_workers_whole_on_every_shard() {
+        let p = policy(None);
+        // Worker 3 reached shard 0 only; 0..3 are whole everywhere.
+        let h = held(&[&[0, 1, 2, 3], &[2, 0, 1]]);
+        assert_eq!(p.members(0, &h, false), None, "all four are expected");
+        let m = p.members(0, &h, true).expect("timed out with three whole");
+        assert_eq!((m.workers, m.dropped), (vec![0, 1, 2], vec![3]));
+        let all = held(&[&[3, 1, 0, 2], &[0, 1, 2, 3]]);
+        let m = p.members(0, &all, false).expect("everyone");
+        assert_eq!((m.workers, m.dropped), (vec![0, 1, 2, 3], vec![]));
+        let mut none_yet = held(&[&[0]]);
+        none_yet.push(None);
+        assert_eq!(p.members(0, &none_yet, true), None, "shard 1 holds no push");
+    }
+
+    #[test]
+    fn backup_workers_complete_a_round_without_the_slowest() {
+        let p = Policy {
+            backup_workers: 1,
+            ..policy(None)
+        };
+        assert_eq!(p.members(0, &held(&[&[0, 1], &[0, 1, 2]]), false), None);
+        let m = p
+            .members(0, &held(&[&[0, 1, 3], &[3, 1, 0]]), false)
+            .expect("three of four");
+        assert_eq!((m.workers, m.dropped), (vec![0, 1, 3], vec![]));
+    }
+
+    #[tokio::test]
+    async fn members_wait_for_the_worker_timeout() {
+        let p = Policy {
+            worker_timeout: Duration::from_millis(50),
+            ..policy(None)
+        };
+        let c = std::sync::Arc::new(Coordinator::new(p, 2, 0, 0, Histogram::noop()));
+        let c2 = c.clone();
+        let wait = Duration::from_secs(30);
+        let shard1 = tokio::spawn(async move { c2.members(0, 1, &[1, 2], wait).await });
+        let started = Instant::now();
+        let m = c.members(0, 0, &[0, 1, 2], wait).await.expect("members");
+        assert!(started.elapsed() >= Duration::from_millis(40));
+        assert_eq!(
+            (m.workers.clone(), m.dropped.clone()),
+            (vec![1, 2], vec![0, 3])
+        );
+        assert_eq!(shard1.await.expect("join").expect("members"), m);
+        let late = c
+            .members(0, 1, &[0, 1, 2, 3], wait)
+            .await
+            .expect("asked again");
+        assert_eq!(late, m, "the choice stands once made");
     }
 
     #[tokio::test]

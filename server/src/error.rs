@@ -92,6 +92,19 @@ impl Error {
         }
     }
 
+    /// Whether a wait ran out (here or on the shard called), as opposed to
+    /// a failure.
+    pub fn timed_out(&self) -> bool {
+        matches!(
+            self,
+            Error::Timeout(_)
+                | Error::Shard {
+                    code: Code::DeadlineExceeded,
+                    ..
+                }
+        )
+    }
+
     /// The error of a call to shard `shard` that answered `status`.
     pub fn from_shard(shard: usize, address: &str, status: &Status) -> Error {
         // tonic reports a client-side deadline as CANCELLED.

@@ -61,15 +61,17 @@ async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool
         .await;
 }
 
-/// On the coordinator with a checkpoint directory: checkpoints every job
-/// before stopping, within the grace period. The other shards must still be
-/// up for it (stop them after the coordinator); failures are logged.
+/// With a checkpoint directory: the coordinator checkpoints every job
+/// before stopping, and the other shards of a cluster wait for it to have
+/// done so (see `Node::final_checkpoint`), within the grace period, so that
+/// SIGTERM sent to every shard at once still leaves a consistent final
+/// checkpoint. Failures are logged.
 async fn final_checkpoint(node: &Node, grace: Duration) {
-    if node.cluster.checkpoints.is_none() || node.cluster.shard != 0 || node.jobs().is_empty() {
+    if node.cluster.checkpoints.is_none() || node.jobs().is_empty() {
         return;
     }
-    match tokio::time::timeout(grace, node.checkpoint(None)).await {
-        Ok(Ok(done)) => tracing::info!(jobs = done.len(), "final checkpoint taken"),
+    match tokio::time::timeout(grace, node.final_checkpoint()).await {
+        Ok(Ok(jobs)) => tracing::info!(jobs, "final checkpoint taken"),
         Ok(Err(e)) => tracing::error!(error = %e, "final checkpoint failed"),
         Err(_) => tracing::error!(
             grace_secs = grace.as_secs_f64(),

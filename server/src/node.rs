@@ -13,7 +13,7 @@ use paramd_proto::v1::Segment;
 use tonic::transport::ServerTlsConfig;
 
 use crate::auth::AuthToken;
-use crate::checkpoint::{self, CheckpointSettings};
+use crate::checkpoint::CheckpointSettings;
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::invalid;
@@ -21,6 +21,8 @@ use crate::job::Job;
 use crate::layout::{DEFAULT_CHUNK_BYTES, Layout};
 use crate::pieces::{Ownership, initial_values, pack};
 use crate::spec::{JobConfig, validate_job_name};
+
+mod restore;
 
 /// Payload bytes per message when the coordinator forwards initial values.
 const FORWARD_MESSAGE_BYTES: usize = 4 << 20;
@@ -66,7 +68,7 @@ impl Default for NodeConfig {
             peer_timeout: Duration::from_secs(10),
             round_timeout: Duration::from_secs(60),
             peer_credentials: Credentials::none(),
-            max_concurrent_requests: 64,
+            max_concurrent_requests: 256,
             auth_token: None,
             tls: None,
         }
@@ -112,6 +114,9 @@ impl NodeConfig {
 #[derive(Debug)]
 pub struct Node {
     jobs: DashMap<String, Arc<Job>>,
+    /// Jobs the coordinator is restoring from per-shard directories of a
+    /// cluster of another shape, and why they do not serve yet.
+    restoring: DashMap<String, String>,
     /// False while checkpoints are being restored.
     ready: AtomicBool,
     pub config: NodeConfig,
@@ -139,6 +144,7 @@ impl Node {
         cluster.checkpoints = config.checkpoints.clone();
         let node = Node {
             jobs: DashMap::new(),
+            restoring: DashMap::new(),
             ready: AtomicBool::new(cluster.checkpoints.is_none()),
             cluster: Arc::new(cluster),
             config,
@@ -163,32 +169,6 @@ impl Node {
         }
     }
 
-    /// Loads the newest complete checkpoint of every job in the checkpoint
-    /// directory, then serves.
-    pub fn restore(&self) -> Result<()> {
-        let Some(settings) = &self.cluster.checkpoints else {
-            self.ready.store(true, Ordering::Release);
-            return Ok(());
-        };
-        for name in checkpoint::jobs(&settings.dir) {
-            let loaded = checkpoint::load_latest(
-                &settings.dir,
-                &name,
-                self.cluster.shard,
-                self.cluster.size(),
-            )?;
-            let Some(loaded) = loaded else {
-                continue;
-            };
-            let round = loaded.meta.round;
-            let job = Job::restore(Arc::clone(&self.cluster), loaded)?;
-            self.jobs.insert(name.clone(), Arc::new(job));
-            tracing::info!(job = %name, round, shard = self.cluster.shard, "job restored from its checkpoint");
-        }
-        self.ready.store(true, Ordering::Release);
-        Ok(())
-    }
-
     /// Checkpoints job `name`, or every job, on every shard now.
     pub async fn checkpoint(&self, name: Option<&str>) -> Result<Vec<(String, u64)>> {
         self.coordinator_only("Checkpoint")?;
@@ -203,12 +183,56 @@ impl Node {
         Ok(out)
     }
 
+    /// At shutdown (SIGTERM), with checkpoints: every job stops taking
+    /// pushes; the coordinator checkpoints every job at the last decided
+    /// round and decides no more; the other shards keep serving the
+    /// coordinator until it has committed a checkpoint of the round they
+    /// hold, so that stopping every shard at once loses no applied round.
+    /// Bounded by the caller's grace period.
+    pub async fn final_checkpoint(&self) -> Result<usize> {
+        let jobs = self.jobs();
+        for job in &jobs {
+            job.drain();
+        }
+        if self.cluster.shard == 0 {
+            // Every job gets its checkpoint even if another's fails.
+            let mut failure = None;
+            for job in &jobs {
+                if let Err(e) = job.final_checkpoint().await {
+                    failure = failure.or(Some(e));
+                }
+            }
+            return failure.map_or(Ok(jobs.len()), Err);
+        }
+        tracing::info!(
+            jobs = jobs.len(),
+            "waiting for the coordinator's final checkpoint"
+        );
+        // The caller bounds the whole wait; this deadline only keeps each
+        // job's wait finite on its own.
+        let deadline =
+            tokio::time::Instant::now() + self.cluster.round_timeout + self.cluster.peer_timeout;
+        for job in &jobs {
+            if !job.wait_committed(deadline).await {
+                return Err(Error::Timeout(format!(
+                    "the coordinator committed no checkpoint of round {} of job '{}'",
+                    job.round(),
+                    job.name
+                )));
+            }
+        }
+        Ok(jobs.len())
+    }
+
     /// The job named `name`.
     pub fn job(&self, name: &str) -> Result<Arc<Job>> {
-        self.jobs
-            .get(name)
-            .map(|j| Arc::clone(j.value()))
-            .ok_or_else(|| Error::NotFound(name.to_owned()))
+        if let Some(j) = self.jobs.get(name) {
+            return Ok(Arc::clone(j.value()));
+        }
+        match self.restoring.get(name) {
+            Some(why) => Err(Error::Unavailable(why.clone())),
+            None => Err(Error::NotFound(name.to_owned())),
+        }
     }
 
     /// Every job, sorted by name.
@@ -235,9 +259,16 @@ impl Node {
     pub fn existing(&self, name: &str, config: &JobConfig) -> Result<Option<Arc<Job>>> {
         validate_job_name(name)?;
         self.coordinator_only("Init")?;
+        if let Some(why) = self.restoring.get(name) {
+            return Err(Error::Unavailable(why.clone()));
+        }
         match self.jobs.get(name) {
             None => Ok(None),
-            Some(j) => same_job(j.value(), config).map(|()| Some(Arc::clone(j.value()))),
+            Some(j) => {
+                same_job(j.value(), config)?;
+                j.value().check_serving()?;
+                Ok(Some(Arc::clone(j.value())))
+            }
         }
     }
 
@@ -255,15 +286,6 @@ impl Node {
         validate_job_name(name)?;
         self.coordinator_only("Init")?;
         let shards = self.cluster.size();
-        if shards > 1 && (spec.backup_workers > 0 || spec.worker_timeout_seconds.is_some()) {
-            // Each shard would pick a round's workers on its own; until the
-            // coordinator decides them, a cluster's rounds wait for all.
-            return Err(invalid!(
-                "backup_workers ({}) and worker_timeout_seconds ({:?}) need a one-shard cluster; this one has {shards} shards",
-                spec.backup_workers,
-                spec.worker_timeout_seconds
-            ));
-        }
         let layout = Layout::new(&config.params, self.config.chunk_bytes);
         let owners = layout.place(shards);
         let pieces = initial_values(&config, &layout, &Ownership::all(&layout), values)?;

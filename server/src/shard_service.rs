@@ -6,11 +6,17 @@ use paramd_proto::v1 as pb;
 use paramd_proto::v1::shard_server::Shard;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::checkpoint::Manifest;
+use crate::checkpoint::{self, Manifest};
 use crate::coordinator::Report;
 use crate::node::Node;
 use crate::service::{PAYLOAD_SLACK, outcome_pb, read_segments};
-use crate::spec::JobConfig;
+use crate::spec::{JobConfig, validate_job_name};
+
+/// Bytes of a checkpoint file per message sent to another shard.
+const FILE_CHUNK_BYTES: usize = 1 << 20;
+
+type FileStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::CheckpointFileChunk, Status>> + Send>>;
 
 /// The shard-to-shard service over a node.
 #[derive(Clone, Debug)]
@@ -92,6 +98,102 @@ impl Shard for ShardService {
         Ok(Response::new(pb::ReportResponse {
             decision: Some(outcome_pb(&decision)),
         }))
+    }
+
+    async fn members(
+        &self,
+        request: Request<pb::MembersRequest>,
+    ) -> Result<Response<pb::MembersResponse>, Status> {
+        self.node.check_ready()?;
+        let r = request.into_inner();
+        let job = self.node.job(&r.job)?;
+        let m = job
+            .coordinate_members(r.round, r.shard as usize, &r.workers)
+            .await?;
+        Ok(Response::new(pb::MembersResponse {
+            round: m.round,
+            workers: m.workers,
+            dropped: m.dropped,
+        }))
+    }
+
+    async fn restorable(
+        &self,
+        request: Request<pb::RestorableRequest>,
+    ) -> Result<Response<pb::RestorableResponse>, Status> {
+        self.node.check_ready()?;
+        let job = self.node.job(&request.into_inner().job)?;
+        Ok(Response::new(pb::RestorableResponse {
+            rounds: job.restorable(),
+            round: job.round(),
+            serving: job.check_serving().is_ok(),
+        }))
+    }
+
+    async fn adopt(
+        &self,
+        request: Request<pb::AdoptRequest>,
+    ) -> Result<Response<pb::AdoptResponse>, Status> {
+        self.node.check_ready()?;
+        let r = request.into_inner();
+        validate_job_name(&r.job)?;
+        self.node.adopt_from_cluster(&r.job, r.round).await?;
+        Ok(Response::new(pb::AdoptResponse {}))
+    }
+
+    type CheckpointFileStream = FileStream;
+
+    async fn checkpoint_file(
+        &self,
+        request: Request<pb::CheckpointFileRequest>,
+    ) -> Result<Response<FileStream>, Status> {
+        self.node.check_ready()?;
+        let r = request.into_inner();
+        validate_job_name(&r.job)?;
+        if r.job.starts_with('.') {
+            return Err(Status::invalid_argument(format!(
+                "job {:?} names no checkpoint directory",
+                r.job
+            )));
+        }
+        let root = self
+            .node
+            .cluster
+            .checkpoints
+            .as_ref()
+            .map(|c| c.dir.clone())
+            .ok_or_else(|| Status::failed_precondition("this shard has no --checkpoint-dir"))?;
+        let path = checkpoint::file_path(&root, &r.job, r.round, &r.name)?;
+        let file = std::fs::File::open(&path)
+            .map_err(|e| Status::not_found(format!("{}: {e}", path.display())))?;
+        let stream = futures::stream::unfold(Some(file), move |state| {
+            let path = path.clone();
+            async move {
+                let mut file = state?;
+                let read = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; FILE_CHUNK_BYTES];
+                    let n = std::io::Read::read(&mut file, &mut buf)?;
+                    buf.truncate(n);
+                    Ok::<_, std::io::Error>((file, buf))
+                })
+                .await;
+                match read {
+                    Ok(Ok((_, buf))) if buf.is_empty() => None,
+                    Ok(Ok((file, buf))) => {
+                        Some((Ok(pb::CheckpointFileChunk { data: buf.into() }), Some(file)))
+                    }
+                    Ok(Err(e)) => Some((
+                        Err(Status::internal(format!("{}: {e}", path.display()))),
+                        None,
+                    )),
+                    Err(e) => Some((
+                        Err(Status::internal(format!("reading {}: {e}", path.display()))),
+                        None,
+                    )),
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn shard_status(

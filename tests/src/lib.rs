@@ -134,15 +134,37 @@ impl TestCluster {
 }
 
 /// Loopback ports free right now, for processes that must know each
-/// other's addresses before they start.
+/// other's addresses before they start (and again when they restart).
+///
+/// They are taken below the kernel's ephemeral range, where no `bind` to
+/// port 0 (another daemon's HTTP port, an in-process server) can land on
+/// one between a kill and a restart; each test process starts at its own
+/// offset and never hands out a port twice.
 pub fn reserve_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("addr").port())
-        .collect()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(32768);
+    // Ports [low, ephemeral_low): well above the privileged and the usual
+    // service ports.
+    let low = ephemeral_low.saturating_sub(12_000).max(10_000);
+    let span = ephemeral_low.saturating_sub(low).max(1);
+    let start = std::process::id().wrapping_mul(2_654_435_761) % span;
+    let mut ports = Vec::with_capacity(n);
+    for _ in 0..span {
+        if ports.len() == n {
+            break;
+        }
+        let i = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(low + (start + i) % span).expect("a port number");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+        }
+    }
+    assert_eq!(ports.len(), n, "no {n} free ports below {ephemeral_low}");
+    ports
 }
 
 /// The golden traces copied into the repository.
@@ -224,10 +246,17 @@ impl Daemon {
     /// Starts `paramd args...` and waits until it logs that it is ready
     /// (listening, checkpoints restored).
     pub async fn start(args: &[&str]) -> anyhow::Result<Daemon> {
+        Daemon::start_with_env(args, &[]).await
+    }
+
+    /// Starts `paramd args...` with the environment variables `env` added
+    /// (e.g. a `PARAMD_FAILPOINT`), and waits until it is ready.
+    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Daemon> {
         use tokio::io::AsyncBufReadExt;
         let mut child = tokio::process::Command::new(binary("paramd"))
             .args(args)
             .env("PARAMD_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
             .kill_on_drop(true)
@@ -257,16 +286,22 @@ impl Daemon {
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub async fn terminate(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.sigterm()?;
+        Ok(tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??)
+    }
+
+    /// Sends SIGTERM without waiting, so that several daemons can be sent
+    /// it at once.
+    pub fn sigterm(&self) -> anyhow::Result<()> {
         let pid = self
             .child
             .id()
             .ok_or_else(|| anyhow::anyhow!("already exited"))?;
-        let kill = tokio::process::Command::new("kill")
+        let kill = std::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
-            .status()
-            .await?;
+            .status()?;
         anyhow::ensure!(kill.success(), "kill -TERM {pid} failed");
-        Ok(tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??)
+        Ok(())
     }
 }
 
@@ -302,6 +337,21 @@ pub async fn start_shard(i: usize, ports: &[u16], extra: &[String]) -> Daemon {
     Daemon::start(&args).await.expect("shard starts")
 }
 
+/// Starts shard `i` of the cluster on `ports` with the environment
+/// variables `env` added, and waits until it is ready.
+pub async fn start_shard_with_env(
+    i: usize,
+    ports: &[u16],
+    extra: &[String],
+    env: &[(&str, &str)],
+) -> Daemon {
+    let args = shard_args(i, ports, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Daemon::start_with_env(&args, env)
+        .await
+        .expect("shard starts")
+}
+
 /// Starts every shard of the cluster on `ports`, shard `i` with `extra(i)`.
 pub async fn start_cluster(ports: &[u16], extra: impl Fn(usize) -> Vec<String>) -> Vec<Daemon> {
     let mut daemons = Vec::new();
@@ -309,4 +359,27 @@ pub async fn start_cluster(ports: &[u16], extra: impl Fn(usize) -> Vec<String>) 
         daemons.push(start_shard(i, ports, &extra(i)).await);
     }
     daemons
+}
+
+/// Waits (bounded) until job `job` serves workers again after a restart,
+/// the shards having agreed on the round they restore; returns what a pull
+/// of its current round gives. Pulls refused as UNAVAILABLE (restoring,
+/// agreeing) are tried again, paced; any other error fails the test.
+pub async fn wait_serving(c: &mut paramd_client::Client, job: &str) -> paramd_client::Pulled {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match c.pull(job, 0).await {
+            Ok(p) => return p,
+            Err(e) if e.status().map(tonic::Status::code) == Some(tonic::Code::Unavailable) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "job '{job}' does not serve after 30 s: {e}"
+                );
+                // Pacing the polls of a state change made by other
+                // processes, which report it no other way.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("pull of job '{job}' failed: {e}"),
+        }
+    }
 }

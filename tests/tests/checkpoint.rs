@@ -1,13 +1,18 @@
 //! Checkpoints: kill -9 every shard, restart from the last checkpoint, push
 //! the same gradients again from that round, and the result is bit-identical
 //! to a run that never stopped. A corrupt checkpoint is set aside and the
-//! one before it used.
+//! one before it used; on a cluster every shard goes back to the newest
+//! round all of them can restore. Processes stopped at exact points of a
+//! checkpoint (`PARAMD_FAILPOINT`) lose no acknowledged checkpoint.
 
 use std::path::Path;
 use std::time::Duration;
 
 use paramd_client::{Client, Pulled, v1 as pb};
-use paramd_tests::{Daemon, TestServer, reserve_ports, shard_args, start_cluster};
+use paramd_tests::{
+    Daemon, TestServer, reserve_ports, shard_args, start_cluster, start_shard_with_env,
+    wait_serving,
+};
 
 const ROUNDS: u64 = 10;
 const WORKERS: u32 = 2;
@@ -200,6 +205,7 @@ async fn resume_after_kill(shards: usize) {
 
     let daemons = start(shards, &ports, dir.path()).await;
     let mut c = Client::connect(&url).await.expect("connect");
+    assert_eq!(wait_serving(&mut c, "run").await.round, 6);
     let s = c.status(Some("run")).await.expect("restored");
     assert_eq!(s.jobs[0].round, 6, "restored at the last checkpoint");
     for sh in &s.jobs[0].shards {
@@ -367,6 +373,7 @@ async fn reshard(from: usize, to: usize) {
 
     let daemons = start_shared(to, &ports, &ckpt).await;
     let mut c = Client::connect(&url).await.expect("connect");
+    assert_eq!(wait_serving(&mut c, "run").await.round, 6);
     let s = c.status(Some("run")).await.expect("restored");
     assert_eq!(s.jobs[0].round, 6);
     assert_eq!(s.jobs[0].shards.len(), to);
@@ -398,7 +405,51 @@ async fn a_three_shard_checkpoint_restores_on_two_and_on_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resharding_from_separate_directories_is_refused_clearly() {
+async fn a_two_shard_checkpoint_in_separate_directories_restores_on_three() {
+    let want = uninterrupted().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = reserve_ports(3);
+    let url = format!("http://127.0.0.1:{}", ports[0]);
+    let daemons = start(2, &ports, dir.path()).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    init(&mut c, "run").await;
+    for t in 0..7 {
+        round(&mut c, "run", t).await;
+    }
+    kill_all(daemons).await;
+
+    // Shard 2 starts with an empty directory (a new volume); the others
+    // each hold their own file of round 6.
+    let daemons = start(3, &ports, dir.path()).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    assert_eq!(wait_serving(&mut c, "run").await.round, 6);
+    every_shard_at(&mut c, 6).await;
+    let s = c.status(Some("run")).await.expect("status");
+    assert!(
+        s.jobs[0].shards.iter().all(|x| x.chunks > 0),
+        "the chunks are placed on three shards: {:?}",
+        s.jobs[0].shards
+    );
+    for i in 0..3 {
+        let round6 = shard_dir(dir.path(), i).join("run/00000000000000000006");
+        for f in [
+            "shard-0-of-2.safetensors",
+            "shard-1-of-2.safetensors",
+            "MANIFEST.json",
+        ] {
+            assert!(
+                round6.join(f).is_file(),
+                "shard {i} holds {f}: {:?}",
+                entries(dir.path(), i)
+            );
+        }
+    }
+    finish_exactly(&mut c, 6, &want).await;
+    kill_all(daemons).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resharding_from_separate_directories_without_every_file_is_refused_clearly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ports = reserve_ports(3);
     let url = format!("http://127.0.0.1:{}", ports[0]);
@@ -409,17 +460,320 @@ async fn resharding_from_separate_directories_is_refused_clearly() {
         round(&mut c, "run", t).await;
     }
     kill_all(daemons).await;
-    // Shard 0's directory alone cannot be restored on one shard.
-    let a = shard_args(0, &ports[..1], &flags(&dir.path().join("shard0")));
-    let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    let err = Daemon::start(&a).await.expect_err("refuses to start");
-    assert!(
-        err.to_string()
-            .contains("needs every shard's file in one directory"),
-        "{err}"
-    );
+    // On one shard or on two, a file (shard 1's, shard 2's) is on no shard
+    // of the new cluster: the coordinator does not start, and says which.
+    for n in [1, 2] {
+        let a = shard_args(0, &ports[..n], &flags(&shard_dir(dir.path(), 0)));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let err = Daemon::start(&a).await.expect_err("refuses to start");
+        let want = if n == 1 {
+            "shard-1-of-3"
+        } else {
+            "shard-2-of-3"
+        };
+        assert!(
+            err.to_string()
+                .contains(&format!("{want}.safetensors is neither"))
+                && err.to_string().contains("copy it here"),
+            "{n} shards: {err}"
+        );
+    }
     assert!(
         dir.path().join("shard0/run/00000000000000000003").is_dir(),
         "the checkpoint is left in place"
     );
+}
+
+/// The checkpoint directory of shard `i` under `dir`.
+fn shard_dir(dir: &Path, i: usize) -> std::path::PathBuf {
+    dir.join(format!("shard{i}"))
+}
+
+/// The names in job "run"'s checkpoint directory of shard `i`.
+fn entries(dir: &Path, i: usize) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(shard_dir(dir, i).join("run"))
+        .expect("job dir")
+        .map(|e| e.expect("entry").file_name().into_string().expect("utf8"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Pushes the same gradients again from `from`, and checks the result is
+/// bit-identical to the run that never stopped.
+async fn finish_exactly(c: &mut Client, from: u64, want: &Pulled) {
+    let mut last = None;
+    for t in from..ROUNDS {
+        last = Some(round(c, "run", t).await);
+    }
+    let got = last.expect("rounds");
+    assert_eq!(
+        bits(&got),
+        bits(want),
+        "resumed from round {from}: bit-identical to the run that never stopped"
+    );
+    assert_eq!(got.last, want.last, "same norm, coefficient, lr and step");
+}
+
+/// Every shard of the job holds `round`, as the coordinator sees them.
+async fn every_shard_at(c: &mut Client, round: u64) {
+    let s = c.status(Some("run")).await.expect("status");
+    assert_eq!(s.jobs[0].round, round);
+    assert!(
+        s.jobs[0].shards.iter().all(|x| x.up && x.round == round),
+        "every shard at round {round}: {:?}",
+        s.jobs[0].shards
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_whose_newest_checkpoint_is_corrupt_takes_every_shard_back_to_an_older_one() {
+    let want = uninterrupted().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = reserve_ports(3);
+    let url = format!("http://127.0.0.1:{}", ports[0]);
+    let daemons = start(3, &ports, dir.path()).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    init(&mut c, "run").await;
+    // Checkpoints at rounds 3 and 6, then killed mid-round 7: worker 0
+    // pushed, worker 1 not yet.
+    for t in 0..7 {
+        round(&mut c, "run", t).await;
+    }
+    let g = grads(7, 0);
+    let named = [
+        ("enc.weight", g[0].as_slice()),
+        ("enc.bias", g[1].as_slice()),
+        ("scale", g[2].as_slice()),
+    ];
+    c.push("run", 0, 7, &named).await.expect("push");
+    kill_all(daemons).await;
+
+    // Shard 1's file of round 6 loses a byte at its end.
+    let newest = shard_dir(dir.path(), 1).join("run/00000000000000000006/shard-1-of-3.safetensors");
+    let data = std::fs::read(&newest).expect("read");
+    std::fs::write(&newest, &data[..data.len() - 1]).expect("truncate");
+
+    let daemons = start(3, &ports, dir.path()).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    assert_eq!(
+        wait_serving(&mut c, "run").await.round,
+        3,
+        "round 6 is not intact on shard 1: every shard goes back to round 3"
+    );
+    every_shard_at(&mut c, 3).await;
+    assert!(
+        entries(dir.path(), 1)
+            .iter()
+            .any(|n| n.starts_with("00000000000000000006.bad-")),
+        "shard 1 set its corrupt round 6 aside: {:?}",
+        entries(dir.path(), 1)
+    );
+    for i in [0, 2] {
+        assert!(
+            entries(dir.path(), i)
+                .iter()
+                .any(|n| n.starts_with("00000000000000000006.abandoned-")),
+            "shard {i} set its round 6 aside, not deleted: {:?}",
+            entries(dir.path(), i)
+        );
+    }
+    finish_exactly(&mut c, 3, &want).await;
+    kill_all(daemons).await;
+}
+
+/// Checkpoints on request only, three kept, chunks of 4 floats.
+fn on_request_flags(ckpt: &Path) -> Vec<String> {
+    let mut f = vec!["--checkpoint-dir".to_owned(), ckpt.display().to_string()];
+    f.extend(["--keep-checkpoints", "3", "--chunk-bytes", "16"].map(str::to_owned));
+    f
+}
+
+/// Three shards, shard `victim` started with `PARAMD_FAILPOINT=<point>@6`:
+/// a checkpoint of round 4 is acknowledged, the one of round 6 stops the
+/// victim exactly at `point`; the others are killed too. After a restart,
+/// every shard holds round 4 (no acknowledged checkpoint lost, nothing of
+/// the unacknowledged one used unless every shard has it whole), and the
+/// same gradients from there give the bits of the run that never stopped.
+async fn crash_at(point: &str, victim: usize) {
+    use std::os::unix::process::ExitStatusExt;
+    let want = uninterrupted().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = reserve_ports(3);
+    let url = format!("http://127.0.0.1:{}", ports[0]);
+    let failpoint = format!("{point}@6");
+    let mut daemons = Vec::new();
+    for i in 0..3 {
+        let env: &[(&str, &str)] = if i == victim {
+            &[("PARAMD_FAILPOINT", failpoint.as_str())]
+        } else {
+            &[]
+        };
+        let flags = on_request_flags(&shard_dir(dir.path(), i));
+        daemons.push(start_shard_with_env(i, &ports, &flags, env).await);
+    }
+    let mut c = Client::connect(&url).await.expect("connect");
+    init(&mut c, "run").await;
+    for t in 0..4 {
+        round(&mut c, "run", t).await;
+    }
+    let ack = c
+        .checkpoint(Some("run"))
+        .await
+        .expect("checkpoint of round 4");
+    assert_eq!(ack[0].round, 4);
+    for t in 4..6 {
+        round(&mut c, "run", t).await;
+    }
+    c.checkpoint(Some("run"))
+        .await
+        .expect_err("the checkpoint of round 6 is never acknowledged");
+    let mut dead = daemons.remove(victim);
+    let exit = tokio::time::timeout(Duration::from_secs(30), dead.child.wait())
+        .await
+        .expect("the victim stops at the failpoint")
+        .expect("exit status");
+    assert_eq!(exit.signal(), Some(6), "aborted at {point}: {exit:?}");
+    kill_all(daemons).await;
+
+    let daemons = start(3, &ports, dir.path()).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    assert_eq!(wait_serving(&mut c, "run").await.round, 4, "{point}");
+    every_shard_at(&mut c, 4).await;
+    for i in 0..3 {
+        let round6 = shard_dir(dir.path(), i).join("run/00000000000000000006");
+        assert!(
+            !round6.join("MANIFEST.json").exists(),
+            "{point}: shard {i} holds no complete round 6: {:?}",
+            entries(dir.path(), i)
+        );
+    }
+    finish_exactly(&mut c, 4, &want).await;
+    kill_all(daemons).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_mid_checkpoint_write_loses_no_acknowledged_checkpoint() {
+    crash_at("checkpoint.mid_write", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_between_the_shard_files_and_the_manifest_loses_no_acknowledged_checkpoint() {
+    crash_at("checkpoint.before_manifest", 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_between_the_manifests_of_the_shards_restores_a_round_all_of_them_hold() {
+    crash_at("checkpoint.between_manifests", 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_every_shard_at_once_takes_a_consistent_final_checkpoint() {
+    let want = uninterrupted().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = reserve_ports(3);
+    let url = format!("http://127.0.0.1:{}", ports[0]);
+    let grace = Duration::from_secs(10);
+    let flags = |i: usize| {
+        let mut f = on_request_flags(&shard_dir(dir.path(), i));
+        f.extend(["--shutdown-grace".to_owned(), grace.as_secs().to_string()]);
+        f
+    };
+    let daemons = start_cluster(&ports, flags).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    init(&mut c, "run").await;
+    for t in 0..5 {
+        round(&mut c, "run", t).await;
+    }
+    // As `docker stop` of every container does: SIGTERM to all at once,
+    // the coordinator last.
+    let started = std::time::Instant::now();
+    for d in daemons.iter().rev() {
+        d.sigterm().expect("SIGTERM");
+    }
+    for (i, mut d) in daemons.into_iter().enumerate() {
+        let exit = tokio::time::timeout(grace + Duration::from_secs(5), d.child.wait())
+            .await
+            .expect("exits within the grace period")
+            .expect("exit status");
+        assert_eq!(exit.code(), Some(0), "shard {i}: {exit:?}");
+    }
+    assert!(
+        started.elapsed() < grace,
+        "every shard stopped in {:?}, within the grace period",
+        started.elapsed()
+    );
+    for i in 0..3 {
+        assert!(
+            shard_dir(dir.path(), i)
+                .join("run/00000000000000000005/MANIFEST.json")
+                .is_file(),
+            "shard {i} holds the final checkpoint of round 5: {:?}",
+            entries(dir.path(), i)
+        );
+    }
+
+    let daemons = start_cluster(&ports, flags).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    assert_eq!(wait_serving(&mut c, "run").await.round, 5);
+    every_shard_at(&mut c, 5).await;
+    finish_exactly(&mut c, 5, &want).await;
+    kill_all(daemons).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_restarted_alone_rejoins_only_at_the_coordinators_round() {
+    let want = uninterrupted().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = reserve_ports(3);
+    let url = format!("http://127.0.0.1:{}", ports[0]);
+    let flags = |i: usize| on_request_flags(&shard_dir(dir.path(), i));
+    let mut daemons = start_cluster(&ports, flags).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    init(&mut c, "run").await;
+    for t in 0..3 {
+        round(&mut c, "run", t).await;
+    }
+    assert_eq!(
+        c.checkpoint(Some("run")).await.expect("checkpoint")[0].round,
+        3
+    );
+
+    // Shard 2 dies and comes back while the others run on: it restored the
+    // round the coordinator is at, and serves again.
+    let mut d2 = daemons.pop().expect("shard 2");
+    d2.child.kill().await.expect("kill -9");
+    daemons.push(paramd_tests::start_shard(2, &ports, &flags(2)).await);
+    assert_eq!(wait_serving(&mut c, "run").await.round, 3);
+    every_shard_at(&mut c, 3).await;
+    for t in 3..5 {
+        round(&mut c, "run", t).await;
+    }
+
+    // Again after two rounds without a checkpoint: shard 2 restores round
+    // 3, the coordinator is at 5; shard 2 refuses workers and says why.
+    let mut d2 = daemons.pop().expect("shard 2");
+    d2.child.kill().await.expect("kill -9");
+    daemons.push(paramd_tests::start_shard(2, &ports, &flags(2)).await);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let why = loop {
+        let err = c.pull("run", 5).await.expect_err("shard 2 is at round 3");
+        let msg = err.to_string();
+        if msg.contains("restart every shard") {
+            break msg;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{msg}");
+        // Pacing the polls until shard 2 has asked the coordinator.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(why.contains("shard 2") && why.contains("round 3"), "{why}");
+
+    // Restarting every shard brings them to round 3, and training goes on
+    // exactly.
+    kill_all(daemons).await;
+    let daemons = start_cluster(&ports, flags).await;
+    let mut c = Client::connect(&url).await.expect("connect");
+    assert_eq!(wait_serving(&mut c, "run").await.round, 3);
+    finish_exactly(&mut c, 3, &want).await;
+    kill_all(daemons).await;
 }

@@ -58,7 +58,39 @@ impl Job {
             .checkpoints
             .as_ref()
             .ok_or_else(|| Error::WrongShard("this shard has no --checkpoint-dir".into()))?;
-        checkpoint::commit(&settings.dir, manifest, settings.keep)
+        checkpoint::commit(&settings.dir, manifest, settings.keep)?;
+        self.committed.send_replace(Some(manifest.round));
+        Ok(())
+    }
+
+    /// Waits, at most until `deadline`, until a checkpoint of the round
+    /// this shard holds is committed here; returns whether it was.
+    pub async fn wait_committed(&self, deadline: tokio::time::Instant) -> bool {
+        let mut rx = self.committed.subscribe();
+        let current = |c: &Option<u64>| c.is_some_and(|c| c >= self.round());
+        matches!(
+            tokio::time::timeout_at(deadline, rx.wait_for(current)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// On the coordinator, at shutdown: stops deciding rounds for good and
+    /// checkpoints every shard at the last decided round, unless that
+    /// round's checkpoint is already committed.
+    pub async fn final_checkpoint(&self) -> Result<u64> {
+        let c = self.coordinator.as_ref().ok_or_else(|| {
+            Error::WrongShard(format!(
+                "shard {} is not the coordinator",
+                self.cluster.shard
+            ))
+        })?;
+        // Never lifted: the process is stopping.
+        let round = c.freeze();
+        if *self.committed.borrow() == Some(round) {
+            tracing::info!(job = %self.name, round, "the last decided round is checkpointed already");
+            return Ok(round);
+        }
+        self.checkpoint_frozen(round).await.map(|()| round)
     }
 
     /// On the coordinator: checkpoints every shard at the last decided
@@ -72,9 +104,16 @@ impl Job {
             ))
         })?;
         let round = frozen_at.unwrap_or_else(|| c.freeze());
+        let result = self.checkpoint_frozen(round).await;
+        c.unfreeze();
+        result.map(|()| round)
+    }
+
+    /// Checkpoints every shard at `round`, the coordinator being frozen
+    /// there.
+    async fn checkpoint_frozen(&self, round: u64) -> Result<()> {
         let started = Instant::now();
         let result = self.checkpoint_at(round).await;
-        c.unfreeze();
         match &result {
             Ok(()) => {
                 self.metrics
@@ -92,7 +131,7 @@ impl Job {
                 tracing::error!(job = %self.name, round, error = %e, "checkpoint failed");
             }
         }
-        result.map(|()| round)
+        result
     }
 
     async fn checkpoint_at(&self, round: u64) -> Result<()> {
@@ -110,7 +149,9 @@ impl Job {
             files,
         };
         // Every shard's file is durable; now the checkpoint may exist.
+        checkpoint::failpoint("checkpoint.before_manifest", round);
         self.commit(&manifest)?;
+        checkpoint::failpoint("checkpoint.between_manifests", round);
         let json = serde_json::to_string(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
         let commits = (1..shards).map(|i| {
             self.cluster

@@ -31,6 +31,7 @@ struct Resume {
     step: u64,
     skipped: u64,
     last: Option<Outcome>,
+    restorable: Vec<u64>,
 }
 
 fn check_owners(layout: &Layout, owners: &[u32], cluster: &Cluster) -> Result<()> {
@@ -87,8 +88,11 @@ impl Job {
         ))
     }
 
-    /// This shard's part of a job, as a checkpoint left it.
-    pub fn restore(cluster: Arc<Cluster>, loaded: Loaded) -> Result<Job> {
+    /// This shard's part of a job, as a checkpoint left it. `restorable`
+    /// lists the rounds of the intact checkpoints here, newest first. On a
+    /// cluster the job serves no worker until the shards agree on a round
+    /// (see `Job::serve`).
+    pub fn restore(cluster: Arc<Cluster>, loaded: Loaded, restorable: Vec<u64>) -> Result<Job> {
         let config = JobConfig::try_from(&loaded.spec)?;
         let elems = usize::try_from(loaded.layout.chunk_elems)
             .map_err(|_| invalid!("layout.chunk_elems is too large"))?;
@@ -100,6 +104,7 @@ impl Job {
             step: loaded.meta.last.as_ref().map_or(0, |d| d.step),
             skipped: loaded.meta.skipped,
             last: loaded.meta.last,
+            restorable,
         };
         Ok(Job::assemble(
             loaded.meta.job,
@@ -131,10 +136,14 @@ impl Job {
             base_lrs: config.groups.iter().map(|g| g.lr()).collect(),
             schedule: config.schedule.clone(),
             clip: config.clip,
+            workers: config.workers,
+            backup_workers: config.backup_workers,
+            worker_timeout: config.worker_timeout,
         };
         let metrics = JobMetrics::new(&name, config.groups.len());
         let workers = config.workers as usize;
         let every = cluster.checkpoints.as_ref().map_or(0, |c| c.every);
+        let cluster_size = cluster.size();
         let coordinator = (cluster.shard == 0).then(|| {
             Coordinator::new(
                 policy,
@@ -166,10 +175,22 @@ impl Job {
                 opened: None,
             }),
             completed: watch::channel(resume.round).0,
+            arrivals: watch::channel(0).0,
             deleted: AtomicBool::new(false),
             push_slots: (0..workers)
                 .map(|_| tokio::sync::Semaphore::new(1))
                 .collect(),
+            held: Mutex::new(
+                (!resume.restorable.is_empty() && cluster_size > 1).then(|| {
+                    format!(
+                        "job '{name}' was restored at round {} and waits until every shard agrees on a round all of them can restore",
+                        resume.round
+                    )
+                }),
+            ),
+            committed: watch::channel((!resume.restorable.is_empty()).then_some(resume.round)).0,
+            draining: AtomicBool::new(false),
+            restorable: resume.restorable,
             name,
             config,
             layout,

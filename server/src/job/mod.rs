@@ -1,8 +1,10 @@
 //! One job on one shard: its chunks, the round being collected, and the
-//! completion of a round (reduce, report to the coordinator, apply).
+//! completion of a round (members chosen by the coordinator, reduce, report
+//! to the coordinator, apply).
 
 mod checkpointing;
 mod create;
+mod members;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -94,6 +96,8 @@ pub struct Job {
     grads: Mutex<Vec<Vec<f32>>>,
     collect: Mutex<Collect>,
     completed: watch::Sender<u64>,
+    /// Pushes accepted so far, so that the round's gatherer reports anew.
+    arrivals: watch::Sender<u64>,
     /// The coordinator's side of the step decision, on shard 0.
     coordinator: Option<Coordinator>,
     /// The spec the job was created with, for checkpoints.
@@ -105,6 +109,17 @@ pub struct Job {
     deleted: AtomicBool,
     /// One permit per worker: the push of that worker being read.
     push_slots: Vec<tokio::sync::Semaphore>,
+    /// Rounds of the intact checkpoints this shard restored the job from,
+    /// newest first (none for a job created by Init).
+    restorable: Vec<u64>,
+    /// Why the job does not serve workers yet: restored on a cluster, it
+    /// waits for the shards to agree on a round all of them can restore.
+    held: Mutex<Option<String>>,
+    /// The newest checkpoint round committed on this shard in this process
+    /// (or restored from).
+    committed: watch::Sender<Option<u64>>,
+    /// Set at shutdown: pushes are refused, the final checkpoint is taken.
+    draining: AtomicBool,
     pub metrics: JobMetrics,
 }
 
@@ -126,13 +141,51 @@ impl Job {
             .sum()
     }
 
+    /// Refuses workers while the job waits for the shards to agree on the
+    /// round they restore.
+    pub fn check_serving(&self) -> Result<()> {
+        match self.held.lock().as_ref() {
+            None => Ok(()),
+            Some(why) => Err(Error::Unavailable(why.clone())),
+        }
+    }
+
+    /// Serves workers (the shards agree on the job's round).
+    pub fn serve(&self) {
+        *self.held.lock() = None;
+    }
+
+    /// Stops serving workers, for `why`.
+    pub fn hold(&self, why: String) {
+        *self.held.lock() = Some(why);
+    }
+
+    /// Refuses pushes from now on: the process is stopping, and the final
+    /// checkpoint must hold the rounds every shard has applied.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Rounds of the intact checkpoints the job was restored from here,
+    /// newest first.
+    pub fn restorable(&self) -> Vec<u64> {
+        self.restorable.clone()
+    }
+
     /// Decides, from the header of a push alone, whether to read its payload.
     pub fn admit(&self, worker: u32, round: u64) -> Result<Admission> {
+        self.check_serving()?;
         let c = self.collect.lock();
         self.admit_locked(&c, worker, round)
     }
 
     fn admit_locked(&self, c: &Collect, worker: u32, round: u64) -> Result<Admission> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err(Error::Unavailable(format!(
+                "shard {} is shutting down: job '{}' takes no push; push round {round} again once the cluster is back",
+                self.cluster.shard, self.name
+            )));
+        }
         if worker >= self.config.workers {
             return Err(invalid!(
                 "worker {worker} is out of range: job '{}' has {} workers (ranks 0..{})",
@@ -170,53 +223,9 @@ impl Job {
         }
     }
 
-    /// Whether rounds may complete without every worker: only where one
-    /// shard decides alone which workers a round holds.
-    fn partial_rounds(&self) -> bool {
-        self.cluster.size() == 1
-    }
-
-    /// Closes the round with the workers that pushed, in rank order, and
-    /// completes it on its own task.
-    fn close_round(self: &Arc<Self>, c: &mut Collect) {
-        c.closed = true;
-        if let Some(opened) = c.opened.take() {
-            self.metrics
-                .barrier_wait
-                .record(opened.elapsed().as_secs_f64());
-        }
-        let round = c.round;
-        // Rank order, whatever the arrival order: the mean is deterministic.
-        let pushes: Vec<Pieces> = c.pushes.iter_mut().filter_map(Option::take).collect();
-        let job = Arc::clone(self);
-        tokio::spawn(async move {
-            if let Err(e) = job.clone().complete(round, pushes).await {
-                tracing::error!(job = %job.name, round, error = %e, "round failed");
-            }
-        });
-    }
-
-    /// After the worker timeout, completes `round` with whoever pushed.
-    fn arm_timeout(self: &Arc<Self>, round: u64) {
-        let job = Arc::clone(self);
-        tokio::spawn(async move {
-            // A deadline, not a synchronisation: the round may well have
-            // completed meanwhile, and then this does nothing.
-            tokio::time::sleep(job.config.worker_timeout).await;
-            let mut c = job.collect.lock();
-            if c.round != round || c.closed || c.count == 0 || job.deleted.load(Ordering::Acquire) {
-                return;
-            }
-            let missing: Vec<usize> = (0..c.pushed.len()).filter(|&w| !c.pushed[w]).collect();
-            job.metrics.dropped.increment(missing.len() as u64);
-            tracing::warn!(job = %job.name, round, dropped = ?missing, timeout_secs = job.config.worker_timeout.as_secs_f64(), "workers dropped from the round");
-            job.close_round(&mut c);
-        });
-    }
-
     /// Validates and records worker `worker`'s gradients for `round`. The
-    /// push that completes the round starts its completion, which runs on
-    /// its own task so that a client going away cannot abandon it.
+    /// round's first push starts the task that learns its members and
+    /// completes it, so that a client going away cannot abandon it.
     pub fn push(
         self: &Arc<Self>,
         worker: u32,
@@ -230,6 +239,7 @@ impl Job {
             own: &self.own,
             finite_only: self.config.non_finite == NonFinite::Error,
         };
+        self.check_serving()?;
         let pieces = target.split(grads)?;
         let bytes = pieces.bytes;
         let mut c = self.collect.lock();
@@ -245,15 +255,11 @@ impl Job {
         self.metrics.pushes.increment(1);
         self.metrics.push_bytes.increment(bytes as u64);
         self.metrics.workers_pushed.set(f64::from(count));
-        let quorum = if self.partial_rounds() {
-            self.config.workers - self.config.backup_workers
-        } else {
-            self.config.workers
-        };
-        if count >= quorum {
-            self.close_round(&mut c);
-        } else if count == 1 && self.partial_rounds() {
-            self.arm_timeout(round);
+        drop(c);
+        self.arrivals.send_modify(|n| *n += 1);
+        if count == 1 {
+            // The coordinator chooses the round's members once it may.
+            tokio::spawn(Arc::clone(self).gather(round));
         }
         Ok((Admission::Accept, count))
     }
@@ -271,6 +277,7 @@ impl Job {
             let mut c = self.collect.lock();
             c.round = round + 1;
             c.pushed.iter_mut().for_each(|p| *p = false);
+            c.pushes.iter_mut().for_each(|p| *p = None);
             c.count = 0;
             c.closed = false;
         }
@@ -441,6 +448,7 @@ impl Job {
 
     /// Waits until `round` rounds have completed, at most `wait`.
     pub async fn wait_round(&self, round: u64, wait: Duration) -> Result<()> {
+        self.check_serving()?;
         let started = Instant::now();
         let mut rx = self.completed.subscribe();
         let reached = |&r: &u64| r >= round || self.deleted.load(Ordering::Acquire);
@@ -470,6 +478,7 @@ impl Job {
     /// chunk by chunk with `read_chunk`, so a pull never copies the whole
     /// model at once.
     pub fn pull_plan(&self, names: &[String]) -> Result<Snapshot> {
+        self.check_serving()?;
         let wanted: Option<Vec<bool>> = if names.is_empty() {
             None
         } else {

@@ -1,0 +1,60 @@
+"""paramd: the Python client of the paramd parameter server.
+
+    import paramd
+    client = paramd.Client("http://ps:50051")
+
+`paramd.torch` (imported on its own, needs torch) holds the optimizer a
+PyTorch training loop uses in place of `torch.optim`.
+"""
+
+from .client import Client, Exported, InitResult, Pulled, PushResult
+from .config import SGD, Adam, AdamW, ClipGradNorm, Constant, CosineAnnealing, Optimizer, Schedule, WarmupCosine
+from .errors import (
+    Aborted,
+    DeadlineExceeded,
+    EarlyPush,
+    Error,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    JobMismatch,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    StalePush,
+    Unauthenticated,
+    Unavailable,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "Exported",
+    "InitResult",
+    "Pulled",
+    "PushResult",
+    "Optimizer",
+    "SGD",
+    "Adam",
+    "AdamW",
+    "Schedule",
+    "Constant",
+    "WarmupCosine",
+    "CosineAnnealing",
+    "ClipGradNorm",
+    "Error",
+    "InvalidArgument",
+    "NotFound",
+    "FailedPrecondition",
+    "JobMismatch",
+    "StalePush",
+    "EarlyPush",
+    "DeadlineExceeded",
+    "Unavailable",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "PermissionDenied",
+    "Aborted",
+    "Internal",
+]

@@ -1,0 +1,145 @@
+"""Exceptions of the paramd client, and the mapping from gRPC statuses.
+
+Every error a server answers with becomes a `paramd.Error` whose message is
+the server's own (it names the field or parameter and the value that was
+wrong), with the gRPC code kept in `code`. Subclasses also derive from the
+matching Python built-in (`ValueError`, `TimeoutError`, `ConnectionError`,
+...) so that generic handlers keep working.
+"""
+
+from typing import Optional
+
+import grpc
+
+__all__ = [
+    "Error",
+    "InvalidArgument",
+    "NotFound",
+    "FailedPrecondition",
+    "JobMismatch",
+    "StalePush",
+    "EarlyPush",
+    "DeadlineExceeded",
+    "Unavailable",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "PermissionDenied",
+    "Aborted",
+    "Internal",
+    "from_rpc_error",
+]
+
+
+class Error(RuntimeError):
+    """An error answered by a paramd server (or found by the client).
+
+    `code` is the gRPC status code (None for errors found by the client),
+    `message` the server's message, `shard` and `url` the shard that
+    answered when the job spans several.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        code: Optional[grpc.StatusCode] = None,
+        shard: Optional[int] = None,
+        url: Optional[str] = None,
+    ):
+        self.message = message
+        self.code = code
+        self.shard = shard
+        self.url = url
+        parts = []
+        if shard is not None:
+            parts.append("shard %d at %s" % (shard, url))
+        if code is not None:
+            parts.append(code.name)
+        parts.append(message)
+        super().__init__(": ".join(parts))
+
+
+class InvalidArgument(Error, ValueError):
+    """Bad configuration or a malformed push; the server kept nothing of it."""
+
+
+class NotFound(Error, LookupError):
+    """The job does not exist."""
+
+
+class FailedPrecondition(Error):
+    """The request does not fit the job's state."""
+
+
+class JobMismatch(FailedPrecondition):
+    """The job exists with a different configuration."""
+
+
+class StalePush(FailedPrecondition):
+    """A push for a round that is already complete."""
+
+
+class EarlyPush(FailedPrecondition):
+    """A push for a round beyond the one being collected."""
+
+
+class DeadlineExceeded(Error, TimeoutError):
+    """The call's deadline passed (e.g. a pull whose round did not complete)."""
+
+
+class Unavailable(Error, ConnectionError):
+    """The server or a shard could not be reached, or is not ready."""
+
+
+class ResourceExhausted(Error):
+    """A payload far larger than the job, or a message over the limit."""
+
+
+class Unauthenticated(Error, PermissionError):
+    """A missing or wrong token."""
+
+
+class PermissionDenied(Error, PermissionError):
+    """The token does not allow the call."""
+
+
+class Aborted(Error):
+    """The state moved under a long read; trying again may succeed."""
+
+
+class Internal(Error):
+    """The server failed; its message says how."""
+
+
+_BY_CODE = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.ABORTED: Aborted,
+    grpc.StatusCode.INTERNAL: Internal,
+}
+
+# The server's FAILED_PRECONDITION messages start with these (server/src/error.rs).
+_PRECONDITIONS = [
+    ("stale push", StalePush),
+    ("early push", EarlyPush),
+]
+
+
+def from_rpc_error(err: grpc.RpcError, shard: Optional[int] = None, url: Optional[str] = None) -> Error:
+    """The `Error` for a failed call, carrying the server's message."""
+    code = err.code() if hasattr(err, "code") else None
+    details = err.details() if hasattr(err, "details") else None
+    message = details if details else str(err)
+    cls = _BY_CODE.get(code, Error)
+    if cls is FailedPrecondition:
+        for prefix, sub in _PRECONDITIONS:
+            if message.startswith(prefix):
+                cls = sub
+        if "already exists with a different configuration" in message:
+            cls = JobMismatch
+    return cls(message, code=code, shard=shard, url=url)

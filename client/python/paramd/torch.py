@@ -1,0 +1,505 @@
+"""PyTorch integration: an optimizer a training loop uses like `torch.optim`,
+whose step runs on a paramd server.
+
+    opt = paramd.torch.RemoteOptimizer(
+        model.named_parameters(), server="http://ps:50051", job="bert-ft",
+        rank=rank, world_size=world, optimizer=paramd.AdamW(lr=1e-4, weight_decay=0.01),
+        schedule=paramd.WarmupCosine(warmup_steps=1000, total_steps=10000),
+        clip=paramd.ClipGradNorm(max_norm=1.0))
+    loss.backward(); opt.step(); opt.zero_grad()
+
+or, keeping a script's own optimizer line (param groups included):
+
+    opt = paramd.torch.DistributedOptimizer(
+        torch.optim.AdamW([{"params": backbone, "lr": 1e-5}, {"params": head}], lr=1e-3),
+        named_parameters=model.named_parameters(), server="http://ps:50051", job="bert-ft",
+        schedule=paramd.WarmupCosine(1000, 10000), clip=paramd.ClipGradNorm(1.0))
+
+`step()` pushes this rank's gradients for the current round, waits until
+the round is complete on the server and copies the new parameters into the
+model in place. Rank 0 uploads the initial weights; the other ranks wait
+for the job and pull them; a worker that restarts joins the current round.
+"""
+
+import os
+import time
+import warnings
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import errors
+from .client import Client
+from .config import SGD, Adam, AdamW, ClipGradNorm, Optimizer, Schedule, job_spec
+
+__all__ = ["RemoteOptimizer", "DistributedOptimizer", "translate"]
+
+# Keys of a torch param group that only choose an implementation; they do
+# not change the numbers paramd reproduces.
+_IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")
+
+
+def _rank_and_world(rank: Optional[int], world_size: Optional[int]) -> Tuple[int, int]:
+    """Explicit values, else torch.distributed's, else torchrun's RANK and
+    WORLD_SIZE, else a single worker."""
+    dist = torch.distributed
+    if rank is None:
+        if dist.is_available() and dist.is_initialized():
+            rank = dist.get_rank()
+        else:
+            rank = int(os.environ.get("RANK", "0"))
+    if world_size is None:
+        if dist.is_available() and dist.is_initialized():
+            world_size = dist.get_world_size()
+        else:
+            world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    for name, v in (("rank", rank), ("world_size", world_size)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise errors.InvalidArgument("%s must be an integer, got %r" % (name, v))
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise errors.InvalidArgument("rank must be in [0, world_size): got rank %d, world_size %d" % (rank, world_size))
+    return rank, world_size
+
+
+def _scalar(field: str, v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise errors.InvalidArgument("%s must be a scalar, got a tensor of shape %s" % (field, tuple(v.shape)))
+        return v.item()
+    if isinstance(v, (tuple, list)):
+        return tuple(_scalar("%s[%d]" % (field, i), x) for i, x in enumerate(v))
+    return v
+
+
+def translate(optimizer: "torch.optim.Optimizer") -> Tuple[Optimizer, List[Tuple[List[torch.Tensor], Dict[str, Any]]]]:
+    """The paramd optimizer and param groups equivalent to a torch optimizer:
+    `torch.optim.SGD`, `Adam` or `AdamW`, every hyperparameter and group
+    carried over. Anything paramd would not reproduce exactly (another
+    class, `maximize=True`, an attached LR scheduler, existing state) is
+    refused with `paramd.InvalidArgument` rather than changed."""
+    cls = type(optimizer)
+    where = "%s.%s" % (cls.__module__, cls.__qualname__)
+    defaults = dict(getattr(optimizer, "defaults", {}))
+    kind: type
+    if cls is torch.optim.SGD:
+        kind = SGD
+    elif cls is torch.optim.AdamW:
+        kind = AdamW
+    elif cls is torch.optim.Adam:
+        kind = AdamW if defaults.get("decoupled_weight_decay") else Adam
+    else:
+        raise errors.InvalidArgument(
+            "%s cannot run on paramd: only torch.optim.SGD, torch.optim.Adam and torch.optim.AdamW "
+            "are translated (use paramd.torch.RemoteOptimizer with paramd.SGD/Adam/AdamW otherwise)" % where
+        )
+    if len(optimizer.state) > 0:
+        raise errors.InvalidArgument(
+            "%s has optimizer state already (it has stepped): paramd keeps the optimizer state on the "
+            "server and would start it afresh; wrap the optimizer before its first step" % where
+        )
+
+    def hyper(group: Mapping[str, Any], field: str) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for key, value in group.items():
+            if key in ("params", "param_names") or key in _IMPLEMENTATION:
+                continue
+            if key in kind.options:
+                out[key] = _scalar("%s.%s" % (field, key), value)
+            elif key == "maximize":
+                if value:
+                    raise errors.InvalidArgument("%s.maximize=True is not supported by paramd" % field)
+            elif key == "decoupled_weight_decay":
+                if bool(value) != (kind is AdamW):
+                    raise errors.InvalidArgument(
+                        "%s.decoupled_weight_decay=%r differs from the optimizer's" % (field, value)
+                    )
+            elif key == "initial_lr":
+                raise errors.InvalidArgument(
+                    "%s has initial_lr: a torch LR scheduler is attached to the optimizer, and it would "
+                    "not be applied; pass schedule=paramd.WarmupCosine(...) (or Constant, CosineAnnealing) "
+                    "instead: the server runs the schedule" % field
+                )
+            else:
+                raise errors.InvalidArgument("%s.%s=%r is not supported by paramd" % (field, key, value))
+        return out
+
+    base = kind(**hyper(defaults, "%s defaults" % where))
+    groups = []
+    for i, g in enumerate(optimizer.param_groups):
+        field = "%s param_groups[%d]" % (where, i)
+        groups.append((list(g["params"]), kind.validate(hyper(g, field), field)))
+    return base, groups
+
+
+class _Remote:
+    """What RemoteOptimizer and DistributedOptimizer share: the job, the
+    round, pushing, pulling and copying into the model."""
+
+    def _setup(
+        self,
+        named: Sequence[Tuple[str, torch.Tensor]],
+        optimizer: Optimizer,
+        groups: Optional[List[Dict[str, Any]]],
+        *,
+        server: Optional[str],
+        job: str,
+        rank: Optional[int],
+        world_size: Optional[int],
+        schedule: Optional[Schedule],
+        clip: Optional[ClipGradNorm],
+        client: Optional[Client],
+        token: Optional[str],
+        tls: Any,
+        timeout: float,
+        join_timeout: Optional[float],
+        non_finite: str,
+        worker_timeout: Optional[float],
+        backup_workers: int,
+    ) -> None:
+        if not isinstance(job, str) or not job:
+            raise errors.InvalidArgument("job must be a non-empty string, got %r" % (job,))
+        if client is None:
+            if not server:
+                raise errors.InvalidArgument("server is required (e.g. 'http://ps:50051'), or pass client=")
+            client = Client(server, token=token, tls=tls, timeout=timeout)
+        self.client = client
+        self.job = job
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        self._names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        for n, p in named:
+            if not isinstance(p, torch.Tensor):
+                raise errors.InvalidArgument("parameter %r is not a tensor: %r" % (n, type(p)))
+            if p.dtype != torch.float32:
+                raise errors.InvalidArgument("parameter %r is %s: paramd trains float32 parameters" % (n, p.dtype))
+        spec = job_spec(
+            [(n, tuple(p.shape)) for n, p in named],
+            optimizer,
+            self.world_size,
+            param_groups=groups,
+            schedule=schedule,
+            clip=clip,
+            non_finite=non_finite,
+            worker_timeout=worker_timeout,
+            backup_workers=backup_workers,
+        )
+        self.last = None
+        self._warned_no_grad: set = set()
+        if self.rank == 0:
+            values = {n: p.detach().to("cpu").numpy() for n, p in named}
+            r = client.init(job, values, spec=spec)
+        else:
+            self._wait_for_job(timeout if join_timeout is None else join_timeout)
+            r = client.init(job, [(n, tuple(p.shape)) for n, p in named], spec=spec)
+        self.round = r.round
+        self._sync(self.round)
+
+    def _wait_for_job(self, limit: float) -> None:
+        """Waits (bounded) until rank 0 has created the job."""
+        deadline = time.monotonic() + limit
+        delay = 0.05
+        while True:
+            try:
+                self.client.status(self.job)
+                return
+            except errors.NotFound:
+                if time.monotonic() + delay > deadline:
+                    raise errors.DeadlineExceeded(
+                        "rank %d: job %r was not created by rank 0 within %.0f s" % (self.rank, self.job, limit)
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _sync(self, round: int) -> None:
+        """Pulls the parameters once `round` rounds are complete and copies
+        them into the model in place."""
+        pulled = self.client.pull(self.job, round, None)
+        with torch.no_grad():
+            for n, p in zip(self._names, self._params):
+                p.copy_(torch.from_numpy(pulled.params[n]))
+        if pulled.last is not None:
+            self.last = pulled.last
+
+    def _grads(self) -> Dict[str, np.ndarray]:
+        out = {}
+        for n, p in zip(self._names, self._params):
+            g = p.grad
+            if g is None:
+                if n not in self._warned_no_grad:
+                    self._warned_no_grad.add(n)
+                    warnings.warn(
+                        "parameter %r has no gradient; paramd pushes zeros for it (its weight decay "
+                        "and momentum still apply, unlike torch.optim which skips it)" % n,
+                        stacklevel=3,
+                    )
+                out[n] = np.zeros(tuple(p.shape), dtype=np.float32)
+            else:
+                if g.is_sparse:
+                    raise errors.InvalidArgument("parameter %r has a sparse gradient: not supported by paramd" % n)
+                out[n] = g.detach().to("cpu", torch.float32).numpy()
+        return out
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Pushes this rank's gradients for the current round, waits for the
+        round and copies the new parameters into the model. Returns the
+        closure's loss, as torch.optim does."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        try:
+            self.client.push(self.job, self.rank, self.round, self._grads())
+        except errors.StalePush:
+            # The round completed without this worker (dropped after the
+            # job's worker_timeout): take the current parameters and join
+            # the next round; these gradients were for stale parameters.
+            current = self.client.job_status(self.job).round
+            warnings.warn(
+                "rank %d: round %d of job %r completed without this worker; rejoining at round %d"
+                % (self.rank, self.round, self.job, current),
+                stacklevel=2,
+            )
+            self.round = current
+            self._sync(current)
+            return loss
+        self.round += 1
+        self._sync(self.round)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clears the gradients of the job's parameters, as torch.optim does."""
+        for p in self._params:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.detach_()
+                p.grad.zero_()
+
+    # -- for logging -----------------------------------------------------------
+
+    @property
+    def lrs(self) -> List[float]:
+        """The lr each param group used in the last step (empty before it)."""
+        return list(self.last.lr) if self.last is not None else []
+
+    @property
+    def lr(self) -> Optional[float]:
+        """The lr the first param group used in the last step."""
+        lrs = self.lrs
+        return lrs[0] if lrs else None
+
+    @property
+    def last_grad_norm(self) -> Optional[float]:
+        """The global L2 norm of the last round's mean gradient, before clipping."""
+        return float(self.last.grad_norm) if self.last is not None else None
+
+    @property
+    def clip_coefficient(self) -> Optional[float]:
+        return float(self.last.clip_coefficient) if self.last is not None else None
+
+    @property
+    def optimizer_step(self) -> int:
+        """Optimizer steps applied so far (rounds skipped for a non-finite
+        norm do not count)."""
+        return int(self.last.step) if self.last is not None else 0
+
+    @property
+    def last_skipped(self) -> bool:
+        """Whether the last round was skipped (non-finite gradient norm)."""
+        return bool(self.last.skipped) if self.last is not None else False
+
+
+def _named(named_parameters: Iterable[Tuple[str, torch.Tensor]], what: str) -> List[Tuple[str, torch.Tensor]]:
+    if named_parameters is None:
+        raise errors.InvalidArgument("%s is required: model.named_parameters()" % what)
+    named = list(named_parameters)
+    for item in named:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+            raise errors.InvalidArgument(
+                "%s must yield (name, parameter) pairs like model.named_parameters(), got %r" % (what, item)
+            )
+    if not named:
+        raise errors.InvalidArgument("%s is empty: the job needs at least one parameter" % what)
+    return named
+
+
+class RemoteOptimizer(_Remote):
+    """An optimizer whose step runs on paramd, configured like torch.optim.
+
+    `param_groups` are dicts like torch's, whose "params" are names or the
+    parameters themselves; every parameter must be in one group. `rank` and
+    `world_size` default to torch.distributed's, else to torchrun's
+    RANK/WORLD_SIZE. `join_timeout` bounds how long ranks other than 0 wait
+    for rank 0 to create the job (default: `timeout`).
+    """
+
+    def __init__(
+        self,
+        named_parameters: Iterable[Tuple[str, torch.Tensor]],
+        server: Optional[str] = None,
+        job: str = "",
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        optimizer: Optional[Optimizer] = None,
+        param_groups: Optional[Sequence[Mapping[str, Any]]] = None,
+        schedule: Optional[Schedule] = None,
+        clip: Optional[ClipGradNorm] = None,
+        *,
+        client: Optional[Client] = None,
+        token: Optional[str] = None,
+        tls: Any = None,
+        timeout: float = 300.0,
+        join_timeout: Optional[float] = None,
+        non_finite: str = "skip",
+        worker_timeout: Optional[float] = None,
+        backup_workers: int = 0,
+    ):
+        named = _named(named_parameters, "named_parameters")
+        if optimizer is None:
+            raise errors.InvalidArgument("optimizer is required: paramd.SGD, paramd.Adam or paramd.AdamW")
+        if isinstance(optimizer, torch.optim.Optimizer):
+            raise errors.InvalidArgument(
+                "optimizer is a torch optimizer (%s): pass paramd.SGD/Adam/AdamW here, or wrap it with "
+                "paramd.torch.DistributedOptimizer" % type(optimizer).__name__
+            )
+        if not isinstance(optimizer, Optimizer):
+            raise errors.InvalidArgument(
+                "optimizer must be paramd.SGD, paramd.Adam or paramd.AdamW, got %r" % (optimizer,)
+            )
+        by_id = {id(p): n for n, p in named}
+        groups = None
+        if param_groups is not None:
+            groups = []
+            for i, g in enumerate(param_groups):
+                if not isinstance(g, Mapping) or "params" not in g:
+                    raise errors.InvalidArgument("param_groups[%d] must be a dict with 'params', got %r" % (i, g))
+                names = []
+                for p in g["params"]:
+                    if isinstance(p, str):
+                        names.append(p)
+                    elif id(p) in by_id:
+                        names.append(by_id[id(p)])
+                    else:
+                        raise errors.InvalidArgument(
+                            "param_groups[%d] holds a tensor that is not in named_parameters" % i
+                        )
+                groups.append(dict(g, params=names))
+        self.optimizer = optimizer
+        self.param_groups = groups or [{"params": [n for n, _ in named]}]
+        self._setup(
+            named,
+            optimizer,
+            groups,
+            server=server,
+            job=job,
+            rank=rank,
+            world_size=world_size,
+            schedule=schedule,
+            clip=clip,
+            client=client,
+            token=token,
+            tls=tls,
+            timeout=timeout,
+            join_timeout=join_timeout,
+            non_finite=non_finite,
+            worker_timeout=worker_timeout,
+            backup_workers=backup_workers,
+        )
+
+    def __repr__(self) -> str:
+        return "paramd.torch.RemoteOptimizer(job=%r, rank=%d/%d, %r, round=%d)" % (
+            self.job,
+            self.rank,
+            self.world_size,
+            self.optimizer,
+            self.round,
+        )
+
+
+class DistributedOptimizer(_Remote):
+    """Wraps a torch optimizer (SGD, Adam or AdamW) so that its step runs on
+    paramd, with its hyperparameters and param groups, as Horovod's and
+    BytePS's DistributedOptimizer wrap one. The wrapped optimizer's own
+    step is never called. Parameters of `named_parameters` the optimizer
+    does not hold stay as they are (frozen), as they would with torch.
+    The hyperparameters are read once, here: the server holds them (and
+    the schedule) from then on, so changing the wrapped optimizer's groups
+    later has no effect.
+    """
+
+    def __init__(
+        self,
+        optimizer: "torch.optim.Optimizer",
+        named_parameters: Iterable[Tuple[str, torch.Tensor]] = None,  # type: ignore[assignment]
+        server: Optional[str] = None,
+        job: str = "",
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        schedule: Optional[Schedule] = None,
+        clip: Optional[ClipGradNorm] = None,
+        *,
+        client: Optional[Client] = None,
+        token: Optional[str] = None,
+        tls: Any = None,
+        timeout: float = 300.0,
+        join_timeout: Optional[float] = None,
+        non_finite: str = "skip",
+        worker_timeout: Optional[float] = None,
+        backup_workers: int = 0,
+    ):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise errors.InvalidArgument(
+                "optimizer must be a torch.optim optimizer, got %r (for paramd.SGD/Adam/AdamW use "
+                "paramd.torch.RemoteOptimizer)" % (optimizer,)
+            )
+        named = _named(named_parameters, "named_parameters")
+        base, torch_groups = translate(optimizer)
+        by_id = {id(p): n for n, p in named}
+        held = set()
+        groups = []
+        for i, (params, hyper) in enumerate(torch_groups):
+            names = []
+            for p in params:
+                if id(p) not in by_id:
+                    raise errors.InvalidArgument(
+                        "param_groups[%d] of the optimizer holds a tensor of shape %s that is not in "
+                        "named_parameters" % (i, tuple(p.shape))
+                    )
+                names.append(by_id[id(p)])
+                held.add(id(p))
+            groups.append(dict(hyper, params=names))
+        # The job holds what the optimizer trains, in the model's order.
+        job_params = [(n, p) for n, p in named if id(p) in held]
+        self.optimizer = optimizer
+        self.param_groups = optimizer.param_groups
+        self._setup(
+            job_params,
+            base,
+            groups,
+            server=server,
+            job=job,
+            rank=rank,
+            world_size=world_size,
+            schedule=schedule,
+            clip=clip,
+            client=client,
+            token=token,
+            tls=tls,
+            timeout=timeout,
+            join_timeout=join_timeout,
+            non_finite=non_finite,
+            worker_timeout=worker_timeout,
+            backup_workers=backup_workers,
+        )
+
+    def __repr__(self) -> str:
+        return "paramd.torch.DistributedOptimizer(%s, job=%r, rank=%d/%d, round=%d)" % (
+            type(self.optimizer).__name__,
+            self.job,
+            self.rank,
+            self.world_size,
+            self.round,
+        )

@@ -1,0 +1,205 @@
+"""Fixtures: real paramd processes on reserved loopback ports (one shard,
+and three shards), and the paths of the binaries.
+
+`cargo test -p paramd-tests --test python` sets PARAMD_BIN and PARAMCTL_BIN;
+run by hand, the binaries are looked up in the cargo target directory.
+"""
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+
+import paramd
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent.parent
+EXAMPLES = HERE.parent / "examples"
+
+
+# The installed package is under test, never the sources beside this folder
+# (their stubs are generated at build time).
+assert Path(paramd.__file__).resolve().parent != HERE.parent / "paramd", (
+    "paramd was imported from the source tree; run pytest from client/python/tests "
+    "with the package installed (client/python/ci/venv.sh)"
+)
+
+
+def pytest_report_header(config):
+    return "paramd package: %s" % os.path.dirname(paramd.__file__)
+
+
+def _die_with_parent() -> None:
+    # SIGKILL when the parent dies, whatever kills it: pytest dies with the
+    # cargo test that started it.
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+if sys.platform == "linux" and os.environ.get("PARAMD_BIN"):
+    _die_with_parent()
+
+# The daemons get SIGKILL when pytest dies, set by util-linux's setpriv
+# before it execs paramd (no Python code runs between fork and exec).
+SETPRIV = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+
+
+def _binary(env: str, name: str) -> Path:
+    if os.environ.get(env):
+        p = Path(os.environ[env])
+        assert p.is_file(), "%s=%s does not exist" % (env, p)
+        return p
+    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
+    p = target / "debug" / name
+    if not p.is_file():
+        pytest.skip("%s not built (set %s or run cargo build --workspace --bins)" % (p, env))
+    return p
+
+
+@pytest.fixture(scope="session")
+def paramd_bin() -> Path:
+    return _binary("PARAMD_BIN", "paramd")
+
+
+@pytest.fixture(scope="session")
+def paramctl_bin() -> Path:
+    return _binary("PARAMCTL_BIN", "paramctl")
+
+
+def reserve_ports(n: int) -> List[int]:
+    """Loopback ports free right now, for processes that must know each
+    other's addresses before they start."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class Daemon:
+    """One `paramd` process, its log drained by a thread."""
+
+    def __init__(self, binary: Path, args: List[str]):
+        self.args = args
+        self.log: List[str] = []
+        self._ready = threading.Event()
+        env = dict(os.environ, PARAMD_LOG="info")
+        self.proc = subprocess.Popen(
+            SETPRIV + [str(binary)] + args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+        )
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.log.append(line.rstrip("\n"))
+            if "paramd ready" in line:
+                self._ready.set()
+        self._ready.set()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        if not self._ready.wait(timeout) or self.proc.poll() is not None:
+            self.stop()
+            raise RuntimeError("paramd %s did not get ready:\n%s" % (" ".join(self.args), "\n".join(self.log)))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+class Cluster:
+    """`n` paramd shards on loopback; `url` is the coordinator's."""
+
+    def __init__(self, binary: Path, n: int, extra: Optional[List[str]] = None):
+        self.ports = reserve_ports(n)
+        urls = ["http://127.0.0.1:%d" % p for p in self.ports]
+        self.url = urls[0]
+        self.daemons: List[Daemon] = []
+        try:
+            for i, port in enumerate(self.ports):
+                args = ["--listen", "127.0.0.1:%d" % port, "--http-listen", "127.0.0.1:0"]
+                if n > 1:
+                    args += ["--shard-index", str(i), "--cluster", ",".join(urls)]
+                args += list(extra or [])
+                self.daemons.append(Daemon(binary, args))
+            for d in self.daemons:
+                d.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def client(self, **kw) -> paramd.Client:
+        return paramd.Client(self.url, **kw)
+
+    def stop(self) -> None:
+        for d in self.daemons:
+            d.stop()
+
+
+# Small chunks, so that even a small model is cut into several chunks and
+# spread over every shard of a cluster.
+CHUNK_BYTES = ["--chunk-bytes", "1024"]
+
+
+@pytest.fixture(scope="session")
+def one_shard(paramd_bin):
+    c = Cluster(paramd_bin, 1, CHUNK_BYTES)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="session")
+def three_shards(paramd_bin):
+    c = Cluster(paramd_bin, 3, CHUNK_BYTES)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(params=[1, 3], ids=["1-shard", "3-shards"])
+def cluster(request):
+    """Each test that takes it runs on one shard and on three."""
+    return request.getfixturevalue("one_shard" if request.param == 1 else "three_shards")
+
+
+@pytest.fixture
+def job_name(request) -> str:
+    """A job name no other test uses."""
+    base = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40]
+    return "%s-%s" % (base, uuid.uuid4().hex[:8])
+
+
+def wait_for(cond, timeout: float = 30.0, what: str = "condition"):
+    """Polls `cond()` until it returns a true value, or fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)

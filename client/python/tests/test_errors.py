@@ -1,0 +1,222 @@
+"""Error mapping, tokens, retries and routing against in-process fake
+servers (grpcio servers implementing the paramd service), no daemon."""
+
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+
+import paramd
+from paramd.errors import from_rpc_error
+from paramd.v1 import paramd_pb2 as pb
+from paramd.v1 import paramd_pb2_grpc as pb_grpc
+
+
+class FakeShard(pb_grpc.ParamServerServicer):
+    """Records what it receives; answers as told."""
+
+    def __init__(self):
+        self.pushes = []  # (worker, round, [(param, offset, values)])
+        self.metadata = []
+        self.fail = None  # (code, message) for every call
+        self.unavailable = 0  # answer UNAVAILABLE this many times first
+        self.layout = None
+        self.calls = 0
+
+    def _enter(self, context):
+        self.calls += 1
+        self.metadata.append(dict(context.invocation_metadata()))
+        if self.unavailable > 0:
+            self.unavailable -= 1
+            context.abort(grpc.StatusCode.UNAVAILABLE, "starting up")
+        if self.fail is not None:
+            context.abort(*self.fail)
+
+    def Layout(self, request, context):
+        self._enter(context)
+        return self.layout
+
+    def Status(self, request, context):
+        self._enter(context)
+        return pb.StatusResponse(jobs=[pb.JobStatus(job=request.job, round=3)])
+
+    def Push(self, request_iterator, context):
+        self._enter(context)
+        first, segs = None, []
+        for m in request_iterator:
+            first = first or m
+            segs += [(s.param, s.offset, np.frombuffer(s.data, "<f4").tolist()) for s in m.grads]
+        self.pushes.append((first.worker, first.round, segs))
+        return pb.PushResponse(duplicate=False, pushed=1)
+
+    def Pull(self, request, context):
+        self._enter(context)
+        _, _, segs = self.pushes[-1]
+        yield pb.PullResponse(
+            round=request.round,
+            last=pb.RoundOutcome(round=request.round - 1, lr=[0.5]),
+            params=[pb.Segment(param=p, offset=o, data=np.asarray(v, "<f4").tobytes()) for p, o, v in segs],
+        )
+
+
+@pytest.fixture
+def fakes():
+    """Three fake shards on loopback; shard 0 serves a layout naming all three."""
+    shards, servers, urls = [], [], []
+    for _ in range(3):
+        s = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        fake = FakeShard()
+        pb_grpc.add_ParamServerServicer_to_server(fake, s)
+        port = s.add_insecure_port("127.0.0.1:0")
+        s.start()
+        shards.append(fake)
+        servers.append(s)
+        urls.append("http://127.0.0.1:%d" % port)
+    # w: 10 elements in chunks of 4 (owners 2, 0, 1); b: 3 elements (owner 2).
+    shards[0].layout = pb.LayoutResponse(
+        shards=urls,
+        chunk_elems=4,
+        params=[pb.ParamSpec(name="w", shape=[2, 5]), pb.ParamSpec(name="b", shape=[3])],
+        owners=[2, 0, 1, 2],
+    )
+    yield shards, urls
+    for s in servers:
+        s.stop(None)
+
+
+class FakeRpcError(grpc.RpcError):
+    def __init__(self, code, details):
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+@pytest.mark.parametrize(
+    "code,message,cls,builtin",
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, "unknown parameter 'x'", paramd.InvalidArgument, ValueError),
+        (grpc.StatusCode.NOT_FOUND, "job 'j' does not exist", paramd.NotFound, LookupError),
+        (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "stale push: round 3 of job 'j' is complete; the current round is 5",
+            paramd.StalePush,
+            paramd.FailedPrecondition,
+        ),
+        (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "early push: job 'j' is collecting round 2, not round 4",
+            paramd.EarlyPush,
+            paramd.FailedPrecondition,
+        ),
+        (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "job 'j' already exists with a different configuration: workers 2 != 4",
+            paramd.JobMismatch,
+            paramd.FailedPrecondition,
+        ),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "round 9 not complete", paramd.DeadlineExceeded, TimeoutError),
+        (grpc.StatusCode.UNAVAILABLE, "restoring checkpoints", paramd.Unavailable, ConnectionError),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "push: more than 10 bytes", paramd.ResourceExhausted, paramd.Error),
+        (grpc.StatusCode.UNAUTHENTICATED, "bad token", paramd.Unauthenticated, PermissionError),
+        (grpc.StatusCode.INTERNAL, "disk full", paramd.Internal, paramd.Error),
+        (grpc.StatusCode.UNKNOWN, "what", paramd.Error, RuntimeError),
+    ],
+)
+def test_status_codes_map_to_exceptions_with_the_servers_message(code, message, cls, builtin):
+    e = from_rpc_error(FakeRpcError(code, message))
+    assert type(e) is cls
+    assert isinstance(e, builtin) and isinstance(e, paramd.Error)
+    assert e.code == code and e.message == message
+    assert message in str(e) and code.name in str(e)
+
+
+def test_errors_of_a_real_call_carry_the_servers_message(fakes):
+    shards, urls = fakes
+    shards[0].fail = (grpc.StatusCode.INVALID_ARGUMENT, "optimizer.lr must be >= 0, got -1")
+    with paramd.Client(urls[0], retries=0) as c:
+        with pytest.raises(paramd.InvalidArgument) as e:
+            c.status("j")
+    assert e.value.message == "optimizer.lr must be >= 0, got -1"
+    assert e.value.shard is None
+
+
+def test_an_error_of_one_shard_names_it_and_the_others_still_get_their_part(fakes):
+    shards, urls = fakes
+    shards[1].fail = (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "stale push: round 0 of job 'j' is complete; the current round is 1",
+    )
+    with paramd.Client(urls[0], retries=0) as c:
+        with pytest.raises(paramd.StalePush) as e:
+            c.push("j", 0, 0, {"w": np.zeros((2, 5), np.float32), "b": np.zeros(3, np.float32)})
+    assert e.value.shard == 1 and e.value.url == urls[1]
+    assert "shard 1 at %s" % urls[1] in str(e.value)
+    assert len(shards[0].pushes) == 1 and len(shards[2].pushes) == 1
+
+
+def test_pushes_reach_each_shard_with_its_chunks_and_pulls_reassemble(fakes):
+    shards, urls = fakes
+    w = np.arange(10, dtype=np.float32).reshape(2, 5)
+    b = np.array([-1, -2, -3], np.float32)
+    with paramd.Client(urls[0]) as c:
+        r = c.push("j", 3, 7, {"w": w, "b": b})
+        assert r == paramd.PushResult(duplicate=False, pushed=1)
+        got = {i: sorted(s.pushes[0][2]) for i, s in enumerate(shards)}
+        assert all(s.pushes[0][:2] == (3, 7) for s in shards)
+        assert got[0] == [("w", 4, [4.0, 5.0, 6.0, 7.0])]
+        assert got[1] == [("w", 8, [8.0, 9.0])]
+        assert got[2] == [("b", 0, [-1.0, -2.0, -3.0]), ("w", 0, [0.0, 1.0, 2.0, 3.0])]
+        pulled = c.pull("j", 8)
+    assert pulled.round == 8 and list(pulled.last.lr) == [0.5]
+    np.testing.assert_array_equal(pulled.params["w"], w)
+    np.testing.assert_array_equal(pulled.params["b"], b)
+    # The layout was fetched once, from the coordinator.
+    assert shards[0].calls == 1 + 2 and shards[1].calls == 2
+
+
+def test_the_token_is_sent_to_every_shard(fakes):
+    shards, urls = fakes
+    with paramd.Client(urls[0], token="s3cret") as c:
+        c.push("j", 0, 0, {"w": np.zeros((2, 5), np.float32), "b": np.zeros(3, np.float32)})
+    for s in shards:
+        assert s.metadata and all(m.get("authorization") == "Bearer s3cret" for m in s.metadata)
+
+
+def test_unavailable_is_retried_and_a_retried_push_is_sent_whole(fakes):
+    shards, urls = fakes
+    shards[2].unavailable = 2
+    with paramd.Client(urls[0], retries=3) as c:
+        c.push("j", 1, 0, {"w": np.ones((2, 5), np.float32), "b": np.ones(3, np.float32)})
+    assert len(shards[2].pushes) == 1
+    assert sorted(p for p, _, _ in shards[2].pushes[0][2]) == ["b", "w"]
+    shards[0].unavailable = 5
+    with paramd.Client(urls[0], retries=1) as c:
+        with pytest.raises(paramd.Unavailable, match="starting up"):
+            c.status("j")
+
+
+def test_an_unreachable_server_is_unavailable():
+    with paramd.Client("http://127.0.0.1:1", retries=0, timeout=5) as c:
+        with pytest.raises(paramd.Unavailable):
+            c.status()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"url": ""}, "url must be a non-empty string"),
+        ({"url": "ftp://h:1"}, "scheme must be http or https"),
+        ({"url": "http://host"}, "must name a host and a port"),
+        ({"url": "http://h:1", "timeout": 0}, "timeout must be > 0"),
+        ({"url": "http://h:1", "retries": -1}, "retries must be an integer >= 0"),
+        ({"url": "http://h:1", "tls": "/nonexistent/ca.pem"}, "cannot read CA file"),
+    ],
+)
+def test_client_arguments_are_checked(kwargs, match):
+    with pytest.raises(paramd.InvalidArgument, match=match):
+        paramd.Client(**kwargs)

@@ -1,0 +1,144 @@
+//! The members of a round: the shard reports to the coordinator which
+//! workers' pushes it holds whole until the coordinator has chosen the
+//! round's workers, then completes the round with exactly those.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::coordinator::Members;
+use crate::error::{Error, Result};
+
+use super::Job;
+
+impl Job {
+    /// Reports the workers this shard holds whole pushes of for `round`
+    /// until the coordinator has chosen the round's members, reporting
+    /// again as more pushes arrive; then completes the round with them.
+    /// Runs on its own task from the round's first push.
+    pub(super) async fn gather(self: Arc<Self>, round: u64) {
+        let mut arrivals = self.arrivals.subscribe();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            arrivals.borrow_and_update();
+            let held: Vec<u32> = {
+                let c = self.collect.lock();
+                if c.round != round || c.closed {
+                    return;
+                }
+                (0..c.pushed.len() as u32)
+                    .filter(|&w| c.pushed[w as usize])
+                    .collect()
+            };
+            let answer = tokio::select! {
+                a = self.ask_members(round, &held) => a,
+                more = arrivals.changed() => match more {
+                    Ok(()) => continue,
+                    Err(_) => return,
+                },
+            };
+            match answer {
+                Ok(m) => {
+                    self.close_round(&m);
+                    return;
+                }
+                Err(e) if self.deleted.load(Ordering::Acquire) => {
+                    tracing::debug!(job = %self.name, round, error = %e, "job deleted while its round was collected");
+                    return;
+                }
+                Err(e) if e.timed_out() => {
+                    // The call waited as long as it could: ask again now.
+                    tracing::debug!(job = %self.name, round, error = %e, "members not chosen yet; reporting again");
+                }
+                Err(e) if e.retryable() => {
+                    tracing::warn!(job = %self.name, round, error = %e, "cannot reach the coordinator; reporting again");
+                    // Pacing the retries of an unreachable peer, not
+                    // waiting for an event.
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    tracing::error!(job = %self.name, round, error = %e, "cannot learn the members of the round");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn ask_members(&self, round: u64, held: &[u32]) -> Result<Members> {
+        match &self.coordinator {
+            Some(c) => {
+                c.members(round, self.cluster.shard, held, self.cluster.round_timeout)
+                    .await
+            }
+            None => self.cluster.members(&self.name, round, held).await,
+        }
+    }
+
+    /// The coordinator's answer to shard `shard`'s report of the workers it
+    /// holds for `round`.
+    pub async fn coordinate_members(
+        &self,
+        round: u64,
+        shard: usize,
+        held: &[u32],
+    ) -> Result<Members> {
+        let c = self.coordinator.as_ref().ok_or_else(|| {
+            Error::WrongShard(format!(
+                "shard {} is not the coordinator of job '{}'",
+                self.cluster.shard, self.name
+            ))
+        })?;
+        c.members(round, shard, held, self.cluster.round_timeout)
+            .await
+    }
+
+    /// Closes the round with the members the coordinator chose, in rank
+    /// order, and completes it on its own task. Pushes this shard holds
+    /// from anyone else are dropped: a retry of theirs is stale.
+    fn close_round(self: &Arc<Self>, m: &Members) {
+        let mut c = self.collect.lock();
+        if c.round != m.round || c.closed {
+            return;
+        }
+        let mut member = vec![false; c.pushed.len()];
+        for &w in &m.workers {
+            if let Some(x) = member.get_mut(w as usize) {
+                *x = true;
+            }
+        }
+        if let Some(opened) = c.opened.take() {
+            self.metrics
+                .barrier_wait
+                .record(opened.elapsed().as_secs_f64());
+        }
+        if let Some(w) = (0..member.len()).find(|&w| member[w] && c.pushes[w].is_none()) {
+            // Cannot happen: a shard reports only the pushes it holds.
+            tracing::error!(job = %self.name, round = m.round, worker = w, "the coordinator chose a worker whose push this shard does not hold");
+            return;
+        }
+        // Rank order, whatever the arrival order: the mean is deterministic.
+        let mut pushes = Vec::with_capacity(m.workers.len());
+        for (w, &is_member) in member.iter().enumerate() {
+            let push = c.pushes[w].take();
+            if is_member {
+                pushes.extend(push);
+            } else {
+                c.pushed[w] = false;
+            }
+        }
+        c.closed = true;
+        c.count = pushes.len() as u32;
+        if !m.dropped.is_empty() && self.coordinator.is_some() {
+            self.metrics.dropped.increment(m.dropped.len() as u64);
+            tracing::warn!(job = %self.name, round = m.round, dropped = ?m.dropped, timeout_secs = self.config.worker_timeout.as_secs_f64(), "workers dropped from the round");
+        }
+        let round = m.round;
+        let job = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(e) = job.clone().complete(round, pushes).await {
+                tracing::error!(job = %job.name, round, error = %e, "round failed");
+            }
+        });
+    }
+}
