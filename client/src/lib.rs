@@ -164,6 +164,36 @@ impl Client {
         })
     }
 
+    /// The standard gRPC health status of `url` for `service` ("" for the
+    /// whole server): what probes ask, answered without a token.
+    pub async fn health(
+        url: &str,
+        credentials: &Credentials,
+        service: &str,
+        timeout: Duration,
+    ) -> Result<tonic_health::ServingStatus> {
+        use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus as Pb};
+        let channel = endpoint(url, credentials)?
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect {
+                url: url.to_owned(),
+                source,
+            })?;
+        let mut client =
+            tonic_health::pb::health_client::HealthClient::new(credentials.wrap(channel));
+        let mut req = tonic::Request::new(HealthCheckRequest {
+            service: service.to_owned(),
+        });
+        req.set_timeout(timeout);
+        let status = client.check(req).await?.into_inner().status;
+        Ok(match Pb::try_from(status) {
+            Ok(Pb::Serving) => tonic_health::ServingStatus::Serving,
+            Ok(Pb::NotServing) => tonic_health::ServingStatus::NotServing,
+            _ => tonic_health::ServingStatus::Unknown,
+        })
+    }
+
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         r.set_timeout(self.timeout);

@@ -111,6 +111,16 @@ enum Command {
     },
     /// Delete a job and free its memory.
     Delete { job: String },
+    /// Ask the standard gRPC health service (no token needed): exit 0 when
+    /// SERVING, 1 otherwise. For container health checks and probes.
+    Health {
+        /// The service to ask about; the whole server by default.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
+    },
     /// Take a checkpoint of one job (every job by default) on every shard now.
     Checkpoint {
         #[arg(long)]
@@ -307,6 +317,23 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 out.display(),
                 e.bytes
             );
+        }
+        Command::Health { service, timeout } => {
+            let timeout = std::time::Duration::try_from_secs_f64(timeout).map_err(|_| {
+                anyhow::anyhow!("--timeout must be a non-negative number of seconds, got {timeout}")
+            })?;
+            let status = Client::health(&args.server, &credentials, &service, timeout).await?;
+            println!(
+                "{}",
+                match status {
+                    tonic_health::ServingStatus::Serving => "SERVING",
+                    tonic_health::ServingStatus::NotServing => "NOT_SERVING",
+                    tonic_health::ServingStatus::Unknown => "UNKNOWN",
+                }
+            );
+            if status != tonic_health::ServingStatus::Serving {
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Command::Checkpoint { job } => {
             let mut client = Client::connect_with(&args.server, credentials.clone()).await?;

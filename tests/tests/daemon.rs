@@ -113,3 +113,38 @@ async fn json_logs_are_one_object_per_line_with_fields() {
     let exit = daemon.terminate().await.expect("terminate");
     assert_eq!(exit.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paramctl_health_asks_the_grpc_health_service_without_a_token() {
+    let ports = paramd_tests::reserve_ports(1);
+    let listen = format!("127.0.0.1:{}", ports[0]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t0ken").expect("write");
+    let daemon = Daemon::start(&[
+        "--listen",
+        &listen,
+        "--http-listen",
+        "127.0.0.1:0",
+        "--auth-token-file",
+        token.to_str().expect("utf-8"),
+    ])
+    .await
+    .expect("paramd starts");
+    let health = |server: String| {
+        Command::new(binary("paramctl"))
+            .args(["--server", &server, "health"])
+            .env_remove("PARAMD_TOKEN")
+            .env_remove("PARAMD_TOKEN_FILE")
+            .output()
+            .expect("paramctl health")
+    };
+    let up = health(format!("http://{listen}"));
+    assert!(up.status.success(), "{up:?}");
+    assert_eq!(String::from_utf8_lossy(&up.stdout).trim(), "SERVING");
+    // Anything but SERVING, or no answer, is a failure.
+    let down = health("http://127.0.0.1:1".into());
+    assert!(!down.status.success(), "{down:?}");
+    let exit = daemon.terminate().await.expect("terminate");
+    assert_eq!(exit.code(), Some(0));
+}
