@@ -16,6 +16,7 @@ on the wire), converted without per-element Python loops.
 import json
 import logging
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,10 @@ MAX_MESSAGE_BYTES = 64 << 20
 # 200 ms, as the Rust client does.
 _UNAVAILABLE_PAUSE, _UNAVAILABLE_MAX = 0.05, 1.0
 _ABORTED_PAUSE, _ABORTED_MAX = 0.005, 0.2
+
+# A TLS handshake that failed (the server's certificate not signed by the
+# CA given, a name that does not match) fails again: not retried.
+_TLS_REFUSED = re.compile(r"handshake failed", re.IGNORECASE)
 
 log = logging.getLogger("paramd")
 
@@ -116,7 +121,9 @@ class Client:
     at most `retries` more times when `retries` is set (0: never). A push
     refused ABORTED because another copy of it is being received is sent
     again, as the Rust client does. Retrying is safe: the server counts a
-    (worker, round) once, and Init of an existing job is a no-op.
+    (worker, round) once, and Init of an existing job is a no-op. A TLS
+    handshake that failed (the server's certificate not signed by the CA
+    given) is not retried.
     """
 
     def __init__(
@@ -205,7 +212,12 @@ class Client:
                 return fn(max(deadline - time.monotonic(), 0.001))
             except grpc.RpcError as e:
                 code = e.code() if hasattr(e, "code") else None
-                if code == grpc.StatusCode.UNAVAILABLE and (self.retries is None or retried < self.retries):
+                details = (e.details() if hasattr(e, "details") else None) or ""
+                if (
+                    code == grpc.StatusCode.UNAVAILABLE
+                    and (self.retries is None or retried < self.retries)
+                    and not _TLS_REFUSED.search(details)
+                ):
                     pause, unavailable = unavailable, min(unavailable * 2, _UNAVAILABLE_MAX)
                     retried += 1
                 elif code == grpc.StatusCode.ABORTED and aborted:
@@ -219,7 +231,7 @@ class Client:
                     "%s%s: %s; trying again in %.3f s (attempt %d)",
                     "shard %d at %s: " % (shard, url) if shard is not None else "",
                     code.name if code else "error",
-                    e.details() if hasattr(e, "details") else e,
+                    details,
                     pause,
                     attempt,
                 )

@@ -152,10 +152,11 @@ def test_a_client_waits_for_a_restarted_cluster_to_agree_on_its_checkpoint(
 
         worker = threading.Thread(target=resume)
         worker.start()
+        # Five tries, 1.5 s: longer than the client's old budget of three.
         wait_for(
-            lambda: any("UNAVAILABLE" in r.getMessage() and "trying again" in r.getMessage() for r in caplog.records),
+            lambda: any("UNAVAILABLE" in r.getMessage() and "(attempt 5)" in r.getMessage() for r in caplog.records),
             30,
-            "the client to be answered UNAVAILABLE and try again",
+            "the client to be answered UNAVAILABLE five times",
         )
         assert worker.is_alive()
         cluster.start(1)
