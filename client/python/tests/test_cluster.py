@@ -9,6 +9,7 @@ import threading
 
 import grpc
 import numpy as np
+import pytest
 
 import paramd
 from conftest import CHUNK_BYTES, Cluster, wait_for
@@ -28,6 +29,22 @@ def test_a_shard_without_chunks_of_the_job_still_gets_every_push(three_shards, j
     assert pulled.round == 1
     np.testing.assert_array_equal(pulled.params["tiny"], [-1.0, 1.0])
     assert [s.round for s in c.job_status(job_name).shards] == [1, 1, 1]
+
+
+def test_backup_workers_on_a_cluster(cluster, job_name):
+    # Three workers, one of them a backup: the coordinator closes the round
+    # with the first two to have pushed to every shard; the third is late.
+    c = cluster.client(timeout=20)
+    w0 = np.ones(3000, np.float32)
+    c.init(job_name, {"w": w0}, paramd.SGD(lr=1.0), workers=3, backup_workers=1)
+    g = [_grads(3000, 20 + k)["w"] for k in range(3)]
+    c.push(job_name, 2, 0, {"w": g[2]})
+    c.push(job_name, 0, 0, {"w": g[0]})
+    pulled = c.pull(job_name, 1)
+    np.testing.assert_allclose(pulled.params["w"], w0 - (g[2] + g[0]) / 2, rtol=1e-6, atol=1e-6)
+    assert all(s.round == 1 for s in c.job_status(job_name).shards)
+    with pytest.raises(paramd.StalePush, match="stale push: round 0 of job '%s' is complete" % job_name):
+        c.push(job_name, 1, 0, {"w": g[1]})
 
 
 def _grads(n, seed):

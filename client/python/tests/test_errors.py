@@ -24,7 +24,9 @@ class FakeShard(pb_grpc.ParamServerServicer):
         self.fail = None  # (code, message) for every call
         self.unavailable = 0  # answer UNAVAILABLE this many times first
         self.aborted = 0  # answer pushes ABORTED this many times first
+        self.at_least = 0  # pulls answer from this round at the earliest
         self.first_messages = []
+        self.pulled = []  # the round of every pull
         self.layout = None
         self.calls = 0
 
@@ -62,9 +64,11 @@ class FakeShard(pb_grpc.ParamServerServicer):
     def Pull(self, request, context):
         self._enter(context)
         _, _, segs = self.pushes[-1]
+        self.pulled.append(request.round)
+        got = max(request.round, self.at_least)
         yield pb.PullResponse(
-            round=request.round,
-            last=pb.RoundOutcome(round=request.round - 1, lr=[0.5]),
+            round=got,
+            last=pb.RoundOutcome(round=got - 1, lr=[0.5]),
             params=[pb.Segment(param=p, offset=o, data=np.asarray(v, "<f4").tobytes()) for p, o, v in segs],
         )
 
@@ -188,6 +192,18 @@ def test_pushes_reach_each_shard_with_its_chunks_and_pulls_reassemble(fakes):
     np.testing.assert_array_equal(pulled.params["b"], b)
     # The layout was fetched once, from the coordinator.
     assert shards[0].calls == 1 + 2 and shards[1].calls == 2
+
+
+def test_a_pull_answered_from_different_rounds_is_repeated_at_the_newest(fakes):
+    # Training went on while the shards were read: shard 1 has completed
+    # round 5 already. Its values are not mixed with the others' round 3.
+    shards, urls = fakes
+    shards[1].at_least = 5
+    with paramd.Client(urls[0]) as c:
+        c.push("j", 0, 0, {"w": np.ones((2, 5), np.float32), "b": np.ones(3, np.float32)})
+        pulled = c.pull("j", 3)
+    assert pulled.round == 5 and pulled.last.round == 4
+    assert [s.pulled for s in shards] == [[3, 5], [3, 5], [3, 5]]
 
 
 def test_the_token_is_sent_to_every_shard(fakes):
