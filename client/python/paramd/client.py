@@ -143,7 +143,9 @@ class Client:
             raise errors.InvalidArgument("retries must be None or an integer >= 0, got %r" % (retries,))
         _, secure = _target(url)
         token = resolve_token(token, token_file)
-        self._tls, explicit = resolve_tls(tls)
+        # PARAMD_CA_CERT and the like are for https:// servers: an http://
+        # one does not read them.
+        self._tls, explicit = (None, False) if tls is None and secure is False else resolve_tls(tls)
         if secure is False and explicit:
             raise errors.InvalidArgument("url %r is plaintext (http://) but tls= is given: use https://" % url)
         if secure and tls is False:

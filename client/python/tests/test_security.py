@@ -204,10 +204,11 @@ def test_tls_settings_are_checked(tmp_path, monkeypatch, no_credentials_in_env):
     monkeypatch.setenv("PARAMD_CERT", "/x.pem")
     with pytest.raises(paramd.InvalidArgument, match="PARAMD_CERT and PARAMD_KEY go together"):
         paramd.Client("https://127.0.0.1:1")
-    # TLS settings from the environment apply to https:// servers only.
     monkeypatch.setenv("PARAMD_KEY", "/x.key")
     with pytest.raises(paramd.InvalidArgument, match="TLS cert: cannot read '/x.pem'"):
         paramd.Client("https://127.0.0.1:1")
+    # TLS settings from the environment are for https:// servers only.
+    paramd.Client("http://127.0.0.1:1").close()
 
 
 @pytest.fixture(scope="module")
