@@ -201,12 +201,21 @@ class Client:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _call(self, fn: Callable[[float], Any], shard: Optional[int] = None, url: Optional[str] = None, aborted=False):
-        """Runs `fn(timeout)` (one RPC, given what is left of the deadline),
-        mapping errors. UNAVAILABLE is retried (see the class), and ABORTED
-        too when `aborted`: pushes and pulls, for which it means another
-        copy is being received, or a round was applied during the read."""
-        deadline = time.monotonic() + self.timeout
+    def _call(
+        self,
+        fn: Callable[[float], Any],
+        shard: Optional[int] = None,
+        url: Optional[str] = None,
+        aborted: bool = False,
+        deadline: Optional[float] = None,
+    ):
+        """Runs `fn(timeout)` (one RPC, given what is left of the deadline:
+        `timeout` seconds from now unless `deadline` is given), mapping
+        errors. UNAVAILABLE is retried (see the class), and ABORTED too when
+        `aborted`: pushes and pulls, for which it means another copy is
+        being received, or a round was applied during the read."""
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout
         unavailable, busy = _UNAVAILABLE_PAUSE, _ABORTED_PAUSE
         attempt = retried = 0
         while True:
@@ -268,13 +277,13 @@ class Client:
             self._routes[job] = r
         return r
 
-    def _shard_call(self, route: Route, i: int, fn, aborted: bool = False):
+    def _shard_call(self, route: Route, i: int, fn, aborted: bool = False, deadline: Optional[float] = None):
         """`fn(stub, timeout)` on shard `i`, as `_call` runs it."""
         url = route.shards[i]
         stub = self._shard_stub(url)
         if route.n_shards == 1:
-            return self._call(lambda t: fn(stub, t), aborted=aborted)
-        return self._call(lambda t: fn(stub, t), shard=i, url=url, aborted=aborted)
+            return self._call(lambda t: fn(stub, t), aborted=aborted, deadline=deadline)
+        return self._call(lambda t: fn(stub, t), shard=i, url=url, aborted=aborted, deadline=deadline)
 
     # -- jobs ------------------------------------------------------------------
 
@@ -394,7 +403,9 @@ class Client:
 
         def call(want: int, i: int) -> List["pb.PullResponse"]:
             req = pb.PullRequest(job=job, round=want, params=names)
-            return self._shard_call(route, i, lambda stub, t: list(stub.Pull(req, **self._kw(t))), aborted=True)
+            return self._shard_call(
+                route, i, lambda stub, t: list(stub.Pull(req, **self._kw(t))), aborted=True, deadline=deadline
+            )
 
         want = round
         while True:
