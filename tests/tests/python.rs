@@ -1,7 +1,9 @@
 //! The Python client's test suite (`client/python/tests`) against the real
 //! `paramd` and `paramctl` binaries: unit tests, the golden traces replayed
 //! through the Python client, four PyTorch worker processes training an MLP
-//! on one shard and on three, and the export loaded by torch.
+//! on one shard and on three, the export loaded by torch, racing copies of
+//! a push, a restarted cluster, a token-protected server, and a mutual-TLS
+//! two-shard cluster with a token replaying a golden trace.
 //!
 //! `client/python/ci/venv.sh` makes the virtualenv (torch, grpcio, pytest,
 //! the package built from `client/python`) once under the target directory;

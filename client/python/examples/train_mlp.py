@@ -16,6 +16,10 @@ gradients, clips them, applies AdamW with two param groups and a
 warmup-cosine schedule, and every worker continues from the same weights.
 `--wrap` keeps a plain `torch.optim.AdamW` line and wraps it with
 `paramd.torch.DistributedOptimizer` instead of using `RemoteOptimizer`.
+
+For a server that wants a token or serves TLS (an https:// --server), set
+PARAMD_TOKEN_FILE (or PARAMD_TOKEN), PARAMD_CA_CERT, PARAMD_CERT and
+PARAMD_KEY as for paramctl: the client reads them.
 """
 
 import argparse

@@ -2,12 +2,15 @@
 
     import paramd
     client = paramd.Client("http://ps:50051")
+    client = paramd.Client("https://ps:50051", token_file="/run/secrets/paramd-token",
+                           tls=paramd.TLS(ca_cert="ca.pem", cert="worker.pem", key="worker.key"))
 
 `paramd.torch` (imported on its own, needs torch) holds the optimizer a
 PyTorch training loop uses in place of `torch.optim`.
 """
 
 from .client import Client, Exported, InitResult, Pulled, PushResult
+from .credentials import TLS
 from .config import SGD, Adam, AdamW, ClipGradNorm, Constant, CosineAnnealing, Optimizer, Schedule, WarmupCosine
 from .errors import (
     Aborted,
@@ -34,6 +37,7 @@ __all__ = [
     "InitResult",
     "Pulled",
     "PushResult",
+    "TLS",
     "Optimizer",
     "SGD",
     "Adam",

@@ -333,7 +333,9 @@ class RemoteOptimizer(_Remote):
     parameters themselves; every parameter must be in one group. `rank` and
     `world_size` default to torch.distributed's, else to torchrun's
     RANK/WORLD_SIZE. `join_timeout` bounds how long ranks other than 0 wait
-    for rank 0 to create the job (default: `timeout`).
+    for rank 0 to create the job (default: `timeout`). `token`, `tls` and
+    `timeout` are `paramd.Client`'s (token and TLS default to paramctl's
+    environment variables), or pass a ready `client=`.
     """
 
     def __init__(

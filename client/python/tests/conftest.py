@@ -7,6 +7,7 @@ run by hand, the binaries are looked up in the cargo target directory.
 
 import ctypes
 import os
+import re
 import shutil
 import signal
 import socket
@@ -14,9 +15,10 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import pytest
 
@@ -76,26 +78,51 @@ def paramctl_bin() -> Path:
     return _binary("PARAMCTL_BIN", "paramctl")
 
 
+_NEXT_PORT = 0
+
+
 def reserve_ports(n: int) -> List[int]:
     """Loopback ports free right now, for processes that must know each
-    other's addresses before they start."""
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    other's addresses before they start. As tests/src/lib.rs does, they are
+    taken below the kernel's ephemeral range, so that no bind to port 0
+    lands on one between a shard's stop and its restart."""
+    global _NEXT_PORT
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    low = max(ephemeral_low - 12000, 10000)
+    span = max(ephemeral_low - low, 1)
+    start = (os.getpid() * 2654435761) % span
+    ports: List[int] = []
+    for _ in range(span):
+        if len(ports) == n:
+            break
+        port = low + (start + _NEXT_PORT) % span
+        _NEXT_PORT += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+    assert len(ports) == n, "no %d free ports below %d" % (n, ephemeral_low)
     return ports
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class Daemon:
     """One `paramd` process, its log drained by a thread."""
 
     def __init__(self, binary: Path, args: List[str]):
+        self.binary = binary
         self.args = args
         self.log: List[str] = []
+        #: The HTTP address (/metrics), from the "paramd serving" line.
+        self.http: Optional[str] = None
         self._ready = threading.Event()
         env = dict(os.environ, PARAMD_LOG="info")
         self.proc = subprocess.Popen(
@@ -110,7 +137,11 @@ class Daemon:
     def _drain(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self.log.append(line.rstrip("\n"))
+            line = _ANSI.sub("", line.rstrip("\n"))
+            self.log.append(line)
+            if self.http is None and "paramd serving" in line:
+                m = re.search(r"\bhttp=(\S+)", line)
+                self.http = m.group(1) if m else None
             if "paramd ready" in line:
                 self._ready.set()
         self._ready.set()
@@ -119,6 +150,22 @@ class Daemon:
         if not self._ready.wait(timeout) or self.proc.poll() is not None:
             self.stop()
             raise RuntimeError("paramd %s did not get ready:\n%s" % (" ".join(self.args), "\n".join(self.log)))
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one series on /metrics (0 when it is absent)."""
+        assert self.http, "paramd logged no HTTP address:\n%s" % "\n".join(self.log)
+        with urllib.request.urlopen("http://%s/metrics" % self.http, timeout=10) as r:
+            body = r.read().decode()
+        want = ",".join('%s="%s"' % kv for kv in sorted(labels.items()))
+        for line in body.splitlines():
+            if line.startswith("#") or " " not in line:
+                continue
+            series, value = line.rsplit(" ", 1)
+            got_name, _, rest = series.partition("{")
+            got = ",".join(sorted(p for p in rest.rstrip("}").split(",") if p))
+            if got_name == name and got == want:
+                return float(value)
+        return 0.0
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -131,19 +178,35 @@ class Daemon:
 
 
 class Cluster:
-    """`n` paramd shards on loopback; `url` is the coordinator's."""
+    """`n` paramd shards on loopback; `url` is the coordinator's.
 
-    def __init__(self, binary: Path, n: int, extra: Optional[List[str]] = None):
+    `extra` are flags of every shard, `shard_args(i)` those of shard `i`
+    alone; `scheme` and `host` make the URLs (`https` and `localhost` for a
+    TLS cluster whose certificate names localhost)."""
+
+    def __init__(
+        self,
+        binary: Path,
+        n: int,
+        extra: Optional[List[str]] = None,
+        shard_args: Optional[Callable[[int], List[str]]] = None,
+        scheme: str = "http",
+        host: str = "127.0.0.1",
+    ):
+        self.binary = binary
         self.ports = reserve_ports(n)
-        urls = ["http://127.0.0.1:%d" % p for p in self.ports]
-        self.url = urls[0]
+        self.urls = ["%s://%s:%d" % (scheme, host, p) for p in self.ports]
+        self.url = self.urls[0]
+        self.args: List[List[str]] = []
+        for i, port in enumerate(self.ports):
+            args = ["--listen", "127.0.0.1:%d" % port, "--http-listen", "127.0.0.1:0"]
+            if n > 1:
+                args += ["--shard-index", str(i), "--cluster", ",".join(self.urls)]
+            args += list(extra or []) + list(shard_args(i) if shard_args else [])
+            self.args.append(args)
         self.daemons: List[Daemon] = []
         try:
-            for i, port in enumerate(self.ports):
-                args = ["--listen", "127.0.0.1:%d" % port, "--http-listen", "127.0.0.1:0"]
-                if n > 1:
-                    args += ["--shard-index", str(i), "--cluster", ",".join(urls)]
-                args += list(extra or [])
+            for args in self.args:
                 self.daemons.append(Daemon(binary, args))
             for d in self.daemons:
                 d.wait_ready()
@@ -153,6 +216,14 @@ class Cluster:
 
     def client(self, **kw) -> paramd.Client:
         return paramd.Client(self.url, **kw)
+
+    def start(self, i: int) -> Daemon:
+        """Starts shard `i` again (after `stop`), with the same flags, and
+        waits until it is ready."""
+        assert self.daemons[i].proc.poll() is not None, "shard %d is running" % i
+        self.daemons[i] = Daemon(self.binary, self.args[i])
+        self.daemons[i].wait_ready()
+        return self.daemons[i]
 
     def stop(self) -> None:
         for d in self.daemons:

@@ -1,6 +1,7 @@
 """Error mapping, tokens, retries and routing against in-process fake
 servers (grpcio servers implementing the paramd service), no daemon."""
 
+import time
 from concurrent import futures
 
 import grpc
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 import paramd
+from conftest import reserve_ports
 from paramd.errors import from_rpc_error
 from paramd.v1 import paramd_pb2 as pb
 from paramd.v1 import paramd_pb2_grpc as pb_grpc
@@ -21,6 +23,10 @@ class FakeShard(pb_grpc.ParamServerServicer):
         self.metadata = []
         self.fail = None  # (code, message) for every call
         self.unavailable = 0  # answer UNAVAILABLE this many times first
+        self.aborted = 0  # answer pushes ABORTED this many times first
+        self.at_least = 0  # pulls answer from this round at the earliest
+        self.first_messages = []
+        self.pulled = []  # the round of every pull
         self.layout = None
         self.calls = 0
 
@@ -43,8 +49,13 @@ class FakeShard(pb_grpc.ParamServerServicer):
 
     def Push(self, request_iterator, context):
         self._enter(context)
+        if self.aborted > 0:
+            self.aborted -= 1
+            context.abort(grpc.StatusCode.ABORTED, "already being received")
         first, segs = None, []
         for m in request_iterator:
+            if first is None:
+                self.first_messages.append(m)
             first = first or m
             segs += [(s.param, s.offset, np.frombuffer(s.data, "<f4").tolist()) for s in m.grads]
         self.pushes.append((first.worker, first.round, segs))
@@ -53,9 +64,11 @@ class FakeShard(pb_grpc.ParamServerServicer):
     def Pull(self, request, context):
         self._enter(context)
         _, _, segs = self.pushes[-1]
+        self.pulled.append(request.round)
+        got = max(request.round, self.at_least)
         yield pb.PullResponse(
-            round=request.round,
-            last=pb.RoundOutcome(round=request.round - 1, lr=[0.5]),
+            round=got,
+            last=pb.RoundOutcome(round=got - 1, lr=[0.5]),
             params=[pb.Segment(param=p, offset=o, data=np.asarray(v, "<f4").tobytes()) for p, o, v in segs],
         )
 
@@ -167,6 +180,8 @@ def test_pushes_reach_each_shard_with_its_chunks_and_pulls_reassemble(fakes):
         r = c.push("j", 3, 7, {"w": w, "b": b})
         assert r == paramd.PushResult(duplicate=False, pushed=1)
         got = {i: sorted(s.pushes[0][2]) for i, s in enumerate(shards)}
+        # A header-only first message: admitted before any payload.
+        assert all(len(s.first_messages[0].grads) == 0 for s in shards)
         assert all(s.pushes[0][:2] == (3, 7) for s in shards)
         assert got[0] == [("w", 4, [4.0, 5.0, 6.0, 7.0])]
         assert got[1] == [("w", 8, [8.0, 9.0])]
@@ -177,6 +192,18 @@ def test_pushes_reach_each_shard_with_its_chunks_and_pulls_reassemble(fakes):
     np.testing.assert_array_equal(pulled.params["b"], b)
     # The layout was fetched once, from the coordinator.
     assert shards[0].calls == 1 + 2 and shards[1].calls == 2
+
+
+def test_a_pull_answered_from_different_rounds_is_repeated_at_the_newest(fakes):
+    # Training went on while the shards were read: shard 1 has completed
+    # round 5 already. Its values are not mixed with the others' round 3.
+    shards, urls = fakes
+    shards[1].at_least = 5
+    with paramd.Client(urls[0]) as c:
+        c.push("j", 0, 0, {"w": np.ones((2, 5), np.float32), "b": np.ones(3, np.float32)})
+        pulled = c.pull("j", 3)
+    assert pulled.round == 5 and pulled.last.round == 4
+    assert [s.pulled for s in shards] == [[3, 5], [3, 5], [3, 5]]
 
 
 def test_the_token_is_sent_to_every_shard(fakes):
@@ -200,10 +227,30 @@ def test_unavailable_is_retried_and_a_retried_push_is_sent_whole(fakes):
             c.status("j")
 
 
-def test_an_unreachable_server_is_unavailable():
-    with paramd.Client("http://127.0.0.1:1", retries=0, timeout=5) as c:
-        with pytest.raises(paramd.Unavailable):
-            c.status()
+def test_an_unreachable_server_is_tried_until_the_deadline_or_the_retries_run_out():
+    (port,) = reserve_ports(1)
+    url = "http://127.0.0.1:%d" % port
+    # Pauses of 50, 100, 200 and 400 ms fit in one second.
+    for kw, least, most in [({"timeout": 1}, 0.7, 5.0), ({"timeout": 30, "retries": 0}, 0.0, 5.0)]:
+        start = time.monotonic()
+        with paramd.Client(url, **kw) as c:
+            with pytest.raises(paramd.Unavailable):
+                c.status()
+        took = time.monotonic() - start
+        assert least <= took <= most, "%r: gave up after %.2f s" % (kw, took)
+
+
+def test_aborted_pushes_are_sent_again_and_other_calls_are_not_retried(fakes):
+    shards, urls = fakes
+    shards[1].aborted = 3
+    with paramd.Client(urls[0], retries=0) as c:
+        r = c.push("j", 1, 0, {"w": np.ones((2, 5), np.float32), "b": np.ones(3, np.float32)})
+        assert r == paramd.PushResult(duplicate=False, pushed=1)
+        assert shards[1].calls == 4 and len(shards[1].pushes) == 1
+        shards[0].fail = (grpc.StatusCode.ABORTED, "state moved")
+        with pytest.raises(paramd.Aborted, match="state moved"):
+            c.status("j")
+        assert shards[0].calls == 1 + 1 + 1
 
 
 @pytest.mark.parametrize(
@@ -213,8 +260,9 @@ def test_an_unreachable_server_is_unavailable():
         ({"url": "ftp://h:1"}, "scheme must be http or https"),
         ({"url": "http://host"}, "must name a host and a port"),
         ({"url": "http://h:1", "timeout": 0}, "timeout must be > 0"),
-        ({"url": "http://h:1", "retries": -1}, "retries must be an integer >= 0"),
-        ({"url": "http://h:1", "tls": "/nonexistent/ca.pem"}, "cannot read CA file"),
+        ({"url": "http://h:1", "retries": -1}, "retries must be None or an integer >= 0"),
+        ({"url": "https://h:1", "tls": "/nonexistent/ca.pem"}, "TLS ca_cert: cannot read '/nonexistent/ca.pem'"),
+        ({"url": "https://h:1", "tls": False}, "is https:// but tls=False"),
     ],
 )
 def test_client_arguments_are_checked(kwargs, match):

@@ -70,8 +70,10 @@ def traces():
     return found
 
 
-@pytest.mark.parametrize("trace", traces(), ids=lambda p: p.stem)
-def test_trace_matches_torch(trace, cluster, job_name):
+def replay(trace, job, make_client):
+    """Replays `trace` as job `job`: every worker pushes each step from its
+    own thread and `make_client()`, then pulls; checks every step against
+    torch's values."""
     cfg, t = load_trace(trace)
     params, workers, steps = cfg["params"], cfg["workers"], cfg["steps"]
     opt = cfg["optimizer"]
@@ -80,9 +82,9 @@ def test_trace_matches_torch(trace, cluster, job_name):
         groups = [dict(hyper(g), params=g["params"]) for g in cfg["param_groups"]]
     clip = paramd.ClipGradNorm(cfg["clip"]["max_norm"]) if cfg.get("clip") else None
     init = {p: t["init/" + p] for p in params}
-    c = cluster.client(timeout=60)
+    c = make_client()
     start = c.init(
-        job_name,
+        job,
         init,
         OPTIMIZERS[opt["kind"]](**hyper(opt)),
         workers=workers,
@@ -98,10 +100,10 @@ def test_trace_matches_torch(trace, cluster, job_name):
 
     def worker(w):
         try:
-            client = cluster.client(timeout=60)
+            client = make_client()
             for s in range(steps):
-                client.push(job_name, w, s, {p: t["grad/%d/%d/%s" % (s, w, p)] for p in params})
-                pulled = client.pull(job_name, s + 1)
+                client.push(job, w, s, {p: t["grad/%d/%d/%s" % (s, w, p)] for p in params})
+                pulled = client.pull(job, s + 1)
                 if w == 0:
                     after[s] = pulled.params
                     outcomes[s] = pulled.last
@@ -127,3 +129,9 @@ def test_trace_matches_torch(trace, cluster, job_name):
                 close(key, after[s][p], t[key])
     for p in params:
         close("expect/final/" + p, after[-1][p], t["expect/final/" + p])
+    c.close()
+
+
+@pytest.mark.parametrize("trace", traces(), ids=lambda p: p.stem)
+def test_trace_matches_torch(trace, cluster, job_name):
+    replay(trace, job_name, lambda: cluster.client(timeout=60))

@@ -118,13 +118,13 @@ def test_a_different_configuration_is_refused(cluster, job_name):
         )
 
 
-def test_a_worker_dropped_from_a_round_rejoins_at_the_current_one(one_shard, job_name):
+def test_a_worker_dropped_from_a_round_rejoins_at_the_current_one(cluster, job_name):
     # worker_timeout: a round that waited this long completes with the
-    # workers that pushed (one-shard deployments).
+    # workers that pushed (on a cluster, the coordinator chooses them).
     def opt(model, rank):
         return pt.RemoteOptimizer(
             model.named_parameters(),
-            server=one_shard.url,
+            server=cluster.url,
             job=job_name,
             rank=rank,
             world_size=2,
