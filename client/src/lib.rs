@@ -32,6 +32,10 @@ pub use paramd_proto::wire::to_le_bytes;
 /// message: far below the 64 MiB message limit whatever the model size.
 const MESSAGE_BYTES: usize = 4 << 20;
 
+/// Pulls tried before giving up on shards that keep answering from
+/// different rounds.
+const MAX_PULL_ATTEMPTS: usize = 5;
+
 /// Largest message the client decodes or encodes.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
@@ -372,6 +376,30 @@ impl Client {
         round: u64,
         params: &[String],
     ) -> Result<Pulled> {
+        // Shards answer as of their own latest round, which may differ if
+        // training moved on while they were read: pull again at the newest
+        // so that every value comes from one round.
+        let mut want = round;
+        for _ in 0..MAX_PULL_ATTEMPTS {
+            let (pulled, newest) = self.pull_once(job, want, params).await?;
+            if pulled.round == newest {
+                return Ok(pulled);
+            }
+            want = newest;
+        }
+        Err(ClientError::Invalid(format!(
+            "job '{job}': the shards kept answering from different rounds over {MAX_PULL_ATTEMPTS} pulls; training moves faster than a pull"
+        )))
+    }
+
+    /// One pull from every shard: what they sent, with the oldest round any
+    /// of them answered from, and the newest.
+    async fn pull_once(
+        &mut self,
+        job: &str,
+        round: u64,
+        params: &[String],
+    ) -> Result<(Pulled, u64)> {
         let route = self.route(job).await?;
         let calls = route.shards.iter().enumerate().map(|(i, (url, client))| {
             let req = self.request(pb::PullRequest {
@@ -403,6 +431,7 @@ impl Client {
             last: None,
             params: HashMap::new(),
         };
+        let mut newest = 0;
         for (i, r) in futures::future::try_join_all(calls)
             .await?
             .into_iter()
@@ -411,6 +440,7 @@ impl Client {
             for (k, msg) in r.into_iter().enumerate() {
                 if k == 0 {
                     pulled.round = pulled.round.min(msg.round);
+                    newest = newest.max(msg.round);
                     if i == 0 {
                         pulled.last = msg.last;
                     }
@@ -423,7 +453,7 @@ impl Client {
         if pulled.round == u64::MAX {
             pulled.round = 0;
         }
-        Ok(pulled)
+        Ok((pulled, newest))
     }
 
     /// Status of job `job`, or of every job, with every shard's part.
