@@ -136,6 +136,18 @@ fn endpoint(url: &str, credentials: &Credentials) -> Result<Endpoint> {
         .map_err(|e| ClientError::Invalid(format!("cannot connect to {url}: {e}")))
 }
 
+/// A connection to `url`, made now, whose calls carry the token.
+async fn connect(url: &str, credentials: &Credentials) -> Result<AuthChannel> {
+    let channel = endpoint(url, credentials)?
+        .connect()
+        .await
+        .map_err(|source| ClientError::Connect {
+            url: url.to_owned(),
+            source,
+        })?;
+    Ok(credentials.wrap(channel))
+}
+
 fn grpc_client(channel: AuthChannel) -> ParamServerClient<AuthChannel> {
     ParamServerClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -152,15 +164,9 @@ impl Client {
     /// CA and client certificate used for `https://` URLs. Every shard of
     /// the cluster is reached with the same credentials.
     pub async fn connect_with(url: &str, credentials: Credentials) -> Result<Client> {
-        let channel = endpoint(url, &credentials)?
-            .connect()
-            .await
-            .map_err(|source| ClientError::Connect {
-                url: url.to_owned(),
-                source,
-            })?;
+        let channel = connect(url, &credentials).await?;
         Ok(Client {
-            inner: grpc_client(credentials.wrap(channel)),
+            inner: grpc_client(channel),
             url: url.to_owned(),
             credentials,
             routes: Arc::default(),
@@ -177,15 +183,8 @@ impl Client {
         timeout: Duration,
     ) -> Result<tonic_health::ServingStatus> {
         use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus as Pb};
-        let channel = endpoint(url, credentials)?
-            .connect()
-            .await
-            .map_err(|source| ClientError::Connect {
-                url: url.to_owned(),
-                source,
-            })?;
         let mut client =
-            tonic_health::pb::health_client::HealthClient::new(credentials.wrap(channel));
+            tonic_health::pb::health_client::HealthClient::new(connect(url, credentials).await?);
         let mut req = tonic::Request::new(HealthCheckRequest {
             service: service.to_owned(),
         });
