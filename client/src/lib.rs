@@ -98,7 +98,8 @@ struct Route {
 impl Route {
     /// Cuts tensors into one list of segments per shard. A tensor the
     /// layout does not describe (unknown, or of the wrong size) goes whole
-    /// to shard 0, whose refusal names what is wrong.
+    /// to every shard: each refuses the whole push, naming what is wrong,
+    /// so no shard counts part of it.
     fn split(&self, tensors: &[(&str, &[f32])]) -> Vec<Vec<pb::Segment>> {
         let mut out = vec![Vec::new(); self.shards.len()];
         for (name, values) in tensors {
@@ -112,7 +113,12 @@ impl Route {
                         });
                     }
                 }
-                _ => out[0].extend(segments(name, values)),
+                _ => {
+                    let whole = segments(name, values);
+                    for shard in &mut out {
+                        shard.extend(whole.iter().cloned());
+                    }
+                }
             }
         }
         out

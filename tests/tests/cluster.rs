@@ -140,3 +140,44 @@ async fn three_paramd_processes_match_torch_and_one_shard_bit_for_bit() {
     }
     one.shutdown().await;
 }
+
+/// A push holding a tensor the job does not have is refused by every shard,
+/// so none of its other tensors is counted anywhere: the corrected push
+/// that follows is the one applied, on every shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_push_is_refused_by_every_shard_and_counted_nowhere() {
+    use paramd_client::v1 as pb;
+    let cluster = TestCluster::start(3, config()).await;
+    let mut c = paramd_client::Client::connect(&cluster.url())
+        .await
+        .expect("connect");
+    let spec = paramd_tests::one_param_spec(pb::OptimizerKind::Sgd, &[12], 1, 1.0);
+    let init = [0.0f32; 12];
+    c.init("bad", spec, &[("w", &init)]).await.expect("init");
+    let layout = c.layout("bad").await.expect("layout");
+    let used: std::collections::BTreeSet<u32> = layout.owners.iter().copied().collect();
+    assert_eq!(used.len(), 3, "w spans every shard: {:?}", layout.owners);
+
+    let first = [1.0f32; 12];
+    for bad in [
+        vec![("w", &first[..]), ("x", &first[..4])],
+        vec![("w", &first[..11])],
+    ] {
+        let e = c.push("bad", 0, 0, &bad).await.expect_err("refused");
+        assert_eq!(
+            e.status().map(tonic::Status::code),
+            Some(tonic::Code::InvalidArgument),
+            "{e}"
+        );
+    }
+    let second = [2.0f32; 12];
+    let r = c.push("bad", 0, 0, &[("w", &second)]).await.expect("push");
+    assert!(!r.duplicate, "the refused pushes were not counted");
+    let p = c.pull("bad", 1).await.expect("pull");
+    assert_eq!(
+        p.params["w"],
+        vec![-2.0f32; 12],
+        "every shard applied the second push"
+    );
+    cluster.shutdown().await;
+}
