@@ -49,7 +49,7 @@ pub enum ClientError {
         source: tonic::transport::Error,
     },
     #[error("{}: {}", .0.code(), .0.message())]
-    Status(#[from] tonic::Status),
+    Status(tonic::Status),
     /// A shard of a cluster answered with an error, or could not be reached.
     #[error("shard {shard} at {url}: {}: {}", .status.code(), .status.message())]
     Shard {
@@ -59,6 +59,22 @@ pub enum ClientError {
     },
     #[error("{0}")]
     Invalid(String),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(status: tonic::Status) -> ClientError {
+        ClientError::Status(deadline(status))
+    }
+}
+
+/// tonic reports the client's own deadline as CANCELLED "Timeout expired";
+/// it is DEADLINE_EXCEEDED, as the server would say.
+fn deadline(status: tonic::Status) -> tonic::Status {
+    if status.code() == tonic::Code::Cancelled && status.message() == "Timeout expired" {
+        tonic::Status::deadline_exceeded("the call's deadline passed (client side)")
+    } else {
+        status
+    }
 }
 
 impl ClientError {
@@ -136,15 +152,18 @@ pub struct Client {
     pub timeout: Duration,
 }
 
-fn endpoint(url: &str, credentials: &Credentials) -> Result<Endpoint> {
+/// The longest a connection attempt takes.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn endpoint(url: &str, credentials: &Credentials, connect_timeout: Duration) -> Result<Endpoint> {
     credentials
-        .endpoint(url, Duration::from_secs(10))
+        .endpoint(url, connect_timeout)
         .map_err(|e| ClientError::Invalid(format!("cannot connect to {url}: {e}")))
 }
 
 /// A connection to `url`, made now, whose calls carry the token.
 async fn connect(url: &str, credentials: &Credentials) -> Result<AuthChannel> {
-    let channel = endpoint(url, credentials)?
+    let channel = endpoint(url, credentials, CONNECT_TIMEOUT)?
         .connect()
         .await
         .map_err(|source| ClientError::Connect {
@@ -247,8 +266,12 @@ impl Client {
             shards.push((
                 url.clone(),
                 grpc_client(
-                    self.credentials
-                        .wrap(endpoint(url, &self.credentials)?.connect_lazy()),
+                    self.credentials.wrap(
+                        // A shard that vanished fails within the call's
+                        // deadline, not after a longer connect timeout.
+                        endpoint(url, &self.credentials, CONNECT_TIMEOUT.min(self.timeout))?
+                            .connect_lazy(),
+                    ),
                 ),
             ));
         }
@@ -493,6 +516,7 @@ impl Client {
 
 /// An error of shard `i`; a one-shard cluster's errors stay plain.
 fn shard_error(i: usize, url: &str, status: tonic::Status, shards: usize) -> ClientError {
+    let status = deadline(status);
     if shards == 1 {
         ClientError::Status(status)
     } else {
