@@ -68,12 +68,7 @@ pub async fn replay(path: &Path, opts: &ReplayOptions) -> anyhow::Result<ReplayR
     let trace = Arc::new(Trace::load(path)?);
     let job = opts.job.clone().unwrap_or_else(|| fresh_job_name(path));
     let init = trace.init()?;
-    let values: Vec<(&str, &[f32])> = trace
-        .params
-        .iter()
-        .map(String::as_str)
-        .zip(init.iter().map(Vec::as_slice))
-        .collect();
+    let values = trace.named(&init);
     let mut client = Client::connect_with(&opts.server, opts.credentials.clone()).await?;
     let start = client.init(&job, trace.spec.clone(), &values).await?.round;
 
@@ -134,12 +129,7 @@ async fn run_worker(
     let mut out = ReplayResult::default();
     for t in 0..trace.steps {
         let grads = trace.grads(t, w)?;
-        let named: Vec<(&str, &[f32])> = trace
-            .params
-            .iter()
-            .map(String::as_str)
-            .zip(grads.iter().map(Vec::as_slice))
-            .collect();
+        let named = trace.named(&grads);
         client.push(job, w, start + t, &named).await?;
         let mut pulled = client.pull(job, start + t + 1).await?;
         let last = pulled

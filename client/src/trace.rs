@@ -118,6 +118,16 @@ impl Trace {
         Ok(t.values.iter().map(|&v| v as f32).collect())
     }
 
+    /// `values` (one per parameter, in trace order) named as the client
+    /// takes them.
+    pub fn named<'a>(&'a self, values: &'a [Vec<f32>]) -> Vec<(&'a str, &'a [f32])> {
+        self.params
+            .iter()
+            .map(String::as_str)
+            .zip(values.iter().map(Vec::as_slice))
+            .collect()
+    }
+
     /// The initial values of every parameter, in order.
     pub fn init(&self) -> anyhow::Result<Vec<Vec<f32>>> {
         self.params

@@ -287,17 +287,11 @@ impl Config {
             Some(path) => Some(transport::read_token(path)?),
             None => None,
         };
-        let (tls, peer_tls) = self.tls()?;
         let mut peer_credentials = Credentials::none();
         if let Some(token) = &token {
             peer_credentials = peer_credentials.with_token(token)?;
         }
-        if let Some((ca, identity)) = &peer_tls {
-            peer_credentials = peer_credentials.with_tls(
-                ca,
-                identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
-            )?;
-        }
+        let (tls, peer_credentials) = self.tls(peer_credentials)?;
         let config = NodeConfig {
             chunk_bytes: self.chunk_bytes,
             max_message_bytes: self.max_message_bytes,
@@ -321,28 +315,23 @@ impl Config {
         Ok((config, grace))
     }
 
-    /// The server's TLS settings, and the CA and identity this shard uses to
-    /// call the others, when TLS is on.
-    #[allow(clippy::type_complexity)]
-    fn tls(
-        &self,
-    ) -> Result<
-        (
-            Option<ServerTlsConfig>,
-            Option<(PathBuf, Option<(PathBuf, PathBuf)>)>,
-        ),
-        String,
-    > {
+    /// The server's TLS settings, and `peer` with the CA and identity this
+    /// shard uses to call the others, when TLS is on.
+    fn tls(&self, peer: Credentials) -> Result<(Option<ServerTlsConfig>, Credentials), String> {
         let (cert, key) = match (&self.tls_cert, &self.tls_key) {
             (Some(c), Some(k)) => (c, k),
             (None, None) => {
-                if let Some(ca) = &self.tls_client_ca {
+                let needs_identity = [
+                    ("tls_client_ca", &self.tls_client_ca),
+                    ("tls_peer_ca", &self.tls_peer_ca),
+                ];
+                if let Some((key, Some(ca))) = needs_identity.iter().find(|(_, v)| v.is_some()) {
                     return Err(format!(
-                        "tls_client_ca = {:?} needs tls_cert and tls_key",
+                        "{key} = {:?} needs tls_cert and tls_key",
                         ca.display().to_string()
                     ));
                 }
-                return Ok((None, None));
+                return Ok((None, peer));
             }
             (Some(c), None) => {
                 return Err(format!(
@@ -368,16 +357,15 @@ impl Config {
                 ca,
             )?));
         }
-        let peer_ca = self.tls_peer_ca.as_ref().or(self.tls_client_ca.as_ref());
-        let peer = match peer_ca {
-            Some(ca) => Some((ca.clone(), Some((cert.clone(), key.clone())))),
+        let peer = match self.tls_peer_ca.as_ref().or(self.tls_client_ca.as_ref()) {
+            Some(ca) => peer.with_tls(ca, Some((cert, key)))?,
             None if self.cluster.len() > 1 => {
                 return Err(
                     "a TLS cluster needs tls_peer_ca (or tls_client_ca) to check the other shards"
                         .into(),
                 );
             }
-            None => None,
+            None => peer,
         };
         Ok((Some(server), peer))
     }

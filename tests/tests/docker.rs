@@ -84,12 +84,7 @@ async fn retry_round(c: &mut Client, trace: &Trace, job: &str, t: u64) -> Pulled
 
 async fn push(c: &mut Client, trace: &Trace, job: &str, t: u64, w: u32) -> Result<(), ClientError> {
     let grads = trace.grads(t, w).expect("trace gradients");
-    let named: Vec<(&str, &[f32])> = trace
-        .params
-        .iter()
-        .map(String::as_str)
-        .zip(grads.iter().map(Vec::as_slice))
-        .collect();
+    let named = trace.named(&grads);
     // The client's own deadline bounds the call; this bounds the test.
     tokio::time::timeout(CALL * 3, c.push(job, w, t, &named))
         .await
@@ -99,12 +94,7 @@ async fn push(c: &mut Client, trace: &Trace, job: &str, t: u64, w: u32) -> Resul
 
 async fn init(c: &mut Client, trace: &Trace, job: &str) {
     let init = trace.init().expect("trace init");
-    let values: Vec<(&str, &[f32])> = trace
-        .params
-        .iter()
-        .map(String::as_str)
-        .zip(init.iter().map(Vec::as_slice))
-        .collect();
+    let values = trace.named(&init);
     c.init(job, trace.spec.clone(), &values)
         .await
         .expect("init");
