@@ -10,8 +10,11 @@
 //! ```
 
 pub mod bench;
+pub mod codec;
 pub mod export;
+pub mod memory;
 pub mod replay;
+pub mod retry;
 pub mod trace;
 
 use std::collections::HashMap;
@@ -22,7 +25,13 @@ use bytes::Bytes;
 use paramd_proto::transport::AuthChannel;
 use paramd_proto::v1 as pb;
 use paramd_proto::v1::param_server_client::ParamServerClient;
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Endpoint;
+
+use crate::codec::{
+    Payload, PullCodec, PullMessage, PullTargets, PushCodec, PushMessage, SegmentRef, Target,
+};
+use crate::retry::Retry;
 
 pub use paramd_proto::transport::Credentials;
 pub use paramd_proto::v1;
@@ -63,17 +72,7 @@ pub enum ClientError {
 
 impl From<tonic::Status> for ClientError {
     fn from(status: tonic::Status) -> ClientError {
-        ClientError::Status(deadline(status))
-    }
-}
-
-/// tonic reports the client's own deadline as CANCELLED "Timeout expired";
-/// it is DEADLINE_EXCEEDED, as the server would say.
-fn deadline(status: tonic::Status) -> tonic::Status {
-    if status.code() == tonic::Code::Cancelled && status.message() == "Timeout expired" {
-        tonic::Status::deadline_exceeded("the call's deadline passed (client side)")
-    } else {
-        status
+        ClientError::Status(retry::normalize(status))
     }
 }
 
@@ -101,55 +100,177 @@ pub struct Pulled {
     pub params: HashMap<String, Vec<f32>>,
 }
 
+/// One shard of a job: its address and a connection to it.
+#[derive(Debug, Clone)]
+struct Shard {
+    url: String,
+    channel: AuthChannel,
+}
+
 /// Where a job's chunks live, and a connection to every shard.
 #[derive(Debug)]
 struct Route {
+    job: String,
     chunk_elems: usize,
-    /// First chunk id and element count of every parameter.
-    params: HashMap<String, (usize, usize)>,
-    owners: Vec<u32>,
-    shards: Vec<(String, ParamServerClient<AuthChannel>)>,
+    /// Parameters in the layout's order: name, shape, first chunk id.
+    order: Vec<(Arc<str>, Vec<u64>, usize)>,
+    /// Index into `order` by name.
+    index: HashMap<Arc<str>, usize>,
+    owners: Arc<Vec<u32>>,
+    shards: Vec<Shard>,
+    /// The layout as the coordinator sent it.
+    layout: pb::LayoutResponse,
 }
 
 impl Route {
-    /// Cuts tensors into one list of segments per shard. A tensor the
-    /// layout does not describe (unknown, or of the wrong size) goes whole
-    /// to every shard: each refuses the whole push, naming what is wrong,
-    /// so no shard counts part of it.
-    fn split(&self, tensors: &[(&str, &[f32])]) -> Vec<Vec<pb::Segment>> {
+    fn numel(&self, i: usize) -> usize {
+        self.order[i].1.iter().product::<u64>() as usize
+    }
+
+    /// Refuses tensors that do not cover the job's parameters exactly
+    /// (unknown names, wrong sizes, missing ones), before anything is sent.
+    /// On a cluster each shard only sees its own chunks, so this is where a
+    /// malformed push is refused whole, before any shard counts part of it.
+    pub fn check(&self, what: &str, tensors: &[(&str, usize)]) -> Result<()> {
+        let job = &self.job;
+        for &(name, len) in tensors {
+            let Some(&i) = self.index.get(name) else {
+                let mut known: Vec<String> = self
+                    .order
+                    .iter()
+                    .take(8)
+                    .map(|(n, ..)| format!("'{n}'"))
+                    .collect();
+                if self.order.len() > 8 {
+                    known.push("...".into());
+                }
+                return Err(ClientError::Invalid(format!(
+                    "{what}: unknown parameter '{name}' (job '{job}' has {})",
+                    known.join(", ")
+                )));
+            };
+            if len != self.numel(i) {
+                return Err(ClientError::Invalid(format!(
+                    "{what}: '{name}' has {len} values; its shape {:?} holds {}",
+                    self.order[i].1,
+                    self.numel(i)
+                )));
+            }
+        }
+        let given: std::collections::HashSet<&str> = tensors.iter().map(|(n, _)| *n).collect();
+        let missing: Vec<String> = self
+            .order
+            .iter()
+            .filter(|(n, ..)| !given.contains(n.as_ref()))
+            .map(|(n, ..)| format!("'{n}'"))
+            .collect();
+        if !missing.is_empty() {
+            return Err(ClientError::Invalid(format!(
+                "{what}: parameter {} missing; a push covers every parameter of job '{job}'",
+                missing.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Cuts tensors into one list of segments per shard: consecutive chunks
+    /// held by one shard travel as one run, cut at `MESSAGE_BYTES`. A
+    /// tensor the layout does not describe (unknown, or of the wrong size)
+    /// goes whole to every shard: each refuses the whole push, naming what
+    /// is wrong, so no shard counts part of it.
+    fn split(&self, tensors: &[(Arc<str>, Payload)]) -> Vec<Vec<SegmentRef>> {
         let mut out = vec![Vec::new(); self.shards.len()];
-        for (name, values) in tensors {
-            match self.params.get(*name) {
-                Some(&(first, numel)) if numel == values.len() => {
-                    for (k, part) in values.chunks(self.chunk_elems).enumerate() {
-                        out[self.owners[first + k] as usize].push(pb::Segment {
-                            param: (*name).to_owned(),
-                            offset: (k * self.chunk_elems) as u64,
-                            data: to_le_bytes(part),
-                        });
-                    }
+        for (name, payload) in tensors {
+            let known = self
+                .index
+                .get(name)
+                .filter(|&&i| self.numel(i) * 4 == payload.len());
+            let Some(&i) = known else {
+                let whole = runs(name, payload, 0, payload.len() / 4);
+                for shard in &mut out {
+                    shard.extend(whole.iter().cloned());
                 }
-                _ => {
-                    let whole = segments(name, values);
-                    for shard in &mut out {
-                        shard.extend(whole.iter().cloned());
-                    }
+                continue;
+            };
+            let (first, numel, ce) = (self.order[i].2, self.numel(i), self.chunk_elems);
+            let chunks = numel.div_ceil(ce);
+            let mut k = 0;
+            while k < chunks {
+                let owner = self.owners[first + k];
+                let mut j = k + 1;
+                while j < chunks && self.owners[first + j] == owner {
+                    j += 1;
                 }
+                out[owner as usize].extend(runs(name, payload, k * ce, (j * ce).min(numel)));
+                k = j;
             }
         }
         out
     }
 }
 
+/// Elements `start..end` of a tensor as segments of at most
+/// `MESSAGE_BYTES`; an empty tensor is one empty segment, so it is still
+/// sent.
+fn runs(name: &Arc<str>, payload: &Payload, start: usize, end: usize) -> Vec<SegmentRef> {
+    let step = MESSAGE_BYTES / 4;
+    let segment = |from: usize, to: usize| SegmentRef {
+        param: Arc::clone(name),
+        offset: from as u64,
+        payload: payload.clone(),
+        start: from * 4,
+        len: (to - from) * 4,
+    };
+    if end <= start {
+        return vec![segment(start, start)];
+    }
+    (start..end)
+        .step_by(step)
+        .map(|from| segment(from, (from + step).min(end)))
+        .collect()
+}
+
+/// Groups segments, in order, into messages of at most `MESSAGE_BYTES`
+/// of payload (a larger segment gets a message of its own).
+fn pack_refs(segments: Vec<SegmentRef>) -> Vec<PushMessage> {
+    let mut out = Vec::new();
+    let (mut current, mut size) = (Vec::new(), 0);
+    for seg in segments {
+        if size + seg.len > MESSAGE_BYTES && !current.is_empty() {
+            out.push(PushMessage::Grads(std::mem::take(&mut current)));
+            size = 0;
+        }
+        size += seg.len;
+        current.push(seg);
+    }
+    if !current.is_empty() {
+        out.push(PushMessage::Grads(current));
+    }
+    out
+}
+
+/// Where the pulled values of one parameter go.
+#[derive(Debug, Clone)]
+pub struct PullInto {
+    pub name: Arc<str>,
+    pub target: Target,
+}
+
 /// A connection to a paramd server or cluster (through its coordinator).
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: ParamServerClient<AuthChannel>,
+    channel: AuthChannel,
     url: String,
     credentials: Credentials,
     routes: Arc<Mutex<HashMap<String, Arc<Route>>>>,
-    /// Deadline of every call (a pull's wait included).
+    /// Deadline of every call (a pull's wait and every retry included).
     pub timeout: Duration,
+    /// Most UNAVAILABLE answers a call tries again; None (the default):
+    /// until its deadline. See [`retry`].
+    pub retries: Option<u32>,
+    /// Tries made again so far by this client and its clones.
+    pub retried: Arc<retry::Retried>,
 }
 
 /// The longest a connection attempt takes.
@@ -179,6 +300,19 @@ fn grpc_client(channel: AuthChannel) -> ParamServerClient<AuthChannel> {
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
+/// A gRPC client for the client's own codecs (see [`codec`]).
+async fn raw_grpc(
+    channel: &AuthChannel,
+) -> Result<tonic::client::Grpc<AuthChannel>, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel.clone())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connection not ready: {e}")))?;
+    Ok(grpc)
+}
+
 impl Client {
     /// Connects to `url` (`http://host:port`), the coordinator of a cluster.
     pub async fn connect(url: &str) -> Result<Client> {
@@ -190,13 +324,29 @@ impl Client {
     /// the cluster is reached with the same credentials.
     pub async fn connect_with(url: &str, credentials: Credentials) -> Result<Client> {
         let channel = connect(url, &credentials).await?;
-        Ok(Client {
-            inner: grpc_client(channel),
+        Ok(Client::with_channel(url, credentials, channel))
+    }
+
+    /// A client of `url` that connects on its first call (and reconnects
+    /// after a restart), so that it can be made before the server is up.
+    /// Must be called within a tokio runtime.
+    pub fn lazy(url: &str, credentials: Credentials) -> Result<Client> {
+        let channel =
+            credentials.wrap(endpoint(url, &credentials, CONNECT_TIMEOUT)?.connect_lazy());
+        Ok(Client::with_channel(url, credentials, channel))
+    }
+
+    fn with_channel(url: &str, credentials: Credentials, channel: AuthChannel) -> Client {
+        Client {
+            inner: grpc_client(channel.clone()),
+            channel,
             url: url.to_owned(),
             credentials,
             routes: Arc::default(),
             timeout: Duration::from_secs(300),
-        })
+            retries: None,
+            retried: Arc::default(),
+        }
     }
 
     /// The standard gRPC health status of `url` for `service` ("" for the
@@ -222,10 +372,32 @@ impl Client {
         })
     }
 
-    fn request<T>(&self, msg: T) -> tonic::Request<T> {
-        let mut r = tonic::Request::new(msg);
-        r.set_timeout(self.timeout);
-        r
+    /// The retry policy of a call starting now (see [`retry`]).
+    fn retry(&self, aborted: bool) -> Retry {
+        Retry {
+            deadline: tokio::time::Instant::now() + self.timeout,
+            retries: self.retries,
+            aborted,
+            counts: Arc::clone(&self.retried),
+        }
+    }
+
+    /// Runs a unary call on the coordinator under the retry policy.
+    async fn unary<Req, Resp, F, Fut>(&self, msg: Req, call: F) -> Result<Resp>
+    where
+        Req: Clone,
+        F: Fn(ParamServerClient<AuthChannel>, tonic::Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let r = self
+            .retry(false)
+            .run(|left| {
+                let mut req = tonic::Request::new(msg.clone());
+                req.set_timeout(left);
+                call(self.inner.clone(), req)
+            })
+            .await?;
+        Ok(r.into_inner())
     }
 
     /// The layout of `job`, fetched from the coordinator once.
@@ -233,10 +405,7 @@ impl Client {
         if let Some(r) = self.routes.lock().ok().and_then(|m| m.get(job).cloned()) {
             return Ok(r);
         }
-        let req = self.request(pb::LayoutRequest {
-            job: job.to_owned(),
-        });
-        let layout = self.inner.clone().layout(req).await?.into_inner();
+        let layout = self.layout(job).await?;
         let chunk_elems = usize::try_from(layout.chunk_elems)
             .ok()
             .filter(|&n| n > 0)
@@ -246,11 +415,14 @@ impl Client {
                     layout.chunk_elems
                 ))
             })?;
-        let mut params = HashMap::new();
+        let mut order = Vec::new();
+        let mut index = HashMap::new();
         let mut next = 0;
         for p in &layout.params {
             let numel = p.shape.iter().product::<u64>() as usize;
-            params.insert(p.name.clone(), (next, numel));
+            let name: Arc<str> = Arc::from(p.name.as_str());
+            index.insert(Arc::clone(&name), order.len());
+            order.push((name, p.shape.clone(), next));
             next += numel.div_ceil(chunk_elems);
         }
         if next != layout.owners.len() {
@@ -261,19 +433,18 @@ impl Client {
         }
         // Shard 0 is reached as the coordinator was; the others at the
         // addresses the cluster was started with.
-        let mut shards = vec![(self.url.clone(), self.inner.clone())];
+        let mut shards = vec![Shard {
+            url: self.url.clone(),
+            channel: self.channel.clone(),
+        }];
         for url in layout.shards.iter().skip(1) {
-            shards.push((
-                url.clone(),
-                grpc_client(
-                    self.credentials.wrap(
-                        // A shard that vanished fails within the call's
-                        // deadline, not after a longer connect timeout.
-                        endpoint(url, &self.credentials, CONNECT_TIMEOUT.min(self.timeout))?
-                            .connect_lazy(),
-                    ),
-                ),
-            ));
+            // A shard that vanished fails within the call's deadline, not
+            // after a longer connect timeout.
+            let endpoint = endpoint(url, &self.credentials, CONNECT_TIMEOUT.min(self.timeout))?;
+            shards.push(Shard {
+                url: url.clone(),
+                channel: self.credentials.wrap(endpoint.connect_lazy()),
+            });
         }
         if let Some(&bad) = layout.owners.iter().find(|&&o| o as usize >= shards.len()) {
             return Err(ClientError::Invalid(format!(
@@ -282,10 +453,13 @@ impl Client {
             )));
         }
         let route = Arc::new(Route {
+            job: job.to_owned(),
             chunk_elems,
-            params,
-            owners: layout.owners,
+            order,
+            index,
+            owners: Arc::new(layout.owners.clone()),
             shards,
+            layout,
         });
         if let Ok(mut m) = self.routes.lock() {
             m.insert(job.to_owned(), Arc::clone(&route));
@@ -295,10 +469,16 @@ impl Client {
 
     /// Where the chunks of `job` live, and its parameters' names and shapes.
     pub async fn layout(&self, job: &str) -> Result<pb::LayoutResponse> {
-        let req = self.request(pb::LayoutRequest {
+        let msg = pb::LayoutRequest {
             job: job.to_owned(),
-        });
-        Ok(self.inner.clone().layout(req).await?.into_inner())
+        };
+        self.unary(msg, |mut c, r| async move { c.layout(r).await })
+            .await
+    }
+
+    /// The layout of `job` the client routes by (fetched once, then kept).
+    pub async fn route_layout(&self, job: &str) -> Result<pb::LayoutResponse> {
+        Ok(self.route(job).await?.layout.clone())
     }
 
     /// Creates job `job` with `spec` and initial `values`, or finds it.
@@ -321,8 +501,23 @@ impl Client {
         }
         messages[0].job = job.to_owned();
         messages[0].spec = Some(spec);
-        let req = self.request(futures::stream::iter(messages));
-        Ok(self.inner.init(req).await?.into_inner())
+        self.unary(messages, |mut c, r| async move {
+            let (meta, ext, messages) = r.into_parts();
+            c.init(tonic::Request::from_parts(
+                meta,
+                ext,
+                futures::stream::iter(messages),
+            ))
+            .await
+        })
+        .await
+    }
+
+    /// Checks that `tensors` (name, element count) are exactly the
+    /// parameters of `job`, as a push must give them; the error names the
+    /// first that is unknown, of the wrong size or missing.
+    pub async fn check_push(&self, job: &str, what: &str, tensors: &[(&str, usize)]) -> Result<()> {
+        self.route(job).await?.check(what, tensors)
     }
 
     /// Pushes worker `worker`'s gradients for `round`, each chunk straight
@@ -335,45 +530,55 @@ impl Client {
         round: u64,
         grads: &[(&str, &[f32])],
     ) -> Result<pb::PushResponse> {
+        let grads: Vec<(Arc<str>, Payload)> = grads
+            .iter()
+            .map(|(n, v)| (Arc::from(*n), Payload::Owned(to_le_bytes(v))))
+            .collect();
+        self.push_payloads(job, worker, round, &grads).await
+    }
+
+    /// [`Client::push`] of tensors given as wire bytes: owned, or lent by
+    /// the caller (see [`memory`]) and encoded straight from its memory.
+    pub async fn push_payloads(
+        &self,
+        job: &str,
+        worker: u32,
+        round: u64,
+        grads: &[(Arc<str>, Payload)],
+    ) -> Result<pb::PushResponse> {
         let route = self.route(job).await?;
+        let n = route.shards.len();
+        let policy = &self.retry(true);
         let calls = route.split(grads).into_iter().enumerate().map(|(i, segs)| {
             // A header-only first message: the server admits or refuses the
             // push (stale, early, duplicate) before any payload is sent.
-            let header = pb::PushRequest {
+            let header = PushMessage::Header(pb::PushRequest {
                 job: job.to_owned(),
                 worker,
                 round,
                 grads: Vec::new(),
-            };
-            let messages: Vec<pb::PushRequest> = std::iter::once(header)
-                .chain(pack(segs).into_iter().map(|grads| pb::PushRequest {
-                    grads,
-                    ..Default::default()
-                }))
-                .collect();
-            let (url, mut client) = route.shards[i].clone();
-            let n = route.shards.len();
-            let timeout = self.timeout;
+            });
+            let messages: Vec<PushMessage> =
+                std::iter::once(header).chain(pack_refs(segs)).collect();
+            let shard = &route.shards[i];
             async move {
                 // ABORTED: another copy of this push is being received (a
-                // retry raced the original). Pushes are idempotent, so send
-                // again after a short pause: it will be a duplicate.
-                let deadline = std::time::Instant::now() + timeout;
-                let mut pause = Duration::from_millis(5);
-                loop {
-                    let mut req = tonic::Request::new(futures::stream::iter(messages.clone()));
-                    req.set_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
-                    match client.push(req).await {
-                        Err(s)
-                            if s.code() == tonic::Code::Aborted
-                                && std::time::Instant::now() + pause < deadline =>
-                        {
-                            tokio::time::sleep(pause).await;
-                            pause = (pause * 2).min(Duration::from_millis(200));
+                // retry raced the original); sent again, it will be a
+                // duplicate.
+                policy
+                    .run(|left| {
+                        let messages = messages.clone();
+                        async move {
+                            let mut grpc = raw_grpc(&shard.channel).await?;
+                            let mut req = tonic::Request::new(futures::stream::iter(messages));
+                            req.set_timeout(left);
+                            let path = PathAndQuery::from_static("/paramd.v1.ParamServer/Push");
+                            grpc.client_streaming(req, path, PushCodec).await
                         }
-                        r => return r.map_err(|s| shard_error(i, &url, s, n)),
-                    }
-                }
+                    })
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(|s| shard_error(i, &shard.url, s, n))
             }
         });
         let mut out = pb::PushResponse {
@@ -384,7 +589,7 @@ impl Client {
         // retry only has to reach the missing ones; the first error is
         // returned.
         for r in futures::future::join_all(calls).await {
-            let r = r?.into_inner();
+            let r = r?;
             out.duplicate &= r.duplicate;
             out.pushed = out.pushed.min(r.pushed);
         }
@@ -404,14 +609,97 @@ impl Client {
         round: u64,
         params: &[String],
     ) -> Result<Pulled> {
-        // Shards answer as of their own latest round, which may differ if
-        // training moved on while they were read: pull again at the newest
-        // so that every value comes from one round.
+        let route = self.route(job).await?;
+        let names: Vec<Arc<str>> = if params.is_empty() {
+            route.order.iter().map(|(n, ..)| Arc::clone(n)).collect()
+        } else {
+            params.iter().map(|n| Arc::from(n.as_str())).collect()
+        };
+        let mut values = Vec::new();
+        let mut targets = Vec::new();
+        for name in names {
+            let numel = route.index.get(&name).map_or(0, |&i| route.numel(i));
+            let v = Arc::new(Mutex::new(vec![0f32; numel]));
+            values.push((name.to_string(), Arc::clone(&v)));
+            targets.push(PullInto {
+                name,
+                target: Target::Owned(v),
+            });
+        }
+        let (round, last) = self.pull_into(job, round, &targets).await?;
+        drop(targets);
+        let params = values
+            .into_iter()
+            .map(|(name, v)| {
+                let v = Arc::try_unwrap(v).map_or_else(
+                    |shared| shared.lock().map(|v| v.clone()).unwrap_or_default(),
+                    |m| m.into_inner().unwrap_or_else(|e| e.into_inner()),
+                );
+                (name, v)
+            })
+            .collect();
+        Ok(Pulled {
+            round,
+            last,
+            params,
+        })
+    }
+
+    /// Pulls the parameters `targets` name from every shard once `round`
+    /// rounds have completed there, writing each value straight into its
+    /// target; returns the round the values are from and its outcome. The
+    /// values all come from one round: if the shards answered from
+    /// different rounds (training moved on while they were read), the pull
+    /// is repeated at the newest. A pull that fails may have written part
+    /// of the targets.
+    pub async fn pull_into(
+        &self,
+        job: &str,
+        round: u64,
+        targets: &[PullInto],
+    ) -> Result<(u64, Option<pb::RoundOutcome>)> {
+        let route = self.route(job).await?;
+        let mut params = HashMap::new();
+        for (k, t) in targets.iter().enumerate() {
+            let Some(&i) = route.index.get(&t.name) else {
+                return Err(ClientError::Invalid(format!(
+                    "pull of job '{job}': unknown parameter '{}'",
+                    t.name
+                )));
+            };
+            let numel = route.numel(i);
+            let room = match &t.target {
+                Target::Lent(l) => l.memory.len() / 4,
+                Target::Owned(v) => v.lock().map_or(0, |v| v.len()),
+            };
+            if room != numel {
+                return Err(ClientError::Invalid(format!(
+                    "pull of job '{job}': '{}' has {numel} values, its destination holds {room}",
+                    t.name
+                )));
+            }
+            params.insert(
+                Arc::clone(&t.name),
+                (k, route.order[i].2, numel, t.target.clone()),
+            );
+        }
+        let all = params.len() == route.order.len();
+        let names: Vec<String> = if all {
+            Vec::new()
+        } else {
+            targets.iter().map(|t| t.name.to_string()).collect()
+        };
+        let pull = Arc::new(PullTargets {
+            params,
+            chunk_elems: route.chunk_elems,
+            owners: Arc::clone(&route.owners),
+        });
+        let policy = self.retry(true);
         let mut want = round;
         for _ in 0..MAX_PULL_ATTEMPTS {
-            let (pulled, newest) = self.pull_once(job, want, params).await?;
-            if pulled.round == newest {
-                return Ok(pulled);
+            let (got, newest, last) = self.pull_once(&route, &pull, want, &names, &policy).await?;
+            if got == newest {
+                return Ok((got, last));
             }
             want = newest;
         }
@@ -420,93 +708,107 @@ impl Client {
         )))
     }
 
-    /// One pull from every shard: what they sent, with the oldest round any
-    /// of them answered from, and the newest.
+    /// One pull from every shard, each writing into the targets: the
+    /// oldest round any shard answered from, the newest, and the outcome
+    /// shard 0 sent.
     async fn pull_once(
-        &mut self,
-        job: &str,
+        &self,
+        route: &Route,
+        pull: &Arc<PullTargets>,
         round: u64,
-        params: &[String],
-    ) -> Result<(Pulled, u64)> {
-        let route = self.route(job).await?;
-        let calls = route.shards.iter().enumerate().map(|(i, (url, client))| {
-            let req = self.request(pb::PullRequest {
-                job: job.to_owned(),
+        names: &[String],
+        policy: &Retry,
+    ) -> Result<(u64, u64, Option<pb::RoundOutcome>)> {
+        let n = route.shards.len();
+        let calls = route.shards.iter().enumerate().map(|(i, shard)| {
+            let msg = pb::PullRequest {
+                job: route.job.clone(),
                 round,
-                params: params.to_vec(),
-            });
-            let mut client = client.clone();
-            let n = route.shards.len();
+                params: names.to_vec(),
+            };
+            let codec = PullCodec {
+                targets: Arc::clone(pull),
+                shard: i as u32,
+            };
             async move {
-                let mut stream = client
-                    .pull(req)
+                policy
+                    .run(|left| {
+                        let (msg, codec) = (msg.clone(), codec.clone());
+                        async move {
+                            let mut grpc = raw_grpc(&shard.channel).await?;
+                            let mut req = tonic::Request::new(msg);
+                            req.set_timeout(left);
+                            let path = PathAndQuery::from_static("/paramd.v1.ParamServer/Pull");
+                            let mut stream =
+                                grpc.server_streaming(req, path, codec).await?.into_inner();
+                            let mut first: Option<PullMessage> = None;
+                            let mut written = vec![0usize; pull.params.len()];
+                            while let Some(m) = stream.message().await? {
+                                for &(k, n) in &m.written {
+                                    written[k] += n;
+                                }
+                                first.get_or_insert(m);
+                            }
+                            Ok((first.unwrap_or_default(), written))
+                        }
+                    })
                     .await
-                    .map_err(|s| shard_error(i, url, s, n))?
-                    .into_inner();
-                let mut messages = Vec::new();
-                while let Some(m) = stream
-                    .message()
-                    .await
-                    .map_err(|s| shard_error(i, url, s, n))?
-                {
-                    messages.push(m);
-                }
-                Ok::<_, ClientError>(messages)
+                    .map_err(|s| shard_error(i, &shard.url, s, n))
             }
         });
-        let mut pulled = Pulled {
-            round: u64::MAX,
-            last: None,
-            params: HashMap::new(),
-        };
-        let mut newest = 0;
-        for (i, r) in futures::future::try_join_all(calls)
+        let (mut oldest, mut newest, mut last) = (u64::MAX, 0, None);
+        let mut written = vec![0usize; pull.params.len()];
+        for (i, (first, w)) in futures::future::try_join_all(calls)
             .await?
             .into_iter()
             .enumerate()
         {
-            for (k, msg) in r.into_iter().enumerate() {
-                if k == 0 {
-                    pulled.round = pulled.round.min(msg.round);
-                    newest = newest.max(msg.round);
-                    if i == 0 {
-                        pulled.last = msg.last;
-                    }
-                }
-                for seg in msg.params {
-                    place(&mut pulled.params, seg)?;
-                }
+            oldest = oldest.min(first.round);
+            newest = newest.max(first.round);
+            if i == 0 {
+                last = first.last;
+            }
+            written.iter_mut().zip(w).for_each(|(a, b)| *a += b);
+        }
+        for (name, &(k, _, numel, _)) in &pull.params {
+            if written[k] != numel {
+                return Err(ClientError::Invalid(format!(
+                    "job '{}': pulled {} of the {numel} values of '{name}'",
+                    route.job, written[k]
+                )));
             }
         }
-        if pulled.round == u64::MAX {
-            pulled.round = 0;
-        }
-        Ok((pulled, newest))
+        Ok((if oldest == u64::MAX { 0 } else { oldest }, newest, last))
     }
 
     /// Status of job `job`, or of every job, with every shard's part.
     pub async fn status(&mut self, job: Option<&str>) -> Result<pb::StatusResponse> {
-        let req = self.request(pb::StatusRequest {
+        let msg = pb::StatusRequest {
             job: job.unwrap_or_default().to_owned(),
-        });
-        Ok(self.inner.status(req).await?.into_inner())
+        };
+        self.unary(msg, |mut c, r| async move { c.status(r).await })
+            .await
     }
 
     /// Takes a checkpoint of `job` (every job when `None`) on every shard;
     /// returns the round each job was checkpointed at.
     pub async fn checkpoint(&mut self, job: Option<&str>) -> Result<Vec<pb::CheckpointedJob>> {
-        let req = self.request(pb::CheckpointRequest {
+        let msg = pb::CheckpointRequest {
             job: job.unwrap_or_default().to_owned(),
-        });
-        Ok(self.inner.checkpoint(req).await?.into_inner().jobs)
+        };
+        let r = self
+            .unary(msg, |mut c, r| async move { c.checkpoint(r).await })
+            .await?;
+        Ok(r.jobs)
     }
 
     /// Deletes job `job` on every shard.
     pub async fn delete_job(&mut self, job: &str) -> Result<()> {
-        let req = self.request(pb::DeleteJobRequest {
+        let msg = pb::DeleteJobRequest {
             job: job.to_owned(),
-        });
-        self.inner.delete_job(req).await?;
+        };
+        self.unary(msg, |mut c, r| async move { c.delete_job(r).await })
+            .await?;
         if let Ok(mut m) = self.routes.lock() {
             m.remove(job);
         }
@@ -516,7 +818,7 @@ impl Client {
 
 /// An error of shard `i`; a one-shard cluster's errors stay plain.
 fn shard_error(i: usize, url: &str, status: tonic::Status, shards: usize) -> ClientError {
-    let status = deadline(status);
+    let status = retry::normalize(status);
     if shards == 1 {
         ClientError::Status(status)
     } else {
@@ -553,45 +855,12 @@ fn pack(segments: Vec<pb::Segment>) -> Vec<Vec<pb::Segment>> {
     paramd_proto::wire::pack(segments, MESSAGE_BYTES)
 }
 
-/// Writes a pulled segment into its parameter's values.
-fn place(params: &mut HashMap<String, Vec<f32>>, seg: pb::Segment) -> Result<()> {
-    if !seg.data.len().is_multiple_of(4) {
-        return Err(ClientError::Invalid(format!(
-            "server sent {} bytes for '{}', not a multiple of 4",
-            seg.data.len(),
-            seg.param
-        )));
-    }
-    let offset = usize::try_from(seg.offset)
-        .map_err(|_| ClientError::Invalid(format!("offset {} too large", seg.offset)))?;
-    let n = seg.data.len() / 4;
-    let values = params.entry(seg.param).or_default();
-    let decoded = seg
-        .data
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-    if values.len() == offset {
-        // Segments of a parameter arrive in order: append, without zeroing
-        // memory first.
-        values.extend(decoded);
-    } else {
-        if values.len() < offset + n {
-            values.resize(offset + n, 0.0);
-        }
-        values[offset..offset + n]
-            .iter_mut()
-            .zip(decoded)
-            .for_each(|(d, x)| *d = x);
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn packing_splits_large_tensors_and_round_trips() {
+    fn packing_splits_large_tensors() {
         let big: Vec<f32> = (0..(MESSAGE_BYTES / 4 * 2 + 3)).map(|i| i as f32).collect();
         let small = [1.5f32, -2.0];
         let all = [segments("big", &big), segments("small", &small)].concat();
@@ -600,11 +869,22 @@ mod tests {
         for m in &messages {
             assert!(m.iter().map(|s| s.data.len()).sum::<usize>() <= MESSAGE_BYTES);
         }
-        let mut params = HashMap::new();
-        for seg in messages.into_iter().flatten() {
-            place(&mut params, seg).expect("place");
-        }
-        assert_eq!(params["big"], big);
-        assert_eq!(params["small"], small);
+        let sent: usize = messages.iter().flatten().map(|s| s.data.len()).sum();
+        assert_eq!(sent, (big.len() + small.len()) * 4);
+    }
+
+    #[test]
+    fn runs_cover_a_tensor_in_message_sized_pieces() {
+        let n = MESSAGE_BYTES / 4 * 2 + 3;
+        let payload = Payload::Owned(to_le_bytes(&vec![0.5; n]));
+        let name: Arc<str> = Arc::from("w");
+        let segs = runs(&name, &payload, 0, n);
+        assert_eq!(segs.len(), 3);
+        assert_eq!(segs.iter().map(|s| s.len).sum::<usize>(), n * 4);
+        assert!(segs.windows(2).all(|w| w[0].start + w[0].len == w[1].start));
+        let messages = pack_refs(segs);
+        assert_eq!(messages.len(), 3);
+        let empty = runs(&name, &Payload::Owned(Bytes::new()), 0, 0);
+        assert_eq!(empty.len(), 1, "an empty tensor still travels");
     }
 }

@@ -116,6 +116,24 @@ impl Credentials {
         Ok(self)
     }
 
+    /// As [`Credentials::with_tls`], from PEM bytes; without a CA, servers
+    /// are checked against the system's roots.
+    pub fn with_tls_pem(
+        mut self,
+        ca: Option<Vec<u8>>,
+        identity: Option<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<Credentials, String> {
+        let mut tls = match ca {
+            Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+            None => ClientTlsConfig::new().with_native_roots(),
+        };
+        if let Some((cert, key)) = identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        self.tls = Some(tls);
+        Ok(self)
+    }
+
     /// Whether a token is sent.
     pub fn has_token(&self) -> bool {
         self.bearer.0.is_some()

@@ -7,12 +7,11 @@
 # The virtualenv is keyed by a hash of ci/requirements.txt, so a warm run
 # installs nothing; other keys' virtualenvs are removed when a new one is
 # made. The package itself is reinstalled when its sources or the proto
-# change (built from a copy, so the work tree gets no build/ or egg-info).
+# change.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 PKG=$(dirname "$HERE")
 REPO=$(cd "$PKG/../.." && pwd)
-PROTO=$REPO/proto/proto/paramd/v1/paramd.proto
 ROOT=${1:-${CARGO_TARGET_DIR:-$REPO/target}/python}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$ROOT"
@@ -35,20 +34,18 @@ if [ ! -f "$VENV/.complete" ]; then
     touch "$VENV/.complete"
 fi
 
-PKGKEY=$( (cd "$PKG" && find paramd setup.py pyproject.toml README.md -type f \
-    ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum; sha256sum "$PROTO") |
-    sha256sum | cut -c1-16)
+# The package is rebuilt when its Python or Rust sources change, or those of
+# the crates its native core is built from.
+PKGKEY=$( (cd "$REPO" && git ls-files -z -co --exclude-standard -- client/python/paramd client/python/src \
+    client/python/Cargo.toml client/python/pyproject.toml client/python/README.md client/src client/Cargo.toml \
+    proto Cargo.toml Cargo.lock 2>/dev/null | sort -z | xargs -0 sha256sum 2>/dev/null) | sha256sum | cut -c1-16)
 if [ "$(cat "$VENV/.paramd" 2>/dev/null || true)" != "$PKGKEY" ]; then
-    echo "venv.sh: installing the paramd package into $VENV" >&2
-    SRC=$(mktemp -d)
-    trap 'rm -rf "$SRC"' EXIT
-    # The same relative layout as the repository: setup.py finds the proto
-    # at ../../proto/proto.
-    mkdir -p "$SRC/client/python" "$SRC/proto/proto/paramd/v1"
-    cp -r "$PKG/paramd" "$PKG/setup.py" "$PKG/pyproject.toml" "$PKG/README.md" "$SRC/client/python/"
-    cp "$PROTO" "$SRC/proto/proto/paramd/v1/"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-build-isolation \
-        --no-deps --force-reinstall "$SRC/client/python" >&2
+    echo "venv.sh: building the paramd package (its native core with cargo) into $VENV" >&2
+    # maturin's cargo build goes to its own target directory: not the one a
+    # running `cargo test` holds, and kept between runs so a rebuild is
+    # incremental.
+    PATH="$VENV/bin:$PATH" CARGO_TARGET_DIR="$ROOT/cargo" "$VENV/bin/python" -m pip install --quiet \
+        --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall "$PKG" >&2
     echo "$PKGKEY" >"$VENV/.paramd"
 fi
 echo "$VENV/bin/python"

@@ -7,49 +7,28 @@
     pulled = c.pull("demo", round=1)       # waits until round 0 is complete
     pulled.params["w"]                     # numpy array, shape (4, 3)
 
-The client fetches a job's layout from the coordinator once and sends each
-chunk straight to the shard holding it, every shard at once, as the Rust
-client does. Tensors go in and come out as numpy arrays (little-endian f32
-on the wire), converted without per-element Python loops.
+Every call runs in the native core (`paramd._native`: the Rust client that
+`paramctl` uses too), with the GIL released: it fetches a job's layout from
+the coordinator once and sends each chunk straight to the shard holding it,
+every shard at once. A push reads float32 arrays where they are (no copy);
+a pull writes into new arrays, or, with `pull_into`, straight into arrays
+the caller gives (a model's parameters).
 """
 
 import json
-import logging
 import os
-import re
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 from urllib.parse import urlparse
 
-import grpc
 import numpy as np
 
-from . import errors
+from . import _native, errors
 from .config import ClipGradNorm, Optimizer, Schedule, job_spec
 from .credentials import TLS, resolve_tls, resolve_token
-from .layout import Assembler, Route, as_f32, pack, segments
+from .layout import Route, as_f32
 from .v1 import paramd_pb2 as pb
-from .v1 import paramd_pb2_grpc as pb_grpc
 
 __all__ = ["Client", "InitResult", "PushResult", "Pulled", "Exported"]
-
-#: Largest message the client encodes or decodes (the server's default limit).
-MAX_MESSAGE_BYTES = 64 << 20
-
-# Pauses between tries: UNAVAILABLE (a shard restarting) doubling from
-# 50 ms to 1 s; ABORTED (another copy of a push being received) from 5 ms to
-# 200 ms, as the Rust client does.
-_UNAVAILABLE_PAUSE, _UNAVAILABLE_MAX = 0.05, 1.0
-_ABORTED_PAUSE, _ABORTED_MAX = 0.005, 0.2
-
-# A TLS handshake that failed (the server's certificate not signed by the
-# CA given, a name that does not match) fails again: not retried.
-_TLS_REFUSED = re.compile(r"handshake failed", re.IGNORECASE)
-
-log = logging.getLogger("paramd")
-
 
 class InitResult(NamedTuple):
     #: The round workers push next.
@@ -102,6 +81,26 @@ def _target(url: str) -> Tuple[str, Optional[bool]]:
     return "%s:%d" % (host, port), u.scheme in ("https", "grpcs")
 
 
+def _url(url: str, tls: bool) -> str:
+    """`url` with a scheme the native client takes: a bare `host:port` is
+    `https://` when TLS was asked for explicitly, else `http://`."""
+    target, secure = _target(url)
+    if secure is None:
+        return ("https://" if tls else "http://") + target
+    return ("https://" if secure else "http://") + target
+
+
+def _rpc(fn, *args):
+    """Calls the native client, raising its errors as `paramd.Error`s."""
+    try:
+        return fn(*args)
+    except _native.RpcError as e:
+        code, message, shard, url = e.args
+        raise errors.from_status(code, message, shard, url) from None
+    except ValueError as e:
+        raise errors.InvalidArgument(str(e)) from None
+
+
 class Client:
     """A connection to paramd, through its coordinator (shard 0).
 
@@ -120,10 +119,11 @@ class Client:
     are tried again, with a pause growing to 1 s, until that deadline, or
     at most `retries` more times when `retries` is set (0: never). A push
     refused ABORTED because another copy of it is being received is sent
-    again, as the Rust client does. Retrying is safe: the server counts a
-    (worker, round) once, and Init of an existing job is a no-op. A TLS
-    handshake that failed (the server's certificate not signed by the CA
-    given) is not retried.
+    again, and so is a pull during which a round was applied. Retrying is
+    safe: the server counts a (worker, round) once, and Init of an existing
+    job is a no-op. A TLS handshake that failed (the server's certificate
+    not signed by the CA given) is not retried. This is the Rust client's
+    policy: the same code runs both.
     """
 
     def __init__(
@@ -145,55 +145,31 @@ class Client:
         token = resolve_token(token, token_file)
         # PARAMD_CA_CERT and the like are for https:// servers: an http://
         # one does not read them.
-        self._tls, explicit = (None, False) if tls is None and secure is False else resolve_tls(tls)
+        tls_settings, explicit = (None, False) if tls is None and secure is False else resolve_tls(tls)
         if secure is False and explicit:
             raise errors.InvalidArgument("url %r is plaintext (http://) but tls= is given: use https://" % url)
         if secure and tls is False:
             raise errors.InvalidArgument("url %r is https:// but tls=False" % url)
-        # A bare host:port uses TLS only when asked for explicitly.
-        self._bare_tls = explicit
+        tls_settings = tls_settings or TLS()
         self.url = url
         self.timeout = float(timeout)
         self.retries = retries
-        self._metadata = (("authorization", "Bearer " + token),) if token else ()
-        self._lock = threading.Lock()
-        self._channels: Dict[str, grpc.Channel] = {}
+        self._native = _rpc(
+            _native.Client,
+            _url(url, explicit),
+            token,
+            tls_settings.ca_cert,
+            tls_settings.cert,
+            tls_settings.key,
+            self.timeout,
+            retries,
+        )
         self._routes: Dict[str, Route] = {}
-        self._pool: Optional[ThreadPoolExecutor] = None
-        self._stub = self._shard_stub(url)
-
-    # -- connections ---------------------------------------------------------
-
-    def _shard_stub(self, url: str) -> "pb_grpc.ParamServerStub":
-        with self._lock:
-            ch = self._channels.get(url)
-            if ch is None:
-                target, secure = _target(url)
-                options = [
-                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                    # Reconnect to a restarted shard within a second or two
-                    # (gRPC's default backoff grows to two minutes).
-                    ("grpc.initial_reconnect_backoff_ms", 100),
-                    ("grpc.max_reconnect_backoff_ms", 2000),
-                ]
-                if secure or (secure is None and self._bare_tls):
-                    creds = (self._tls or TLS()).channel_credentials()
-                    ch = grpc.secure_channel(target, creds, options)
-                else:
-                    ch = grpc.insecure_channel(target, options)
-                self._channels[url] = ch
-        return pb_grpc.ParamServerStub(ch)
 
     def close(self) -> None:
-        """Closes every connection."""
-        with self._lock:
-            for ch in self._channels.values():
-                ch.close()
-            self._channels.clear()
-            if self._pool is not None:
-                self._pool.shutdown(wait=False)
-                self._pool = None
+        """Closes every connection (they also close when the client is
+        garbage-collected)."""
+        self._native = None
 
     def __enter__(self) -> "Client":
         return self
@@ -201,89 +177,31 @@ class Client:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _call(
-        self,
-        fn: Callable[[float], Any],
-        shard: Optional[int] = None,
-        url: Optional[str] = None,
-        aborted: bool = False,
-        deadline: Optional[float] = None,
-    ):
-        """Runs `fn(timeout)` (one RPC, given what is left of the deadline:
-        `timeout` seconds from now unless `deadline` is given), mapping
-        errors. UNAVAILABLE is retried (see the class), and ABORTED too when
-        `aborted`: pushes and pulls, for which it means another copy is
-        being received, or a round was applied during the read."""
-        if deadline is None:
-            deadline = time.monotonic() + self.timeout
-        unavailable, busy = _UNAVAILABLE_PAUSE, _ABORTED_PAUSE
-        attempt = retried = 0
-        while True:
-            try:
-                return fn(max(deadline - time.monotonic(), 0.001))
-            except grpc.RpcError as e:
-                code = e.code() if hasattr(e, "code") else None
-                details = (e.details() if hasattr(e, "details") else None) or ""
-                if (
-                    code == grpc.StatusCode.UNAVAILABLE
-                    and (self.retries is None or retried < self.retries)
-                    and not _TLS_REFUSED.search(details)
-                ):
-                    pause, unavailable = unavailable, min(unavailable * 2, _UNAVAILABLE_MAX)
-                    retried += 1
-                elif code == grpc.StatusCode.ABORTED and aborted:
-                    pause, busy = busy, min(busy * 2, _ABORTED_MAX)
-                else:
-                    raise errors.from_rpc_error(e, shard, url) from None
-                if time.monotonic() + pause >= deadline:
-                    raise errors.from_rpc_error(e, shard, url) from None
-                attempt += 1
-                log.debug(
-                    "%s%s: %s; trying again in %.3f s (attempt %d)",
-                    "shard %d at %s: " % (shard, url) if shard is not None else "",
-                    code.name if code else "error",
-                    details,
-                    pause,
-                    attempt,
-                )
-                time.sleep(pause)
+    def _call(self, method: str, *args):
+        if self._native is None:
+            raise errors.Error("the client is closed")
+        return _rpc(getattr(self._native, method), *args)
 
-    def _kw(self, timeout: float) -> Dict[str, Any]:
-        return {"timeout": timeout, "metadata": self._metadata}
-
-    def _executor(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="paramd")
-            return self._pool
+    @property
+    def retried(self) -> Dict[str, int]:
+        """Calls tried again so far, by the answer that made them:
+        `{"unavailable": n, "aborted": m}`."""
+        unavailable, aborted = self._call("retried")
+        return {"unavailable": int(unavailable), "aborted": int(aborted)}
 
     # -- layout ----------------------------------------------------------------
 
     def layout(self, job: str) -> "pb.LayoutResponse":
         """Where the chunks of `job` live, and its parameters' names and shapes."""
-        return self._call(lambda t: self._stub.Layout(pb.LayoutRequest(job=job), **self._kw(t)))
+        return pb.LayoutResponse.FromString(self._call("layout", job))
 
     def route(self, job: str) -> Route:
-        """The layout of `job`, fetched from the coordinator once."""
+        """The names and shapes of `job`'s parameters, fetched once."""
         r = self._routes.get(job)
         if r is None:
-            r = Route(self.layout(job), job)
-            # Shard 0 is reached as the coordinator was; the others at the
-            # addresses the cluster was started with.
-            if r.shards:
-                r.shards[0] = self.url
-            else:
-                r.shards = [self.url]
-            self._routes[job] = r
+            layout = pb.LayoutResponse.FromString(self._call("route_layout", job))
+            r = self._routes[job] = Route(layout, job)
         return r
-
-    def _shard_call(self, route: Route, i: int, fn, aborted: bool = False, deadline: Optional[float] = None):
-        """`fn(stub, timeout)` on shard `i`, as `_call` runs it."""
-        url = route.shards[i]
-        stub = self._shard_stub(url)
-        if route.n_shards == 1:
-            return self._call(lambda t: fn(stub, t), aborted=aborted, deadline=deadline)
-        return self._call(lambda t: fn(stub, t), shard=i, url=url, aborted=aborted, deadline=deadline)
 
     # -- jobs ------------------------------------------------------------------
 
@@ -332,20 +250,9 @@ class Client:
                 worker_timeout=worker_timeout,
                 backup_workers=backup_workers,
             )
-
-        def messages() -> Iterator["pb.InitRequest"]:
-            segs: List[pb.Segment] = []
-            for name, v in values.items():
-                segs.extend(segments(name, as_f32(name, v)))
-            packed = pack(segs) or [[]]
-            for k, part in enumerate(packed):
-                if k == 0:
-                    yield pb.InitRequest(job=job, spec=spec, values=part)
-                else:
-                    yield pb.InitRequest(values=part)
-
-        r = self._call(lambda t: self._stub.Init(messages(), **self._kw(t)))
-        return InitResult(int(r.round), bool(r.created))
+        flat = [as_f32(n, v) for n, v in values.items()]
+        round, created = self._call("init", job, spec.SerializeToString(), list(values), flat)
+        return InitResult(int(round), bool(created))
 
     def push(self, job: str, worker: int, round: int, grads: Mapping[str, Any]) -> PushResult:
         """Pushes worker `worker`'s gradients for `round`, each chunk
@@ -353,42 +260,38 @@ class Client:
         the job's chunks still gets the push, without payload, since a round
         completes on a shard once every worker has pushed there. Every
         parameter of the job must be given, with its number of elements
-        (refused here, before any shard counts part of it). Safe to retry."""
-        route = self.route(job)
-        flat = {name: as_f32(name, g) for name, g in grads.items()}
-        route.check(flat, "push of worker %d for round %d" % (worker, round))
-        parts = route.split(flat)
+        (refused here, before any shard counts part of it). Contiguous
+        float32 arrays are sent from their own memory; others are converted
+        once first. Safe to retry."""
+        names = list(grads)
+        flat = [as_f32(n, grads[n]) for n in names]
+        duplicate, pushed = self._call("push", job, int(worker), int(round), names, flat)
+        return PushResult(duplicate=bool(duplicate), pushed=int(pushed))
 
-        def call(i: int) -> "pb.PushResponse":
-            # A header-only first message: the shard admits or refuses the
-            # push (stale, early, duplicate, another copy being received)
-            # before any payload is sent.
-            messages = [pb.PushRequest(job=job, worker=worker, round=round)]
-            messages += [pb.PushRequest(grads=segs) for segs in pack(parts[i])]
-            return self._shard_call(route, i, lambda stub, t: stub.Push(iter(messages), **self._kw(t)), aborted=True)
-
-        results = self._on_every_shard(route, call)
-        return PushResult(
-            duplicate=all(r.duplicate for r in results),
-            pushed=min(int(r.pushed) for r in results),
-        )
-
-    def _on_every_shard(self, route: Route, call) -> List[Any]:
-        """`call(i)` for every shard at once. Every shard is given its part
-        even if another fails, so a retry has only the failed ones to reach;
-        the first error is raised."""
-        if route.n_shards == 1:
-            return [call(0)]
-        futures = [self._executor().submit(call, i) for i in range(route.n_shards)]
-        out, first = [], None
-        for f in futures:
-            try:
-                out.append(f.result())
-            except errors.Error as e:
-                first = first or e
-        if first is not None:
-            raise first
-        return out
+    def pull_into(self, job: str, round: int, out: Mapping[str, np.ndarray]) -> Tuple[int, Optional[Any]]:
+        """Pulls the parameters `out` names once `round` rounds have
+        completed, writing each straight into its array (contiguous,
+        writable float32 of the parameter's size: a model's parameters
+        through `param.detach().numpy()`). Returns the round the values are
+        from and its outcome (as `Pulled`). All values come from one round.
+        A pull that fails may have written part of the arrays."""
+        names = list(out)
+        flat = []
+        for n in names:
+            a = out[n]
+            if not (
+                isinstance(a, np.ndarray)
+                and a.dtype == np.float32
+                and a.flags.c_contiguous
+                and a.flags.writeable
+            ):
+                raise errors.InvalidArgument(
+                    "pull_into: %r must be a contiguous, writable float32 numpy array, got %s"
+                    % (n, "%s %s" % (a.dtype, a.shape) if isinstance(a, np.ndarray) else type(a).__name__)
+                )
+            flat.append(a.reshape(-1))  # a view: the same memory
+        round, last = self._call("pull_into", job, int(round), names, flat)
+        return int(round), (pb.RoundOutcome.FromString(last) if last is not None else None)
 
     def pull(self, job: str, round: int = 0, params: Optional[Sequence[str]] = None) -> Pulled:
         """The parameters (all, or those named) once `round` rounds have
@@ -398,42 +301,21 @@ class Client:
         from different rounds (training went on meanwhile), the pull is
         repeated at the newest of them."""
         route = self.route(job)
-        names = list(params) if params else []
-        deadline = time.monotonic() + self.timeout
-
-        def call(want: int, i: int) -> List["pb.PullResponse"]:
-            req = pb.PullRequest(job=job, round=want, params=names)
-            return self._shard_call(
-                route, i, lambda stub, t: list(stub.Pull(req, **self._kw(t))), aborted=True, deadline=deadline
-            )
-
-        want = round
-        while True:
-            replies = self._on_every_shard(route, lambda i: call(want, i))
-            rounds = [int(msgs[0].round) for msgs in replies if msgs]
-            if len(set(rounds)) <= 1 or time.monotonic() >= deadline:
-                break
-            want = max(rounds)
-        if len(set(rounds)) > 1:
-            raise errors.Aborted(
-                "pull of job %r: the shards kept answering from different rounds (%s) until the deadline"
-                % (job, ", ".join(map(str, rounds)))
-            )
-        asm = Assembler(route.shapes)
-        last = None
-        for i, msgs in enumerate(replies):
-            for k, m in enumerate(msgs):
-                if k == 0 and i == 0 and m.HasField("last"):
-                    last = m.last
-                for seg in m.params:
-                    asm.place(seg)
-        return Pulled(rounds[0] if rounds else 0, last, asm.arrays(names or route.order))
+        names = list(params) if params else route.order
+        arrays = {}
+        for n in names:
+            shape = route.shapes.get(n)
+            if shape is None:
+                raise errors.InvalidArgument("pull of job %r: unknown parameter %r" % (job, n))
+            arrays[n] = np.empty(shape, dtype="<f4")
+        got, last = self.pull_into(job, round, arrays)
+        return Pulled(got, last, arrays)
 
     def status(self, job: Optional[str] = None) -> "pb.StatusResponse":
         """Round, step, lr of every group, last grad norm and clip
         coefficient, workers, sizes and shards of `job` (every job when
         None): a `paramd.v1.StatusResponse`."""
-        return self._call(lambda t: self._stub.Status(pb.StatusRequest(job=job or ""), **self._kw(t)))
+        return pb.StatusResponse.FromString(self._call("status", job or ""))
 
     def job_status(self, job: str) -> "pb.JobStatus":
         """The status of one job."""
@@ -442,12 +324,11 @@ class Client:
     def checkpoint(self, job: Optional[str] = None) -> Dict[str, int]:
         """Takes a checkpoint of `job` (every job when None) on every shard;
         returns the round each job was checkpointed at."""
-        r = self._call(lambda t: self._stub.Checkpoint(pb.CheckpointRequest(job=job or ""), **self._kw(t)))
-        return {j.job: int(j.round) for j in r.jobs}
+        return {j: int(r) for j, r in self._call("checkpoint", job or "")}
 
     def delete_job(self, job: str) -> None:
         """Drops `job` on every shard."""
-        self._call(lambda t: self._stub.DeleteJob(pb.DeleteJobRequest(job=job), **self._kw(t)))
+        self._call("delete_job", job)
         self._routes.pop(job, None)
 
     def export(self, path: Union[str, "os.PathLike[str]"], job: Optional[str] = None) -> Exported:

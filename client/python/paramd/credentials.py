@@ -17,8 +17,6 @@ error naming the file (never the token).
 import os
 from typing import Mapping, Optional, Tuple, Union
 
-import grpc
-
 from .errors import InvalidArgument
 
 __all__ = ["TLS", "resolve_token", "resolve_tls"]
@@ -69,9 +67,6 @@ class TLS:
         if (cert is None) != (key is None):
             raise InvalidArgument("PARAMD_CERT and PARAMD_KEY go together: only one of them is set")
         return cls(ca_cert=ca, cert=cert, key=key)
-
-    def channel_credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(self.ca_cert, self.key, self.cert)
 
     def __repr__(self) -> str:
         return "TLS(ca_cert=%s, client certificate=%s)" % (

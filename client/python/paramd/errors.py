@@ -7,9 +7,8 @@ matching Python built-in (`ValueError`, `TimeoutError`, `ConnectionError`,
 ...) so that generic handlers keep working.
 """
 
+import enum
 from typing import Optional
-
-import grpc
 
 __all__ = [
     "Error",
@@ -26,8 +25,31 @@ __all__ = [
     "PermissionDenied",
     "Aborted",
     "Internal",
-    "from_rpc_error",
+    "StatusCode",
+    "from_status",
 ]
+
+
+class StatusCode(enum.IntEnum):
+    """The gRPC status codes, numbered as on the wire."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
 
 
 class Error(RuntimeError):
@@ -41,7 +63,7 @@ class Error(RuntimeError):
     def __init__(
         self,
         message: str,
-        code: Optional[grpc.StatusCode] = None,
+        code: Optional[StatusCode] = None,
         shard: Optional[int] = None,
         url: Optional[str] = None,
     ):
@@ -111,16 +133,16 @@ class Internal(Error):
 
 
 _BY_CODE = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.ABORTED: Aborted,
-    grpc.StatusCode.INTERNAL: Internal,
+    StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    StatusCode.NOT_FOUND: NotFound,
+    StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    StatusCode.UNAVAILABLE: Unavailable,
+    StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    StatusCode.UNAUTHENTICATED: Unauthenticated,
+    StatusCode.PERMISSION_DENIED: PermissionDenied,
+    StatusCode.ABORTED: Aborted,
+    StatusCode.INTERNAL: Internal,
 }
 
 # The server's FAILED_PRECONDITION messages start with these (server/src/error.rs).
@@ -130,16 +152,22 @@ _PRECONDITIONS = [
 ]
 
 
-def from_rpc_error(err: grpc.RpcError, shard: Optional[int] = None, url: Optional[str] = None) -> Error:
-    """The `Error` for a failed call, carrying the server's message."""
-    code = err.code() if hasattr(err, "code") else None
-    details = err.details() if hasattr(err, "details") else None
-    message = details if details else str(err)
-    cls = _BY_CODE.get(code, Error)
+def from_status(
+    code: Optional[int], message: str, shard: Optional[int] = None, url: Optional[str] = None
+) -> Error:
+    """The `Error` for a failed call: `code` is the gRPC status code (None
+    for an error the client found before sending), `message` the server's."""
+    status = None
+    if code is not None:
+        try:
+            status = StatusCode(code)
+        except ValueError:
+            status = StatusCode.UNKNOWN
+    cls = _BY_CODE.get(status, Error) if status is not None else InvalidArgument
     if cls is FailedPrecondition:
         for prefix, sub in _PRECONDITIONS:
             if message.startswith(prefix):
                 cls = sub
         if "already exists with a different configuration" in message:
             cls = JobMismatch
-    return cls(message, code=code, shard=shard, url=url)
+    return cls(message, code=status, shard=shard, url=url)

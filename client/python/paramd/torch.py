@@ -212,14 +212,25 @@ class _Remote:
                 delay = min(delay * 2, 1.0)
 
     def _sync(self, round: int) -> None:
-        """Pulls the parameters once `round` rounds are complete and copies
-        them into the model in place."""
-        pulled = self.client.pull(self.job, round, None)
-        with torch.no_grad():
-            for n, p in zip(self._names, self._params):
-                p.copy_(torch.from_numpy(pulled.params[n]))
-        if pulled.last is not None:
-            self.last = pulled.last
+        """Pulls the parameters once `round` rounds are complete, written
+        straight into the model's memory (CPU float32 contiguous
+        parameters; any other is pulled into a buffer, then copied in)."""
+        out: Dict[str, np.ndarray] = {}
+        staged: List[Tuple[torch.Tensor, np.ndarray]] = []
+        for n, p in zip(self._names, self._params):
+            if p.device.type == "cpu" and p.is_contiguous():
+                out[n] = p.detach().numpy()
+            else:
+                buf = np.empty(tuple(p.shape), dtype=np.float32)
+                staged.append((p, buf))
+                out[n] = buf
+        _, last = self.client.pull_into(self.job, round, out)
+        if staged:
+            with torch.no_grad():
+                for p, buf in staged:
+                    p.copy_(torch.from_numpy(buf))
+        if last is not None:
+            self.last = last
 
     def _grads(self) -> Dict[str, np.ndarray]:
         out = {}
@@ -237,7 +248,9 @@ class _Remote:
             else:
                 if g.is_sparse:
                     raise errors.InvalidArgument("parameter %r has a sparse gradient: not supported by paramd" % n)
-                out[n] = g.detach().to("cpu", torch.float32).numpy()
+                # A CPU float32 gradient is read where it is; a CUDA one is
+                # copied to host memory once, another dtype converted once.
+                out[n] = g.detach().to("cpu", torch.float32).contiguous().numpy()
         return out
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:

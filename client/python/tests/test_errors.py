@@ -2,7 +2,6 @@
 servers (grpcio servers implementing the paramd service), no daemon."""
 
 import time
-from concurrent import futures
 
 import grpc
 import numpy as np
@@ -10,103 +9,8 @@ import pytest
 
 import paramd
 from conftest import reserve_ports
-from paramd.errors import from_rpc_error
-from paramd.v1 import paramd_pb2 as pb
-from paramd.v1 import paramd_pb2_grpc as pb_grpc
-
-
-class FakeShard(pb_grpc.ParamServerServicer):
-    """Records what it receives; answers as told."""
-
-    def __init__(self):
-        self.pushes = []  # (worker, round, [(param, offset, values)])
-        self.metadata = []
-        self.fail = None  # (code, message) for every call
-        self.unavailable = 0  # answer UNAVAILABLE this many times first
-        self.aborted = 0  # answer pushes ABORTED this many times first
-        self.at_least = 0  # pulls answer from this round at the earliest
-        self.first_messages = []
-        self.pulled = []  # the round of every pull
-        self.layout = None
-        self.calls = 0
-
-    def _enter(self, context):
-        self.calls += 1
-        self.metadata.append(dict(context.invocation_metadata()))
-        if self.unavailable > 0:
-            self.unavailable -= 1
-            context.abort(grpc.StatusCode.UNAVAILABLE, "starting up")
-        if self.fail is not None:
-            context.abort(*self.fail)
-
-    def Layout(self, request, context):
-        self._enter(context)
-        return self.layout
-
-    def Status(self, request, context):
-        self._enter(context)
-        return pb.StatusResponse(jobs=[pb.JobStatus(job=request.job, round=3)])
-
-    def Push(self, request_iterator, context):
-        self._enter(context)
-        if self.aborted > 0:
-            self.aborted -= 1
-            context.abort(grpc.StatusCode.ABORTED, "already being received")
-        first, segs = None, []
-        for m in request_iterator:
-            if first is None:
-                self.first_messages.append(m)
-            first = first or m
-            segs += [(s.param, s.offset, np.frombuffer(s.data, "<f4").tolist()) for s in m.grads]
-        self.pushes.append((first.worker, first.round, segs))
-        return pb.PushResponse(duplicate=False, pushed=1)
-
-    def Pull(self, request, context):
-        self._enter(context)
-        _, _, segs = self.pushes[-1]
-        self.pulled.append(request.round)
-        got = max(request.round, self.at_least)
-        yield pb.PullResponse(
-            round=got,
-            last=pb.RoundOutcome(round=got - 1, lr=[0.5]),
-            params=[pb.Segment(param=p, offset=o, data=np.asarray(v, "<f4").tobytes()) for p, o, v in segs],
-        )
-
-
-@pytest.fixture
-def fakes():
-    """Three fake shards on loopback; shard 0 serves a layout naming all three."""
-    shards, servers, urls = [], [], []
-    for _ in range(3):
-        s = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        fake = FakeShard()
-        pb_grpc.add_ParamServerServicer_to_server(fake, s)
-        port = s.add_insecure_port("127.0.0.1:0")
-        s.start()
-        shards.append(fake)
-        servers.append(s)
-        urls.append("http://127.0.0.1:%d" % port)
-    # w: 10 elements in chunks of 4 (owners 2, 0, 1); b: 3 elements (owner 2).
-    shards[0].layout = pb.LayoutResponse(
-        shards=urls,
-        chunk_elems=4,
-        params=[pb.ParamSpec(name="w", shape=[2, 5]), pb.ParamSpec(name="b", shape=[3])],
-        owners=[2, 0, 1, 2],
-    )
-    yield shards, urls
-    for s in servers:
-        s.stop(None)
-
-
-class FakeRpcError(grpc.RpcError):
-    def __init__(self, code, details):
-        self._code, self._details = code, details
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return self._details
+from fakes import fakes  # noqa: F401 (a fixture)
+from paramd.errors import StatusCode, from_status
 
 
 @pytest.mark.parametrize(
@@ -141,10 +45,10 @@ class FakeRpcError(grpc.RpcError):
     ],
 )
 def test_status_codes_map_to_exceptions_with_the_servers_message(code, message, cls, builtin):
-    e = from_rpc_error(FakeRpcError(code, message))
+    e = from_status(code.value[0], message)
     assert type(e) is cls
     assert isinstance(e, builtin) and isinstance(e, paramd.Error)
-    assert e.code == code and e.message == message
+    assert e.code == StatusCode(code.value[0]) and e.message == message
     assert message in str(e) and code.name in str(e)
 
 

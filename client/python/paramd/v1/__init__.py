@@ -1,1 +1,3 @@
-"""The `paramd.v1` protocol: messages and stubs generated at build time."""
+"""The `paramd.v1` protocol's messages, generated from
+`proto/proto/paramd/v1/paramd.proto` by grpcio-tools and checked in
+(`tests/test_stubs.py` regenerates them and fails if they drifted)."""

@@ -1,0 +1,333 @@
+//! `paramd._native`: the Rust client (`paramd-client`) as the core of the
+//! Python package. `paramd.Client` keeps its Python API and calls this for
+//! every RPC, so Python, `paramctl` and Rust programs share one
+//! implementation of the protocol: layout routing, header-first pushes,
+//! every shard reached at once, one retry policy, pulls that never mix
+//! rounds.
+//!
+//! Tensors cross the boundary without copies: a push reads the gradients
+//! straight from the memory of the arrays it is given (the buffer
+//! protocol: numpy arrays, and CPU torch tensors through `.numpy()`), and a
+//! pull writes straight into the arrays it is given (the parameters'
+//! memory). The GIL is released for the whole network part.
+//!
+//! Control messages (a job's spec, layout, status, a round's outcome)
+//! cross as encoded protobuf, which the package reads with its generated
+//! message classes.
+
+// Lending Python buffers to the client is the one unsafe step: see
+// `lend`. The client's `memory` module holds the reasoning.
+#![allow(unsafe_code)]
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use paramd_client::codec::{Payload, Target};
+use paramd_client::memory::{Dest, LeaseGuard, Lent, Source};
+use paramd_client::{Client as Rust, ClientError, Credentials, PullInto, v1 as pb};
+use prost::Message;
+use pyo3::buffer::PyBuffer;
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+create_exception!(
+    _native,
+    RpcError,
+    PyException,
+    "A failed call: args are (gRPC code as an int or None, message, shard or None, url or None)."
+);
+
+/// The runtime every client of the process shares: a few threads, since
+/// the work is moving bytes between sockets and memory.
+fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
+    static RT: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    RT.get_or_init(|| {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4));
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("paramd-client")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the client's runtime: {e}"))
+    })
+    .as_ref()
+    .map_err(|e| PyException::new_err(e.clone()))
+}
+
+fn error(e: ClientError) -> PyErr {
+    let (code, message, shard, url) = match &e {
+        ClientError::Status(s) => (Some(s.code() as i32), s.message().to_owned(), None, None),
+        ClientError::Shard { shard, url, status } => (
+            Some(status.code() as i32),
+            status.message().to_owned(),
+            Some(*shard),
+            Some(url.clone()),
+        ),
+        ClientError::Connect { .. } => (
+            Some(tonic::Code::Unavailable as i32),
+            e.to_string(),
+            None,
+            None,
+        ),
+        ClientError::Invalid(m) => (None, m.clone(), None, None),
+    };
+    RpcError::new_err((code, message, shard, url))
+}
+
+/// A contiguous f32 buffer of `obj`, named `name` in errors.
+fn buffer(name: &str, obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<PyBuffer<f32>> {
+    let buf = PyBuffer::<f32>::get(obj).map_err(|e| {
+        PyValueError::new_err(format!("tensor '{name}': not a float32 buffer ({e})"))
+    })?;
+    if !buf.is_c_contiguous() {
+        return Err(PyValueError::new_err(format!(
+            "tensor '{name}': not contiguous"
+        )));
+    }
+    if writable && buf.readonly() {
+        return Err(PyValueError::new_err(format!(
+            "tensor '{name}': read-only, cannot pull into it"
+        )));
+    }
+    Ok(buf)
+}
+
+/// Checks that names and arrays pair up.
+fn pairs<'a, 'py>(
+    names: &'a [String],
+    arrays: &'a [Bound<'py, PyAny>],
+) -> PyResult<impl Iterator<Item = (&'a String, &'a Bound<'py, PyAny>)>> {
+    if names.len() != arrays.len() {
+        return Err(PyValueError::new_err(format!(
+            "{} names for {} arrays",
+            names.len(),
+            arrays.len()
+        )));
+    }
+    Ok(names.iter().zip(arrays))
+}
+
+/// Lends the memory of `buf` under `guard`'s lease.
+///
+/// SAFETY (of the unsafe blocks): the caller keeps `buf` (and so the
+/// exporter's memory, which a held buffer pins) alive until `guard` is
+/// dropped, which ends the lease before the buffers are released (see
+/// `Client::push` and `Client::pull_into`). Python code running meanwhile
+/// in other threads must not write the arrays being pushed or touch those
+/// being pulled into, as with any C extension that releases the GIL.
+fn lend_source(buf: &PyBuffer<f32>, guard: &LeaseGuard) -> Payload {
+    let source = unsafe { Source::from_raw(buf.buf_ptr().cast_const().cast(), buf.len_bytes()) };
+    Payload::Lent(Lent::new(source, guard.lease()))
+}
+
+fn lend_dest(buf: &PyBuffer<f32>, guard: &LeaseGuard) -> Target {
+    let dest = unsafe { Dest::from_raw(buf.buf_ptr().cast(), buf.len_bytes()) };
+    Target::Lent(Lent::new(dest, guard.lease()))
+}
+
+/// A connection to a paramd server or cluster.
+#[pyclass(frozen, module = "paramd._native")]
+struct Client {
+    inner: Rust,
+}
+
+impl Client {
+    /// Runs `f` on the runtime with the GIL released.
+    fn run<T, F>(&self, py: Python<'_>, f: impl FnOnce(Rust) -> F + Send) -> PyResult<T>
+    where
+        F: std::future::Future<Output = Result<T, ClientError>> + Send,
+        T: Send,
+    {
+        let rt = runtime()?;
+        let client = self.inner.clone();
+        py.detach(|| rt.block_on(f(client))).map_err(error)
+    }
+}
+
+#[pymethods]
+impl Client {
+    /// `url` is `http://host:port` or `https://host:port`; `ca_cert`,
+    /// `cert` and `key` are PEM bytes (no `ca_cert`: the system's roots).
+    #[new]
+    #[pyo3(signature = (url, token=None, ca_cert=None, cert=None, key=None, timeout=300.0, retries=None))]
+    fn new(
+        url: &str,
+        token: Option<&str>,
+        ca_cert: Option<Vec<u8>>,
+        cert: Option<Vec<u8>>,
+        key: Option<Vec<u8>>,
+        timeout: f64,
+        retries: Option<u32>,
+    ) -> PyResult<Client> {
+        let mut credentials = Credentials::none();
+        if let Some(t) = token {
+            credentials = credentials.with_token(t).map_err(PyValueError::new_err)?;
+        }
+        if url.starts_with("https://") {
+            let identity = cert.zip(key);
+            credentials = credentials
+                .with_tls_pem(ca_cert, identity)
+                .map_err(PyValueError::new_err)?;
+        }
+        if !(timeout.is_finite() && timeout > 0.0) {
+            return Err(PyValueError::new_err(format!(
+                "timeout must be > 0 seconds, got {timeout}"
+            )));
+        }
+        let _rt = runtime()?.enter();
+        let mut inner = Rust::lazy(url, credentials).map_err(error)?;
+        inner.timeout = Duration::from_secs_f64(timeout);
+        inner.retries = retries;
+        Ok(Client { inner })
+    }
+
+    /// The encoded `LayoutResponse` of `job`.
+    fn layout<'py>(&self, py: Python<'py>, job: String) -> PyResult<Bound<'py, PyBytes>> {
+        let r = self.run(py, |c| async move { c.layout(&job).await })?;
+        Ok(PyBytes::new(py, &r.encode_to_vec()))
+    }
+
+    /// The encoded layout of `job` the client routes by (fetched once).
+    fn route_layout<'py>(&self, py: Python<'py>, job: String) -> PyResult<Bound<'py, PyBytes>> {
+        let r = self.run(py, |c| async move { c.route_layout(&job).await })?;
+        Ok(PyBytes::new(py, &r.encode_to_vec()))
+    }
+
+    /// Creates or finds `job` with the encoded `JobSpec` and initial values;
+    /// returns (round, created).
+    fn init(
+        &self,
+        py: Python<'_>,
+        job: String,
+        spec: &[u8],
+        names: Vec<String>,
+        values: Vec<Bound<'_, PyAny>>,
+    ) -> PyResult<(u64, bool)> {
+        let spec =
+            pb::JobSpec::decode(spec).map_err(|e| PyValueError::new_err(format!("spec: {e}")))?;
+        // Init happens once per job: a copy of the values is fine here.
+        let mut owned = Vec::with_capacity(names.len());
+        for (name, v) in pairs(&names, &values)? {
+            owned.push((name.as_str(), buffer(name, v, false)?.to_vec(py)?));
+        }
+        let r = self.run(py, |mut c| async move {
+            let values: Vec<(&str, &[f32])> =
+                owned.iter().map(|(n, v)| (*n, v.as_slice())).collect();
+            c.init(&job, spec, &values).await
+        })?;
+        Ok((r.round, r.created))
+    }
+
+    /// Pushes worker `worker`'s gradients for `round`, read straight from
+    /// the arrays; returns (duplicate, pushed). Every parameter of the job
+    /// must be given, with its size: checked before anything is sent.
+    fn push(
+        &self,
+        py: Python<'_>,
+        job: String,
+        worker: u32,
+        round: u64,
+        names: Vec<String>,
+        grads: Vec<Bound<'_, PyAny>>,
+    ) -> PyResult<(bool, u32)> {
+        let mut bufs = Vec::with_capacity(names.len());
+        for (name, g) in pairs(&names, &grads)? {
+            bufs.push(buffer(name, g, false)?);
+        }
+        let guard = LeaseGuard::new();
+        let payloads: Vec<(Arc<str>, Payload)> = names
+            .iter()
+            .zip(&bufs)
+            .map(|(n, b)| (Arc::from(n.as_str()), lend_source(b, &guard)))
+            .collect();
+        let sizes: Vec<(String, usize)> = names
+            .iter()
+            .zip(&bufs)
+            .map(|(n, b)| (n.clone(), b.item_count()))
+            .collect();
+        let what = format!("push of worker {worker} for round {round}");
+        let r = self.run(py, |c| async move {
+            let sizes: Vec<(&str, usize)> = sizes.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+            c.check_push(&job, &what, &sizes).await?;
+            c.push_payloads(&job, worker, round, &payloads).await
+        });
+        // The lease ends before the buffers are released.
+        drop(guard);
+        drop(bufs);
+        let r = r?;
+        Ok((r.duplicate, r.pushed))
+    }
+
+    /// Pulls the named parameters once `round` rounds are complete,
+    /// writing straight into the arrays; returns (round, the encoded
+    /// `RoundOutcome` of the last round or None). A pull that fails may
+    /// have written part of the arrays.
+    fn pull_into<'py>(
+        &self,
+        py: Python<'py>,
+        job: String,
+        round: u64,
+        names: Vec<String>,
+        outs: Vec<Bound<'py, PyAny>>,
+    ) -> PyResult<(u64, Option<Bound<'py, PyBytes>>)> {
+        let mut bufs = Vec::with_capacity(names.len());
+        for (name, o) in pairs(&names, &outs)? {
+            bufs.push(buffer(name, o, true)?);
+        }
+        let guard = LeaseGuard::new();
+        let targets: Vec<PullInto> = names
+            .iter()
+            .zip(&bufs)
+            .map(|(n, b)| PullInto {
+                name: Arc::from(n.as_str()),
+                target: lend_dest(b, &guard),
+            })
+            .collect();
+        let r = self.run(
+            py,
+            |c| async move { c.pull_into(&job, round, &targets).await },
+        );
+        drop(guard);
+        drop(bufs);
+        let (round, last) = r?;
+        Ok((round, last.map(|l| PyBytes::new(py, &l.encode_to_vec()))))
+    }
+
+    /// The encoded `StatusResponse` of `job` ("" for every job).
+    fn status<'py>(&self, py: Python<'py>, job: String) -> PyResult<Bound<'py, PyBytes>> {
+        let r = self.run(py, |mut c| async move {
+            c.status((!job.is_empty()).then_some(job.as_str())).await
+        })?;
+        Ok(PyBytes::new(py, &r.encode_to_vec()))
+    }
+
+    /// Checkpoints `job` ("" for every job); returns [(job, round)].
+    fn checkpoint(&self, py: Python<'_>, job: String) -> PyResult<Vec<(String, u64)>> {
+        let r = self.run(py, |mut c| async move {
+            c.checkpoint((!job.is_empty()).then_some(job.as_str()))
+                .await
+        })?;
+        Ok(r.into_iter().map(|j| (j.job, j.round)).collect())
+    }
+
+    /// Tries made again so far: (after UNAVAILABLE, after ABORTED).
+    fn retried(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let r = &self.inner.retried;
+        (r.unavailable.load(Relaxed), r.aborted.load(Relaxed))
+    }
+
+    /// Deletes `job` on every shard.
+    fn delete_job(&self, py: Python<'_>, job: String) -> PyResult<()> {
+        self.run(py, |mut c| async move { c.delete_job(&job).await })
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Client>()?;
+    m.add("RpcError", m.py().get_type::<RpcError>())?;
+    Ok(())
+}
