@@ -148,3 +148,13 @@ print(f"raw figures: paramd AdamW 16M {kernel(1, 'adamw') * 1e3:.1f} ms/step, to
       f"push 64 MiB {p64:.2f} GB/s, 4 MiB {p4:.2f} GB/s, raw TCP {tcp:.2f} GB/s; peak RSS {rss['server_peak_rss_bytes'] / 2**20:.0f} MiB "
       f"for {rss['model_bytes'] / 2**20:.0f} MiB of model")
 EOF
+
+# The Python client and the user's whole step, each pair measured in one run:
+# paramd.Client's 64 MiB push and pull beside raw TCP (bench/client_io.py),
+# and a training step of 2 ranks on torch DDP beside the same on paramd
+# (bench/step.py). They need the paramd package, which client/python/ci/venv.sh
+# installs with torch (in the target directory, as the tests use it); each
+# starts its own paramd from target/release.
+PYC=$(client/python/ci/venv.sh)
+$PYC bench/client_io.py --tensors 1,20 --repeat $((REPEAT * 5))
+$PYC bench/step.py --repeat "$REPEAT"
