@@ -178,7 +178,16 @@ impl Node {
         };
         let mut out = Vec::new();
         for job in jobs {
-            out.push((job.name.clone(), job.checkpoint(None).await?));
+            // On its own task: a client that cancels the call does not
+            // interrupt a checkpoint between its shards' files and its
+            // manifests.
+            let name = job.name.clone();
+            let round = tokio::spawn(async move { job.checkpoint(None).await })
+                .await
+                .map_err(|e| {
+                    Error::Internal(format!("checkpoint of job '{name}' failed: {e}"))
+                })??;
+            out.push((name, round));
         }
         Ok(out)
     }

@@ -331,6 +331,15 @@ impl Daemon {
     }
 }
 
+/// Sends `signal` (`-STOP`, `-CONT`, `-TERM`, ...) to process `pid`.
+pub fn signal(pid: u32, signal: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success(), "kill {signal} {pid}");
+}
+
 /// The flags of shard `i` of a cluster of real processes on loopback
 /// `ports` (one port: a one-shard cluster), then `extra`.
 pub fn shard_args(i: usize, ports: &[u16], extra: &[String]) -> Vec<String> {

@@ -5,18 +5,10 @@
 use std::time::{Duration, Instant};
 
 use paramd_client::{Client, v1 as pb};
-use paramd_tests::{Daemon, one_param_spec, reserve_ports};
+use paramd_tests::{Daemon, one_param_spec, reserve_ports, signal};
 
 fn spec(workers: u32) -> pb::JobSpec {
     one_param_spec(pb::OptimizerKind::Adamw, &[3], workers, 0.1)
-}
-
-fn kill(pid: u32, signal: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(ok.success(), "kill {signal} {pid}");
 }
 
 const GRACE: f64 = 2.0;
@@ -77,6 +69,9 @@ async fn sigterm_with_idle_streams_exits_0_within_grace_after_a_checkpoint() {
     // transport has taken the first, so the push is on the wire.
     tx.send(header.clone()).await.expect("queue");
     let mut waiting = c.clone();
+    // Not tried again once the server is gone (the client's default is
+    // to retry UNAVAILABLE until its deadline): the cut itself is checked.
+    waiting.retries = Some(0);
     let waiting_pull = tokio::spawn(async move { waiting.pull("run", 50).await });
     // The pull shares the status call's connection and was sent first.
     // (Had either call not reached the server yet, it would be refused at
@@ -86,7 +81,7 @@ async fn sigterm_with_idle_streams_exits_0_within_grace_after_a_checkpoint() {
 
     let pid = d.child.id().expect("running");
     let started = Instant::now();
-    kill(pid, "-TERM");
+    signal(pid, "-TERM");
     let status = tokio::time::timeout(Duration::from_secs_f64(GRACE + 15.0), d.child.wait())
         .await
         .expect("paramd exits after SIGTERM")
@@ -157,7 +152,7 @@ async fn a_second_signal_exits_at_once() {
     let serving = health.message().await.expect("health").expect("a status");
     assert_eq!(serving.status, 1, "SERVING before the signal");
     let pid = d.child.id().expect("running");
-    kill(pid, "-TERM");
+    signal(pid, "-TERM");
     // The first signal has been handled once health turns NOT_SERVING (or
     // the stream is cut as the server stops).
     let next = tokio::time::timeout(Duration::from_secs(10), health.message())
@@ -168,7 +163,7 @@ async fn a_second_signal_exits_at_once() {
         "{next:?}"
     );
     let started = Instant::now();
-    kill(pid, "-INT");
+    signal(pid, "-INT");
     let status = tokio::time::timeout(Duration::from_secs(10), d.child.wait())
         .await
         .expect("paramd exits at the second signal")

@@ -104,9 +104,10 @@ impl Job {
             ))
         })?;
         let round = frozen_at.unwrap_or_else(|| c.freeze());
-        let result = self.checkpoint_frozen(round).await;
-        c.unfreeze();
-        result.map(|()| round)
+        // Lifted however this ends, a caller that stops waiting included:
+        // a freeze left behind would decide no round again.
+        let _thaw = Thaw(c);
+        self.checkpoint_frozen(round).await.map(|()| round)
     }
 
     /// Checkpoints every shard at `round`, the coordinator being frozen
@@ -161,5 +162,14 @@ impl Job {
             r?;
         }
         Ok(())
+    }
+}
+
+/// Lifts one freeze of the coordinator when dropped.
+struct Thaw<'a>(&'a crate::coordinator::Coordinator);
+
+impl Drop for Thaw<'_> {
+    fn drop(&mut self) {
+        self.0.unfreeze();
     }
 }
