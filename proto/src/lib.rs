@@ -19,13 +19,18 @@ pub mod wire {
 
     use crate::v1::Segment;
 
-    /// Encodes f32 values as the little-endian bytes tensors travel as.
+    /// Encodes f32 values as the little-endian bytes tensors travel as:
+    /// one `memcpy` on a little-endian host (no zeroing first, no loop).
     pub fn to_le_bytes(values: &[f32]) -> Bytes {
-        let mut out = vec![0u8; values.len() * 4];
-        for (d, v) in out.chunks_exact_mut(4).zip(values) {
-            d.copy_from_slice(&v.to_le_bytes());
+        if cfg!(target_endian = "little") {
+            return Bytes::copy_from_slice(bytemuck::cast_slice(values));
         }
-        Bytes::from(out)
+        Bytes::from(
+            values
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        )
     }
 
     /// Packs segments, in order, into messages of at most `max_bytes` of
@@ -46,5 +51,15 @@ pub mod wire {
             messages.push(current);
         }
         messages
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tensors_encode_as_little_endian_f32() {
+        let values = [1.5f32, -2.0, f32::MIN_POSITIVE, f32::INFINITY, -0.0];
+        let want: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(super::wire::to_le_bytes(&values).as_ref(), want.as_slice());
     }
 }
