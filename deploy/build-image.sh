@@ -89,8 +89,11 @@ ensure_base() {
     if ! command -v debootstrap >/dev/null; then
         echo "build-image.sh: installing debootstrap"
         # apt's lists may be missing or stale on a new machine.
-        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends debootstrap ||
-            { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends debootstrap; } ||
+        # Another installer (the tests install Prometheus meanwhile) may
+        # hold dpkg's lock: wait for it rather than fail.
+        local apt=(apt-get -o DPkg::Lock::Timeout=900)
+        DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y --no-install-recommends debootstrap ||
+            { "${apt[@]}" update && DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y --no-install-recommends debootstrap; } ||
             die "cannot install debootstrap with apt-get"
     fi
     local rootfs=$tmp/rootfs

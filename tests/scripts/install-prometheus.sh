@@ -25,9 +25,12 @@ fi
 cleanup() { if [ -n "$created_policy" ]; then $sudo rm -f "$policy"; fi; }
 trap cleanup EXIT
 
-install() { $sudo apt-get install -y --no-install-recommends prometheus; }
+# Tests install packages side by side (this, and debootstrap for the
+# Docker base image): apt waits for the other's dpkg lock instead of failing.
+apt=(apt-get -o DPkg::Lock::Timeout=900)
+install() { $sudo "${apt[@]}" install -y --no-install-recommends prometheus; }
 if ! install; then
-    $sudo apt-get update
+    $sudo "${apt[@]}" update
     install
 fi
 command -v prometheus >/dev/null && command -v promtool >/dev/null
