@@ -402,6 +402,10 @@ pub async fn start_cluster(ports: &[u16], extra: impl Fn(usize) -> Vec<String>) 
 /// agreeing) are tried again, paced; any other error fails the test.
 pub async fn wait_serving(c: &mut paramd_client::Client, job: &str) -> paramd_client::Pulled {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    // This loop paces the tries itself and fails on any other error: the
+    // client's own retries of UNAVAILABLE are off for it.
+    let mut c = c.clone();
+    c.retries = Some(0);
     loop {
         match c.pull(job, 0).await {
             Ok(p) => return p,

@@ -625,6 +625,9 @@ async fn crash_at(point: &str, victim: usize) {
     for t in 4..6 {
         round(&mut c, "run", t).await;
     }
+    // The victim dies under the call: not tried again (the client's
+    // default would retry the lost connection until its deadline).
+    c.retries = Some(0);
     c.checkpoint(Some("run"))
         .await
         .expect_err("the checkpoint of round 6 is never acknowledged");
@@ -756,6 +759,8 @@ async fn a_shard_restarted_alone_rejoins_only_at_the_coordinators_round() {
     d2.child.kill().await.expect("kill -9");
     daemons.push(paramd_tests::start_shard(2, &ports, &flags(2)).await);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    // Each refusal is wanted here, not tried again until the deadline.
+    c.retries = Some(0);
     let why = loop {
         let err = c.pull("run", 5).await.expect_err("shard 2 is at round 3");
         let msg = err.to_string();
