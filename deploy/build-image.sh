@@ -90,8 +90,9 @@ ensure_base() {
         echo "build-image.sh: installing debootstrap"
         # apt's lists may be missing or stale on a new machine.
         # Another installer (the tests install Prometheus meanwhile) may
-        # hold dpkg's lock: wait for it rather than fail.
-        local apt=(apt-get -o DPkg::Lock::Timeout=900)
+        # be running: take turns with it (tests/scripts/install-prometheus.sh
+        # uses the same lock file) and wait for dpkg's lock rather than fail.
+        local apt=(flock -w 900 /tmp/paramd-apt.lock apt-get -o DPkg::Lock::Timeout=900)
         DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y --no-install-recommends debootstrap ||
             { "${apt[@]}" update && DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y --no-install-recommends debootstrap; } ||
             die "cannot install debootstrap with apt-get"

@@ -26,8 +26,9 @@ cleanup() { if [ -n "$created_policy" ]; then $sudo rm -f "$policy"; fi; }
 trap cleanup EXIT
 
 # Tests install packages side by side (this, and debootstrap for the
-# Docker base image): apt waits for the other's dpkg lock instead of failing.
-apt=(apt-get -o DPkg::Lock::Timeout=900)
+# Docker base image): every apt-get of ours takes turns (apt's own lock on
+# its lists fails at once rather than waiting), and waits for dpkg's lock.
+apt=(flock -w 900 /tmp/paramd-apt.lock apt-get -o DPkg::Lock::Timeout=900)
 install() { $sudo "${apt[@]}" install -y --no-install-recommends prometheus; }
 if ! install; then
     $sudo "${apt[@]}" update
