@@ -100,37 +100,6 @@ class FakeShard(pb_grpc.ParamServerServicer):
         )
 
 
-@pytest.fixture
-def fakes():
-    """Three fake shards on loopback; shard 0 serves a layout naming all three."""
-    shards, servers, urls = [], [], []
-    for _ in range(3):
-        # paramd's message limit (64 MiB), not grpcio's default 4 MiB.
-        limit = 64 << 20
-        s = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=4),
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
-        )
-        fake = FakeShard()
-        pb_grpc.add_ParamServerServicer_to_server(fake, s)
-        port = s.add_insecure_port("127.0.0.1:0")
-        s.start()
-        shards.append(fake)
-        servers.append(s)
-        urls.append("http://127.0.0.1:%d" % port)
-    # w: 10 elements in chunks of 4 (owners 2, 0, 1); b: 3 elements (owner 2).
-    shards[0].layout = pb.LayoutResponse(
-        shards=urls,
-        chunk_elems=4,
-        params=[pb.ParamSpec(name="w", shape=[2, 5]), pb.ParamSpec(name="b", shape=[3])],
-        owners=[2, 0, 1, 2],
-    )
-    yield shards, urls
-    for s in servers:
-        s.stop(None)
-
-
-
 def serve(n: int, layout):
     """`n` fake shards on loopback, shard 0 serving `layout(urls)`; returns
     (shards, urls, stop)."""
