@@ -4,8 +4,9 @@
 //! - UNAVAILABLE (a shard down, starting, or waiting for the others to
 //!   agree on a restored checkpoint): tried again after a pause doubling
 //!   from 50 ms to 1 s, until the call's deadline, or at most `retries`
-//!   more times when that is set. A TLS handshake that failed fails again
-//!   and is not retried.
+//!   more times when that is set. A TLS handshake that failed, or an HTTP/2
+//!   protocol error (plaintext to a TLS port), fails again and is not
+//!   retried.
 //! - ABORTED, for pushes and pulls only (another copy of the push is being
 //!   received; a round was applied during a read): tried again after a
 //!   pause doubling from 5 ms to 200 ms, until the deadline.
@@ -50,18 +51,25 @@ pub struct Retry {
     pub counts: Arc<Retried>,
 }
 
-/// Whether `status` is a TLS handshake that failed: the server's
-/// certificate not signed by the CA given, a name that does not match.
-fn tls_refused(status: &Status) -> bool {
+/// Whether `status` is a failure that trying again cannot mend: a TLS
+/// handshake that failed (the server's certificate not signed by the CA
+/// given, a name that does not match), or an HTTP/2 protocol error (a
+/// plaintext client of a TLS port).
+fn never_succeeds(status: &Status) -> bool {
     let mut text = status.message().to_ascii_lowercase();
     let mut source = std::error::Error::source(status);
     while let Some(e) = source {
         text.push_str(&e.to_string().to_ascii_lowercase());
         source = e.source();
     }
-    ["handshake", "certificate", "unknownissuer"]
-        .iter()
-        .any(|w| text.contains(w))
+    [
+        "handshake",
+        "certificate",
+        "unknownissuer",
+        "protocol error",
+    ]
+    .iter()
+    .any(|w| text.contains(w))
 }
 
 /// A status as the caller should see it: tonic reports the client's own
@@ -116,7 +124,7 @@ impl Retry {
             };
             let pause = match status.code() {
                 Code::Unavailable
-                    if self.retries.is_none_or(|n| retried < n) && !tls_refused(&status) =>
+                    if self.retries.is_none_or(|n| retried < n) && !never_succeeds(&status) =>
                 {
                     retried += 1;
                     self.counts.unavailable.fetch_add(1, Ordering::Relaxed);

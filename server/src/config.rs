@@ -13,6 +13,7 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::auth::AuthToken;
 use crate::checkpoint::CheckpointSettings;
+use crate::limits::Limits;
 use crate::node::NodeConfig;
 
 /// How log lines are written.
@@ -69,6 +70,18 @@ pub struct Config {
     pub tls_client_ca: Option<PathBuf>,
     /// PEM CA that other shards' certificates chain to; default: `tls_client_ca`.
     pub tls_peer_ca: Option<PathBuf>,
+    /// Jobs held at once.
+    pub max_jobs: usize,
+    /// Memory one job may need (parameters, gradient, optimizer state), in bytes.
+    pub max_job_bytes: u64,
+    /// Memory all jobs together may need, in bytes.
+    pub max_total_bytes: u64,
+    /// Workers of one job.
+    pub max_workers: u32,
+    /// Parameter tensors of one job.
+    pub max_params: usize,
+    /// Length of a parameter name, in bytes.
+    pub max_name_bytes: usize,
 }
 
 impl Default for Config {
@@ -95,6 +108,12 @@ impl Default for Config {
             tls_key: None,
             tls_client_ca: None,
             tls_peer_ca: None,
+            max_jobs: node.limits.max_jobs,
+            max_job_bytes: node.limits.max_job_bytes,
+            max_total_bytes: node.limits.max_total_bytes,
+            max_workers: node.limits.max_workers,
+            max_params: node.limits.max_params,
+            max_name_bytes: node.limits.max_name_bytes,
         }
     }
 }
@@ -193,6 +212,24 @@ pub struct Overrides {
     /// PEM CA of the other shards' certificates [default: --tls-client-ca].
     #[arg(long, env = "PARAMD_TLS_PEER_CA")]
     pub tls_peer_ca: Option<PathBuf>,
+    /// Jobs held at once [default: 1024].
+    #[arg(long, env = "PARAMD_MAX_JOBS")]
+    pub max_jobs: Option<usize>,
+    /// Memory one job may need (parameters, gradient, state), in bytes [default: 16 GiB].
+    #[arg(long, env = "PARAMD_MAX_JOB_BYTES")]
+    pub max_job_bytes: Option<u64>,
+    /// Memory all jobs together may need, in bytes [default: 16 GiB].
+    #[arg(long, env = "PARAMD_MAX_TOTAL_BYTES")]
+    pub max_total_bytes: Option<u64>,
+    /// Workers of one job [default: 4096].
+    #[arg(long, env = "PARAMD_MAX_WORKERS")]
+    pub max_workers: Option<u32>,
+    /// Parameter tensors of one job [default: 100000].
+    #[arg(long, env = "PARAMD_MAX_PARAMS")]
+    pub max_params: Option<usize>,
+    /// Length of a parameter name, in bytes [default: 1024].
+    #[arg(long, env = "PARAMD_MAX_NAME_BYTES")]
+    pub max_name_bytes: Option<usize>,
 }
 
 /// Sets each field of `config` that `overrides` gives.
@@ -215,7 +252,8 @@ impl Config {
         overlay!(config, o;
             listen, http_listen, chunk_bytes, max_message_bytes, max_concurrent_requests,
             max_pull_wait, shard_index, cluster, peer_timeout, round_timeout, checkpoint_every,
-            keep_checkpoints, shutdown_grace, log_format;
+            keep_checkpoints, shutdown_grace, log_format, max_jobs, max_job_bytes,
+            max_total_bytes, max_workers, max_params, max_name_bytes;
             optional checkpoint_dir, auth_token_file, tls_cert, tls_key, tls_client_ca, tls_peer_ca);
         Ok(config)
     }
@@ -280,8 +318,21 @@ impl Config {
         if self.keep_checkpoints == 0 {
             return Err("keep_checkpoints must be at least 1, got 0".into());
         }
-        if self.max_concurrent_requests == 0 {
-            return Err("max_concurrent_requests must be at least 1, got 0".into());
+        for (key, v) in [
+            (
+                "max_concurrent_requests",
+                self.max_concurrent_requests as u64,
+            ),
+            ("max_jobs", self.max_jobs as u64),
+            ("max_job_bytes", self.max_job_bytes),
+            ("max_total_bytes", self.max_total_bytes),
+            ("max_workers", u64::from(self.max_workers)),
+            ("max_params", self.max_params as u64),
+            ("max_name_bytes", self.max_name_bytes as u64),
+        ] {
+            if v == 0 {
+                return Err(format!("{key} must be at least 1, got 0"));
+            }
         }
         let token = match &self.auth_token_file {
             Some(path) => Some(transport::read_token(path)?),
@@ -309,6 +360,14 @@ impl Config {
             peer_credentials,
             auth_token: token.as_deref().map(AuthToken::new),
             tls,
+            limits: Limits {
+                max_jobs: self.max_jobs,
+                max_job_bytes: self.max_job_bytes,
+                max_total_bytes: self.max_total_bytes,
+                max_workers: self.max_workers,
+                max_params: self.max_params,
+                max_name_bytes: self.max_name_bytes,
+            },
         };
         config.validate().map_err(|e| e.to_string())?;
         let grace = seconds("shutdown_grace", self.shutdown_grace)?;

@@ -16,6 +16,7 @@ pub mod fuzzing;
 pub mod http;
 pub mod job;
 pub mod layout;
+pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod optim;

@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::invalid;
 use crate::job::Job;
 use crate::layout::{DEFAULT_CHUNK_BYTES, Layout};
+use crate::limits::{Admitted, Limits, Pending, job_bytes};
 use crate::pieces::{Ownership, initial_values, pack};
 use crate::spec::{JobConfig, validate_job_name};
 
@@ -54,6 +55,8 @@ pub struct NodeConfig {
     pub auth_token: Option<AuthToken>,
     /// This server's TLS identity and client CA; none: plaintext.
     pub tls: Option<ServerTlsConfig>,
+    /// What jobs may declare.
+    pub limits: Limits,
 }
 
 impl Default for NodeConfig {
@@ -71,6 +74,7 @@ impl Default for NodeConfig {
             max_concurrent_requests: 256,
             auth_token: None,
             tls: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -119,6 +123,8 @@ pub struct Node {
     restoring: DashMap<String, String>,
     /// False while checkpoints are being restored.
     ready: AtomicBool,
+    /// Jobs admitted and being created.
+    pending: Pending,
     pub config: NodeConfig,
     pub cluster: Arc<Cluster>,
 }
@@ -146,10 +152,25 @@ impl Node {
             jobs: DashMap::new(),
             restoring: DashMap::new(),
             ready: AtomicBool::new(cluster.checkpoints.is_none()),
+            pending: Pending::default(),
             cluster: Arc::new(cluster),
             config,
         };
         Ok(node)
+    }
+
+    /// Checks what a new job declares against the limits and reserves its
+    /// place until the returned admission is dropped (once the job is
+    /// created, or not), before anything of its size is read or allocated.
+    pub fn admit(&self, config: &JobConfig) -> Result<Admitted<'_>> {
+        let held = self
+            .jobs
+            .iter()
+            .map(|j| job_bytes(&j.config).unwrap_or(u64::MAX))
+            .fold(0u64, u64::saturating_add);
+        self.config
+            .limits
+            .admit(&self.pending, config, self.jobs.len(), held)
     }
 
     /// Whether the node serves calls: its checkpoints are restored.

@@ -69,8 +69,7 @@ pub(crate) async fn read_segments<M>(
     loop {
         if bytes > budget {
             return Err(Error::TooLarge(format!(
-                "{what}: more than {budget} bytes sent, the job expects {} at most",
-                budget.saturating_sub(PAYLOAD_SLACK) / 2
+                "{what}: more than {budget} bytes sent, more than the job can hold"
             ))
             .into());
         }
@@ -135,7 +134,10 @@ impl ParamServer for Service {
                 created: false,
             }));
         }
-        let budget = 2 * config.numel() * 4 + PAYLOAD_SLACK;
+        // Before a byte of the values is read: the limits bound the job's
+        // size, and its place is reserved until it is created (or not).
+        let _admitted = self.node.admit(&config)?;
+        let budget = (config.numel() * 4).saturating_add(PAYLOAD_SLACK);
         let what = format!("initial values of job '{}'", first.job);
         let values = read_segments(first.values, &mut stream, budget, &what, |m| m.values).await?;
         let created = self.node.create(&first.job, &spec, config, values).await?;
@@ -201,7 +203,10 @@ impl ParamServer for Service {
         if !admit()? {
             return Ok(pushed(job.status().workers_pushed, true));
         }
-        let budget = 2 * job.push_bytes() + PAYLOAD_SLACK;
+        let budget = job
+            .push_bytes()
+            .saturating_mul(2)
+            .saturating_add(PAYLOAD_SLACK);
         let what = format!("push of worker {} for round {}", first.worker, first.round);
         let grads = read_segments(first.grads, &mut stream, budget, &what, |m| m.grads).await?;
         let (admission, count) = job

@@ -57,7 +57,9 @@ impl Shard for ShardService {
             .clone()
             .ok_or_else(|| Status::invalid_argument("layout is required"))?;
         let config = JobConfig::try_from(spec)?;
-        let budget = 2 * config.numel() * 4 + PAYLOAD_SLACK;
+        // The same limits as Init: a shard's part is never more than that.
+        let _admitted = self.node.admit(&config)?;
+        let budget = (config.numel() * 4).saturating_add(PAYLOAD_SLACK);
         let what = format!("initial values of job '{}'", first.job);
         let job = first.job.clone();
         let values = read_segments(first.values, &mut stream, budget, &what, |m| m.values).await?;

@@ -149,8 +149,10 @@ impl JobConfig {
 
 /// Checks a job name: it becomes a metric label and a file name later.
 pub fn validate_job_name(job: &str) -> Result<()> {
+    // It names the job's checkpoint folder: never `.`, `..` or hidden.
     let ok = !job.is_empty()
         && job.len() <= 128
+        && !job.starts_with('.')
         && job
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
@@ -158,7 +160,8 @@ pub fn validate_job_name(job: &str) -> Result<()> {
         Ok(())
     } else {
         Err(invalid!(
-            "job name {job:?} is invalid: use 1 to 128 characters from [A-Za-z0-9._-]"
+            "job name \"{}\" is invalid: use 1 to 128 characters from [A-Za-z0-9._-], not starting with a dot",
+            crate::limits::shown(job)
         ))
     }
 }

@@ -1,0 +1,143 @@
+//! Admission limits: a job's declared sizes are checked against the
+//! server's limits before any of its values is read or allocated, refused
+//! with the limit and the value named, and nothing is kept of a refused
+//! job; a deleted job gives its place back.
+
+use paramd::limits::Limits;
+use paramd::node::NodeConfig;
+use paramd_client::v1 as pb;
+use paramd_client::{Client, ClientError};
+use paramd_tests::{TestServer, one_param_spec};
+use tonic::Code;
+
+fn refused(r: Result<pb::InitResponse, ClientError>, code: Code, naming: &str) {
+    let e = r.expect_err("refused");
+    let status = e.status().expect("a status");
+    assert_eq!(status.code(), code, "{e}");
+    assert!(status.message().contains(naming), "{naming:?} not in: {e}");
+}
+
+async fn server(limits: Limits) -> (TestServer, Client) {
+    let config = NodeConfig {
+        limits,
+        ..NodeConfig::default()
+    };
+    let server = TestServer::with_config(config).await;
+    let c = server.client().await;
+    (server, c)
+}
+
+fn sgd(shape: &[u64], workers: u32) -> pb::JobSpec {
+    one_param_spec(pb::OptimizerKind::Sgd, shape, workers, 0.1)
+}
+
+#[tokio::test]
+async fn a_tiny_init_declaring_terabytes_is_refused_before_anything_is_allocated() {
+    let (_server, mut c) = server(Limits::default()).await;
+    let before = c.status(None).await.expect("status").rss_bytes;
+    // 2^44 elements: 64 TiB of parameters, in a request of a few bytes.
+    let huge = one_param_spec(pb::OptimizerKind::Adamw, &[1 << 22, 1 << 22], 1, 0.1);
+    refused(
+        c.init("huge", huge, &[]).await,
+        Code::ResourceExhausted,
+        "max_job_bytes",
+    );
+    // 2^62 elements and more do not overflow the arithmetic either.
+    let absurd = sgd(&[1 << 31, 1 << 31, 1 << 31], 1);
+    let e = c.init("absurd", absurd, &[]).await.expect_err("refused");
+    assert!(
+        matches!(
+            e.status().map(tonic::Status::code),
+            Some(Code::ResourceExhausted | Code::InvalidArgument)
+        ),
+        "{e}"
+    );
+    let status = c.status(None).await.expect("status");
+    assert!(status.jobs.is_empty(), "nothing kept: {:?}", status.jobs);
+    assert!(
+        status.rss_bytes < before + (64 << 20),
+        "RSS grew from {before} to {}",
+        status.rss_bytes
+    );
+}
+
+#[tokio::test]
+async fn counts_and_names_are_bounded() {
+    let limits = Limits {
+        max_workers: 8,
+        max_params: 2,
+        max_name_bytes: 16,
+        ..Limits::default()
+    };
+    let (_server, mut c) = server(limits).await;
+    refused(
+        c.init("workers", sgd(&[4], 9), &[]).await,
+        Code::ResourceExhausted,
+        "workers = 9 is over this server's max_workers (8)",
+    );
+    let mut three = sgd(&[4], 1);
+    for n in ["a", "b"] {
+        three.params.push(pb::ParamSpec {
+            name: n.into(),
+            shape: vec![2],
+        });
+    }
+    refused(
+        c.init("params", three, &[]).await,
+        Code::ResourceExhausted,
+        "3 parameters, over this server's max_params (2)",
+    );
+    let mut long = sgd(&[4], 1);
+    long.params[0].name = "x".repeat(5000);
+    refused(
+        c.init("names", long, &[]).await,
+        Code::InvalidArgument,
+        "5000 bytes, over this server's max_name_bytes (16)",
+    );
+    for bad in ["..", ".", ".hidden"] {
+        refused(
+            c.init(bad, sgd(&[4], 1), &[("w", &[0.0; 4])]).await,
+            Code::InvalidArgument,
+            "not starting with a dot",
+        );
+    }
+    assert!(c.status(None).await.expect("status").jobs.is_empty());
+}
+
+#[tokio::test]
+async fn jobs_and_their_bytes_are_reserved_and_given_back_on_delete() {
+    // An SGD job of 50 elements needs 400 bytes (parameters and gradient).
+    let limits = Limits {
+        max_jobs: 2,
+        max_total_bytes: 1000,
+        ..Limits::default()
+    };
+    let (_server, mut c) = server(limits).await;
+    let values = [0.5f32; 50];
+    c.init("a", sgd(&[50], 1), &[("w", &values)])
+        .await
+        .expect("a");
+    c.init("b", sgd(&[50], 1), &[("w", &values)])
+        .await
+        .expect("b");
+    refused(
+        c.init("c", sgd(&[1], 1), &[("w", &[0.0])]).await,
+        Code::ResourceExhausted,
+        "max_jobs",
+    );
+    c.delete_job("b").await.expect("delete b");
+    refused(
+        c.init("big", sgd(&[100], 1), &[("w", &[0.0; 100])]).await,
+        Code::ResourceExhausted,
+        "the job needs 800 bytes and the jobs held need 400: over this server's max_total_bytes (1000)",
+    );
+    c.init("c", sgd(&[50], 1), &[("w", &values)])
+        .await
+        .expect("room again after the delete");
+    // Init of a job that exists is still a no-op, not a new admission.
+    let again = c
+        .init("a", sgd(&[50], 1), &[("w", &values)])
+        .await
+        .expect("existing");
+    assert!(!again.created);
+}
