@@ -420,7 +420,8 @@ fn complete_rounds(job_dir: &Path) -> Vec<u64> {
         .collect()
 }
 
-/// The jobs with a directory under `root`.
+/// The jobs with a directory under `root`: folders named as a job may be
+/// (not those a deleted job was moved to).
 pub fn jobs(root: &Path) -> Vec<String> {
     let Ok(entries) = fs::read_dir(root) else {
         return Vec::new();
@@ -429,9 +430,30 @@ pub fn jobs(root: &Path) -> Vec<String> {
         .filter_map(|e| e.ok())
         .filter(|e| e.path().is_dir())
         .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter(|name| crate::spec::validate_job_name(name).is_ok())
         .collect();
     jobs.sort();
     jobs
+}
+
+/// Moves the checkpoints of deleted job `job` aside, to
+/// `<job>@deleted-<unix seconds>-<pid>` (`@` is never in a job name), so
+/// that a restart does not bring the job back and a job re-created under
+/// its name starts afresh; returns where they went, if there were any.
+pub fn set_aside_deleted(root: &Path, job: &str) -> Result<Option<PathBuf>> {
+    let dir = root.join(job);
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let aside = root.join(format!("{job}@deleted-{secs}-{}", std::process::id()));
+    fs::rename(&dir, &aside).map_err(io("rename", &dir))?;
+    fs::File::open(root)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsync", root))?;
+    Ok(Some(aside))
 }
 
 /// Loads the newest checkpoint of `job` that is complete and intact for

@@ -13,7 +13,7 @@ use paramd_proto::v1::Segment;
 use tonic::transport::ServerTlsConfig;
 
 use crate::auth::AuthToken;
-use crate::checkpoint::CheckpointSettings;
+use crate::checkpoint::{self, CheckpointSettings};
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::invalid;
@@ -464,6 +464,18 @@ impl Node {
             .ok_or_else(|| Error::NotFound(name.to_owned()))?;
         job.close();
         tracing::info!(job = %name, shard = self.cluster.shard, "job deleted");
+        if let Some(settings) = &self.cluster.checkpoints {
+            // A restart must not bring the deleted job back.
+            match checkpoint::set_aside_deleted(&settings.dir, name) {
+                Ok(Some(aside)) => {
+                    tracing::info!(job = %name, to = %aside.display(), "checkpoints of the deleted job moved aside")
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(job = %name, error = %e, "cannot move the deleted job's checkpoints aside")
+                }
+            }
+        }
         if self.cluster.shard != 0 {
             return Ok(());
         }

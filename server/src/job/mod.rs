@@ -144,6 +144,11 @@ impl Job {
     /// Refuses workers while the job waits for the shards to agree on the
     /// round they restore.
     pub fn check_serving(&self) -> Result<()> {
+        // A push admitted before the job was deleted is refused when it
+        // is recorded, not acknowledged into a job that no longer exists.
+        if self.deleted.load(Ordering::Acquire) {
+            return Err(Error::NotFound(self.name.clone()));
+        }
         match self.held.lock().as_ref() {
             None => Ok(()),
             Some(why) => Err(Error::Unavailable(why.clone())),
