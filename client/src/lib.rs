@@ -15,6 +15,7 @@ pub mod export;
 pub mod memory;
 pub mod replay;
 pub mod retry;
+mod route;
 pub mod trace;
 
 use std::collections::HashMap;
@@ -28,10 +29,9 @@ use paramd_proto::v1::param_server_client::ParamServerClient;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Endpoint;
 
-use crate::codec::{
-    Payload, PullCodec, PullMessage, PullTargets, PushCodec, PushMessage, SegmentRef, Target,
-};
+use crate::codec::{Payload, PullCodec, PullMessage, PullTargets, PushCodec, PushMessage, Target};
 use crate::retry::Retry;
+use crate::route::{Route, Shard, pack_refs};
 
 pub use paramd_proto::transport::Credentials;
 pub use paramd_proto::v1;
@@ -39,7 +39,7 @@ pub use paramd_proto::wire::to_le_bytes;
 
 /// Largest segment a tensor is cut into, and the payload packed into one
 /// message: far below the 64 MiB message limit whatever the model size.
-const MESSAGE_BYTES: usize = 4 << 20;
+pub(crate) const MESSAGE_BYTES: usize = 4 << 20;
 
 /// Pulls tried before giving up on shards that keep answering from
 /// different rounds.
@@ -98,155 +98,6 @@ pub struct Pulled {
     pub last: Option<pb::RoundOutcome>,
     /// Values by parameter name.
     pub params: HashMap<String, Vec<f32>>,
-}
-
-/// One shard of a job: its address and a connection to it.
-#[derive(Debug, Clone)]
-struct Shard {
-    url: String,
-    channel: AuthChannel,
-}
-
-/// Where a job's chunks live, and a connection to every shard.
-#[derive(Debug)]
-struct Route {
-    job: String,
-    chunk_elems: usize,
-    /// Parameters in the layout's order: name, shape, first chunk id.
-    order: Vec<(Arc<str>, Vec<u64>, usize)>,
-    /// Index into `order` by name.
-    index: HashMap<Arc<str>, usize>,
-    owners: Arc<Vec<u32>>,
-    shards: Vec<Shard>,
-    /// The layout as the coordinator sent it.
-    layout: pb::LayoutResponse,
-}
-
-impl Route {
-    fn numel(&self, i: usize) -> usize {
-        self.order[i].1.iter().product::<u64>() as usize
-    }
-
-    /// Refuses tensors that do not cover the job's parameters exactly
-    /// (unknown names, wrong sizes, missing ones), before anything is sent.
-    /// On a cluster each shard only sees its own chunks, so this is where a
-    /// malformed push is refused whole, before any shard counts part of it.
-    pub fn check(&self, what: &str, tensors: &[(&str, usize)]) -> Result<()> {
-        let job = &self.job;
-        for &(name, len) in tensors {
-            let Some(&i) = self.index.get(name) else {
-                let mut known: Vec<String> = self
-                    .order
-                    .iter()
-                    .take(8)
-                    .map(|(n, ..)| format!("'{n}'"))
-                    .collect();
-                if self.order.len() > 8 {
-                    known.push("...".into());
-                }
-                return Err(ClientError::Invalid(format!(
-                    "{what}: unknown parameter '{name}' (job '{job}' has {})",
-                    known.join(", ")
-                )));
-            };
-            if len != self.numel(i) {
-                return Err(ClientError::Invalid(format!(
-                    "{what}: '{name}' has {len} values; its shape {:?} holds {}",
-                    self.order[i].1,
-                    self.numel(i)
-                )));
-            }
-        }
-        let given: std::collections::HashSet<&str> = tensors.iter().map(|(n, _)| *n).collect();
-        let missing: Vec<String> = self
-            .order
-            .iter()
-            .filter(|(n, ..)| !given.contains(n.as_ref()))
-            .map(|(n, ..)| format!("'{n}'"))
-            .collect();
-        if !missing.is_empty() {
-            return Err(ClientError::Invalid(format!(
-                "{what}: parameter {} missing; a push covers every parameter of job '{job}'",
-                missing.join(", ")
-            )));
-        }
-        Ok(())
-    }
-
-    /// Cuts tensors into one list of segments per shard: consecutive chunks
-    /// held by one shard travel as one run, cut at `MESSAGE_BYTES`. A
-    /// tensor the layout does not describe (unknown, or of the wrong size)
-    /// goes whole to every shard: each refuses the whole push, naming what
-    /// is wrong, so no shard counts part of it.
-    fn split(&self, tensors: &[(Arc<str>, Payload)]) -> Vec<Vec<SegmentRef>> {
-        let mut out = vec![Vec::new(); self.shards.len()];
-        for (name, payload) in tensors {
-            let known = self
-                .index
-                .get(name)
-                .filter(|&&i| self.numel(i) * 4 == payload.len());
-            let Some(&i) = known else {
-                let whole = runs(name, payload, 0, payload.len() / 4);
-                for shard in &mut out {
-                    shard.extend(whole.iter().cloned());
-                }
-                continue;
-            };
-            let (first, numel, ce) = (self.order[i].2, self.numel(i), self.chunk_elems);
-            let chunks = numel.div_ceil(ce);
-            let mut k = 0;
-            while k < chunks {
-                let owner = self.owners[first + k];
-                let mut j = k + 1;
-                while j < chunks && self.owners[first + j] == owner {
-                    j += 1;
-                }
-                out[owner as usize].extend(runs(name, payload, k * ce, (j * ce).min(numel)));
-                k = j;
-            }
-        }
-        out
-    }
-}
-
-/// Elements `start..end` of a tensor as segments of at most
-/// `MESSAGE_BYTES`; an empty tensor is one empty segment, so it is still
-/// sent.
-fn runs(name: &Arc<str>, payload: &Payload, start: usize, end: usize) -> Vec<SegmentRef> {
-    let step = MESSAGE_BYTES / 4;
-    let segment = |from: usize, to: usize| SegmentRef {
-        param: Arc::clone(name),
-        offset: from as u64,
-        payload: payload.clone(),
-        start: from * 4,
-        len: (to - from) * 4,
-    };
-    if end <= start {
-        return vec![segment(start, start)];
-    }
-    (start..end)
-        .step_by(step)
-        .map(|from| segment(from, (from + step).min(end)))
-        .collect()
-}
-
-/// Groups segments, in order, into messages of at most `MESSAGE_BYTES`
-/// of payload (a larger segment gets a message of its own).
-fn pack_refs(segments: Vec<SegmentRef>) -> Vec<PushMessage> {
-    let mut out = Vec::new();
-    let (mut current, mut size) = (Vec::new(), 0);
-    for seg in segments {
-        if size + seg.len > MESSAGE_BYTES && !current.is_empty() {
-            out.push(PushMessage::Grads(std::mem::take(&mut current)));
-            size = 0;
-        }
-        size += seg.len;
-        current.push(seg);
-    }
-    if !current.is_empty() {
-        out.push(PushMessage::Grads(current));
-    }
-    out
 }
 
 /// Where the pulled values of one parameter go.
@@ -871,20 +722,5 @@ mod tests {
         }
         let sent: usize = messages.iter().flatten().map(|s| s.data.len()).sum();
         assert_eq!(sent, (big.len() + small.len()) * 4);
-    }
-
-    #[test]
-    fn runs_cover_a_tensor_in_message_sized_pieces() {
-        let n = MESSAGE_BYTES / 4 * 2 + 3;
-        let payload = Payload::Owned(to_le_bytes(&vec![0.5; n]));
-        let name: Arc<str> = Arc::from("w");
-        let segs = runs(&name, &payload, 0, n);
-        assert_eq!(segs.len(), 3);
-        assert_eq!(segs.iter().map(|s| s.len).sum::<usize>(), n * 4);
-        assert!(segs.windows(2).all(|w| w[0].start + w[0].len == w[1].start));
-        let messages = pack_refs(segs);
-        assert_eq!(messages.len(), 3);
-        let empty = runs(&name, &Payload::Owned(Bytes::new()), 0, 0);
-        assert_eq!(empty.len(), 1, "an empty tensor still travels");
     }
 }
