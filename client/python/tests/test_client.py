@@ -132,3 +132,35 @@ def test_checkpoint_returns_the_round(paramd_bin, tmp_path, job_name):
         assert int(taken.name) == 1 and (taken / "MANIFEST.json").is_file()
     finally:
         server.stop()
+
+
+def test_a_waiting_pull_releases_the_gil_and_writes_into_the_callers_arrays(one_shard, job_name):
+    # A pull waits in the native core for a round that only this thread can
+    # complete: if the core held the GIL while it waits, the push below
+    # could not run and the pull would time out.
+    import threading
+
+    c = one_shard.client(timeout=60)
+    c.init(job_name, INIT, paramd.SGD(lr=0.5), workers=1)
+    out = {n: np.zeros(np.shape(v), np.float32) for n, v in INIT.items()}
+    addresses = {n: a.__array_interface__["data"][0] for n, a in out.items()}
+    got = {}
+
+    def pull():
+        got["result"] = c.pull_into(job_name, 1, out)
+
+    waiter = threading.Thread(target=pull)
+    waiter.start()
+    g = grads(3)
+    c.push(job_name, 0, 0, g)
+    waiter.join(60)
+    assert not waiter.is_alive() and got["result"][0] == 1
+    for n, v in INIT.items():
+        np.testing.assert_array_equal(out[n], np.asarray(v, np.float32) - np.float32(0.5) * g[n])
+        # Written where the arrays are, not replaced.
+        assert out[n].__array_interface__["data"][0] == addresses[n]
+    # Arrays the core cannot write into are refused before any call.
+    with pytest.raises(paramd.InvalidArgument, match="contiguous, writable float32"):
+        c.pull_into(job_name, 1, {"enc.bias": np.zeros(24, np.float64)})
+    with pytest.raises(paramd.InvalidArgument, match="destination holds 23"):
+        c.pull_into(job_name, 1, {"enc.bias": np.zeros(23, np.float32)})
