@@ -12,7 +12,11 @@ and the parameters stay as they were. Each repeat, alternating:
         sent and acknowledged by the server (the round completes with it);
   pull  `client.pull(job, round + 1)` started only once the server reports
         that round complete (`client.job_status(job).round`), so it times
-        the data path, not the wait: request, every byte back, arrays out;
+        the data path, not the wait: request, every byte back, new arrays
+        out (whose first touch costs page faults);
+  into  `client.pull_into(job, round + 1, arrays)` into arrays allocated
+        once: what `paramd.torch` does with a model's parameters, and what
+        the raw TCP receiver does with its buffer;
   tcp   one transfer of the same byte count over one loopback TCP
         connection, Python's sendall and recv_into (bench/raw_tcp.py, in
         this process): the ceiling for anything moving these bytes here.
@@ -35,8 +39,9 @@ python):
     $PY bench/client_io.py --paramd target/debug/paramd --params 1000000
 
 Prints a summary, then one JSON line per layout (only those with `--json`):
-{"tensors", "bytes", "repeat", "push_gbps", "pull_gbps", "tcp_gbps",
-"push_vs_tcp", "pull_vs_tcp", "push_seconds", "pull_seconds"}. Progress
+{"tensors", "bytes", "repeat", "push_gbps", "pull_gbps", "into_gbps",
+"tcp_gbps", "push_vs_tcp", "pull_vs_tcp", "into_vs_tcp", "push_seconds",
+"pull_seconds", "into_seconds"}. Progress
 goes to stderr.
 """
 
@@ -95,8 +100,10 @@ class Layout:
         self.round = client.init(
             self.job, {m: np.zeros(s, np.float32) for m, s in zip(self.names, sizes)}, paramd.SGD(lr=0.0), workers=1
         ).round
+        self.into = {m: np.empty(s, np.float32) for m, s in zip(self.names, sizes)}
         self.push_s: List[float] = []
         self.pull_s: List[float] = []
+        self.into_s: List[float] = []
 
     def once(self, timed: bool) -> None:
         """Pushes one round, waits for it, pulls it; times the push and the pull."""
@@ -108,15 +115,18 @@ class Layout:
         t2 = time.perf_counter()
         pulled = self.client.pull(self.job, self.round)
         t3 = time.perf_counter()
+        self.client.pull_into(self.job, self.round, self.into)
+        t4 = time.perf_counter()
         if timed:
             self.push_s.append(t1 - t0)
             self.pull_s.append(t3 - t2)
+            self.into_s.append(t4 - t3)
         else:
             # SGD with lr 0 keeps the zeros: a sanity check of what came back.
             for m, g in self.grads.items():
-                a = pulled.params[m]
-                if a.shape != g.shape or np.any(a):
-                    raise RuntimeError("pulled %s: not the %s zeros pushed to a lr-0 job" % (m, g.shape))
+                for a in (pulled.params[m], self.into[m]):
+                    if a.shape != g.shape or np.any(a):
+                        raise RuntimeError("pulled %s: not the %s zeros pushed to a lr-0 job" % (m, g.shape))
 
 
 def main(argv=None) -> int:
@@ -161,6 +171,7 @@ def main(argv=None) -> int:
     for lay in layouts:
         push = [nbytes / t / 1e9 for t in lay.push_s]
         pull = [nbytes / t / 1e9 for t in lay.pull_s]
+        into = [nbytes / t / 1e9 for t in lay.into_s]
         results.append(
             {
                 "tensors": lay.k,
@@ -168,18 +179,21 @@ def main(argv=None) -> int:
                 "repeat": args.repeat,
                 "push_gbps": statistics.median(push),
                 "pull_gbps": statistics.median(pull),
+                "into_gbps": statistics.median(into),
                 "tcp_gbps": tcp_med,
                 "push_vs_tcp": statistics.median(p / t for p, t in zip(push, tcp)),
                 "pull_vs_tcp": statistics.median(p / t for p, t in zip(pull, tcp)),
+                "into_vs_tcp": statistics.median(p / t for p, t in zip(into, tcp)),
                 "push_seconds": statistics.median(lay.push_s),
                 "pull_seconds": statistics.median(lay.pull_s),
+                "into_seconds": statistics.median(lay.into_s),
             }
         )
     if not args.json:
         for d in results:
             print(
                 "%g MiB in %d tensor%s: push %.2f GB/s (%.2f of raw TCP), pull %.2f GB/s (%.2f of raw TCP), "
-                "raw TCP %.2f GB/s"
+                "pull_into %.2f GB/s (%.2f of raw TCP), raw TCP %.2f GB/s"
                 % (
                     nbytes / 2**20,
                     d["tensors"],
@@ -188,6 +202,8 @@ def main(argv=None) -> int:
                     d["push_vs_tcp"],
                     d["pull_gbps"],
                     d["pull_vs_tcp"],
+                    d["into_gbps"],
+                    d["into_vs_tcp"],
                     tcp_med,
                 )
             )
