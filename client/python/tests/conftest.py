@@ -24,6 +24,9 @@ import pytest
 
 import paramd
 
+# The fake shards' fixture (`fakes`), for every test module.
+pytest_plugins = ["fakes"]
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent.parent
 EXAMPLES = HERE.parent / "examples"

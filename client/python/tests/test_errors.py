@@ -9,7 +9,6 @@ import pytest
 
 import paramd
 from conftest import reserve_ports
-from fakes import fakes  # noqa: F401 (a fixture)
 from paramd.errors import StatusCode, from_status
 
 
