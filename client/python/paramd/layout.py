@@ -33,7 +33,6 @@ class Route:
 
     def __init__(self, layout: "pb.LayoutResponse", job: str = ""):
         self.job = job
-        self.shards: List[str] = list(layout.shards)
         self.shapes: Dict[str, Tuple[int, ...]] = {}
         self.order: List[str] = []
         for p in layout.params:
