@@ -379,6 +379,9 @@ fn print_status(j: &pb::JobStatus) {
                     sh.optimizer_state_bytes,
                     sh.round
                 );
+                if !sh.error.is_empty() {
+                    println!("      not progressing: {}", sh.error);
+                }
             } else {
                 println!("    {} {:<24} DOWN  {}", sh.index, sh.address, sh.error);
             }

@@ -30,43 +30,46 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Shard `shard` of the cluster at `urls` (empty: a one-shard cluster).
-    /// Connections to other shards are made lazily, so shards may start in
-    /// any order.
+    /// Shard `shard` of the cluster whose workers reach it at `urls` and
+    /// whose shards reach each other at `peers` (both empty: a one-shard
+    /// cluster). Connections to other shards are made lazily, so shards may
+    /// start in any order.
     pub fn new(
         shard: usize,
         urls: Vec<String>,
+        peers: &[String],
         peer_timeout: Duration,
         round_timeout: Duration,
         credentials: &Credentials,
     ) -> Result<Cluster> {
-        Cluster::check(shard, &urls)?;
-        let mut peers = Vec::with_capacity(urls.len());
-        for (i, url) in urls.iter().enumerate() {
+        Cluster::check(shard, &urls, peers)?;
+        let mut clients = Vec::with_capacity(peers.len());
+        for (i, url) in peers.iter().enumerate() {
             if i == shard {
-                peers.push(None);
+                clients.push(None);
                 continue;
             }
             let endpoint = credentials
                 .endpoint(url, peer_timeout)
-                .map_err(|e| invalid!("cluster[{i}]: {e}"))?;
+                .map_err(|e| invalid!("peers[{i}]: {e}"))?;
             let client = ShardClient::new(credentials.wrap(endpoint.connect_lazy()))
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20);
-            peers.push(Some(client));
+            clients.push(Some(client));
         }
         Ok(Cluster {
             shard,
             urls,
-            peers,
+            peers: clients,
             peer_timeout,
             round_timeout,
             checkpoints: None,
         })
     }
 
-    /// Checks a shard index and the cluster's URLs, without connecting.
-    pub fn check(shard: usize, urls: &[String]) -> Result<()> {
+    /// Checks a shard index, the cluster's URLs and its peer URLs (one per
+    /// shard of a cluster of more than one), without connecting.
+    pub fn check(shard: usize, urls: &[String], peers: &[String]) -> Result<()> {
         if urls.is_empty() && shard != 0 {
             return Err(invalid!(
                 "shard_index is {shard}, but without a cluster there is only shard 0"
@@ -78,14 +81,24 @@ impl Cluster {
                 urls.len()
             ));
         }
-        for (i, url) in urls.iter().enumerate() {
-            let uri: tonic::transport::Uri = url
-                .parse()
-                .map_err(|e| invalid!("cluster[{i}] {url:?} is not a URL: {e}"))?;
-            if uri.scheme().is_none() || uri.host().is_none() {
-                return Err(invalid!(
-                    "cluster[{i}] {url:?} is not a URL like http://host:port"
-                ));
+        let needed = if urls.len() > 1 { urls.len() } else { 0 };
+        if peers.len() != needed {
+            return Err(invalid!(
+                "peers lists {} URLs but a cluster of {} shards needs {needed}",
+                peers.len(),
+                urls.len().max(1)
+            ));
+        }
+        for (key, list) in [("cluster", urls), ("peers", peers)] {
+            for (i, url) in list.iter().enumerate() {
+                let uri: tonic::transport::Uri = url
+                    .parse()
+                    .map_err(|e| invalid!("{key}[{i}] {url:?} is not a URL: {e}"))?;
+                if uri.scheme().is_none() || uri.host().is_none() {
+                    return Err(invalid!(
+                        "{key}[{i}] {url:?} is not a URL like http://host:port"
+                    ));
+                }
             }
         }
         Ok(())

@@ -44,8 +44,18 @@ pub struct Config {
     pub max_pull_wait: f64,
     /// This shard's index in `cluster`; 0 is the coordinator.
     pub shard_index: usize,
-    /// Every shard's URL in shard order; empty: a one-shard cluster.
+    /// Every shard's URL in shard order, as clients reach it; empty: a
+    /// one-shard cluster.
     pub cluster: Vec<String>,
+    /// Address of the shard-to-shard service; required by a cluster of
+    /// more than one shard, refused by a one-shard daemon.
+    pub peer_listen: Option<SocketAddr>,
+    /// Every shard's `peer_listen` URL in shard order, as the other shards
+    /// reach it.
+    pub peers: Vec<String>,
+    /// File holding the token shards present to each other; required with
+    /// `auth_token_file` on a cluster, and never the workers' token.
+    pub peer_token_file: Option<PathBuf>,
     /// Deadline of a call to another shard, in seconds.
     pub peer_timeout: f64,
     /// Longest the coordinator waits for every shard's report, in seconds.
@@ -56,7 +66,7 @@ pub struct Config {
     pub checkpoint_every: u64,
     /// Checkpoints kept per job.
     pub keep_checkpoints: usize,
-    /// Seconds in-flight calls get to finish after SIGTERM or SIGINT.
+    /// Seconds from SIGTERM or SIGINT to exit (final checkpoint and drain).
     pub shutdown_grace: f64,
     /// `plain` or `json`.
     pub log_format: LogFormat,
@@ -96,6 +106,9 @@ impl Default for Config {
             max_pull_wait: node.max_pull_wait.as_secs_f64(),
             shard_index: 0,
             cluster: Vec::new(),
+            peer_listen: None,
+            peers: Vec::new(),
+            peer_token_file: None,
             peer_timeout: node.peer_timeout.as_secs_f64(),
             round_timeout: node.round_timeout.as_secs_f64(),
             checkpoint_dir: None,
@@ -120,6 +133,8 @@ impl Default for Config {
 
 /// Keys that may be left unset; `--print-config` lists them as comments.
 const OPTIONAL_KEYS: &[&str] = &[
+    "peer_listen",
+    "peer_token_file",
     "checkpoint_dir",
     "auth_token_file",
     "tls_cert",
@@ -176,6 +191,15 @@ pub struct Overrides {
     /// URLs of every shard, comma-separated, in shard order [default: one shard].
     #[arg(long, env = "PARAMD_CLUSTER", value_delimiter = ',')]
     pub cluster: Option<Vec<String>>,
+    /// Address of the shard-to-shard service (a cluster needs it) [default: none].
+    #[arg(long, env = "PARAMD_PEER_LISTEN")]
+    pub peer_listen: Option<SocketAddr>,
+    /// Every shard's --peer-listen URL, comma-separated, in shard order [default: none].
+    #[arg(long, env = "PARAMD_PEERS", value_delimiter = ',')]
+    pub peers: Option<Vec<String>>,
+    /// File holding the token shards present to each other [default: none].
+    #[arg(long, env = "PARAMD_PEER_TOKEN_FILE")]
+    pub peer_token_file: Option<PathBuf>,
     /// Deadline of a call to another shard, in seconds [default: 10].
     #[arg(long, env = "PARAMD_PEER_TIMEOUT")]
     pub peer_timeout: Option<f64>,
@@ -191,7 +215,7 @@ pub struct Overrides {
     /// Checkpoints kept per job [default: 3].
     #[arg(long, env = "PARAMD_KEEP_CHECKPOINTS")]
     pub keep_checkpoints: Option<usize>,
-    /// Seconds in-flight calls get after SIGTERM or SIGINT [default: 20].
+    /// Seconds from SIGTERM or SIGINT to exit, checkpoint and drain [default: 20].
     #[arg(long, env = "PARAMD_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<f64>,
     /// Log format [default: plain].
@@ -251,10 +275,10 @@ impl Config {
         let o = args.overrides;
         overlay!(config, o;
             listen, http_listen, chunk_bytes, max_message_bytes, max_concurrent_requests,
-            max_pull_wait, shard_index, cluster, peer_timeout, round_timeout, checkpoint_every,
+            max_pull_wait, shard_index, cluster, peers, peer_timeout, round_timeout, checkpoint_every,
             keep_checkpoints, shutdown_grace, log_format, max_jobs, max_job_bytes,
             max_total_bytes, max_workers, max_params, max_name_bytes;
-            optional checkpoint_dir, auth_token_file, tls_cert, tls_key, tls_client_ca, tls_peer_ca);
+            optional peer_listen, peer_token_file, checkpoint_dir, auth_token_file, tls_cert, tls_key, tls_client_ca, tls_peer_ca);
         Ok(config)
     }
 
@@ -334,15 +358,29 @@ impl Config {
                 return Err(format!("{key} must be at least 1, got 0"));
             }
         }
-        let token = match &self.auth_token_file {
-            Some(path) => Some(transport::read_token(path)?),
-            None => None,
-        };
+        self.check_peers()?;
+        let read = |path: &Option<PathBuf>| path.as_deref().map(transport::read_token).transpose();
+        let token = read(&self.auth_token_file)?;
+        let peer_token = read(&self.peer_token_file)?;
+        if self.cluster.len() > 1 && token.is_some() && peer_token.is_none() {
+            return Err(
+                "auth_token_file is set, so a cluster needs peer_token_file as well: the \
+                 shard-to-shard service never accepts the workers' token"
+                    .into(),
+            );
+        }
+        if peer_token.is_some() && peer_token == token {
+            return Err(
+                "peer_token_file must hold another token than auth_token_file: a worker's \
+                 token never opens the shard-to-shard service"
+                    .into(),
+            );
+        }
         let mut peer_credentials = Credentials::none();
-        if let Some(token) = &token {
+        if let Some(token) = &peer_token {
             peer_credentials = peer_credentials.with_token(token)?;
         }
-        let (tls, peer_credentials) = self.tls(peer_credentials)?;
+        let (tls, peer_tls, peer_credentials) = self.tls(peer_credentials)?;
         let config = NodeConfig {
             chunk_bytes: self.chunk_bytes,
             max_message_bytes: self.max_message_bytes,
@@ -350,6 +388,9 @@ impl Config {
             max_pull_wait: seconds("max_pull_wait", self.max_pull_wait)?,
             shard_index: self.shard_index,
             cluster: self.cluster.clone(),
+            peers: self.peers.clone(),
+            peer_token: peer_token.as_deref().map(AuthToken::new),
+            peer_tls,
             peer_timeout: seconds("peer_timeout", self.peer_timeout)?,
             round_timeout: seconds("round_timeout", self.round_timeout)?,
             checkpoints: self.checkpoint_dir.clone().map(|dir| CheckpointSettings {
@@ -374,9 +415,73 @@ impl Config {
         Ok((config, grace))
     }
 
-    /// The server's TLS settings, and `peer` with the CA and identity this
-    /// shard uses to call the others, when TLS is on.
-    fn tls(&self, peer: Credentials) -> Result<(Option<ServerTlsConfig>, Credentials), String> {
+    /// Checks the peer settings against the cluster: a cluster of more
+    /// than one shard serves the shard-to-shard service on its own address,
+    /// a one-shard daemon does not serve it at all.
+    fn check_peers(&self) -> Result<(), String> {
+        let shards = self.cluster.len();
+        if shards <= 1 {
+            let set = [
+                ("peer_listen", self.peer_listen.is_some()),
+                ("peers", !self.peers.is_empty()),
+                ("peer_token_file", self.peer_token_file.is_some()),
+            ];
+            return match set.iter().find(|(_, set)| *set) {
+                Some((key, _)) => Err(format!(
+                    "{key} is set, but a one-shard daemon has no peers (cluster lists {shards} \
+                     shards)"
+                )),
+                None => Ok(()),
+            };
+        }
+        let Some(peer_listen) = self.peer_listen else {
+            return Err(format!(
+                "a cluster of {shards} shards needs peer_listen: the address the other shards \
+                 call this one on, apart from the workers' listen address"
+            ));
+        };
+        if peer_listen == self.listen {
+            return Err(format!(
+                "peer_listen = {peer_listen} is the workers' listen address; the \
+                 shard-to-shard service needs its own"
+            ));
+        }
+        if self.peers.len() != shards {
+            return Err(format!(
+                "peers lists {} URLs but cluster lists {shards} shards",
+                self.peers.len()
+            ));
+        }
+        if let Some((i, url)) = self
+            .peers
+            .iter()
+            .enumerate()
+            .find(|(_, url)| self.cluster.contains(url))
+        {
+            return Err(format!(
+                "peers[{i}] = {url:?} is also in cluster: shards call each other on their \
+                 peer_listen address, not on the workers'"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The server's TLS settings on the workers' address and on the peer
+    /// address (which asks for a certificate of the peer CA), and `peer`
+    /// with the CA and identity this shard uses to call the others, when
+    /// TLS is on.
+    #[allow(clippy::type_complexity)]
+    fn tls(
+        &self,
+        peer: Credentials,
+    ) -> Result<
+        (
+            Option<ServerTlsConfig>,
+            Option<ServerTlsConfig>,
+            Credentials,
+        ),
+        String,
+    > {
         let (cert, key) = match (&self.tls_cert, &self.tls_key) {
             (Some(c), Some(k)) => (c, k),
             (None, None) => {
@@ -390,7 +495,7 @@ impl Config {
                         ca.display().to_string()
                     ));
                 }
-                return Ok((None, peer));
+                return Ok((None, None, peer));
             }
             (Some(c), None) => {
                 return Err(format!(
@@ -409,24 +514,35 @@ impl Config {
             transport::read_file("tls_cert", cert)?,
             transport::read_file("tls_key", key)?,
         );
-        let mut server = ServerTlsConfig::new().identity(identity);
+        let mut server = ServerTlsConfig::new().identity(identity.clone());
         if let Some(ca) = &self.tls_client_ca {
             server = server.client_ca_root(Certificate::from_pem(transport::read_file(
                 "tls_client_ca",
                 ca,
             )?));
         }
-        let peer = match self.tls_peer_ca.as_ref().or(self.tls_client_ca.as_ref()) {
-            Some(ca) => peer.with_tls(ca, Some((cert, key)))?,
-            None if self.cluster.len() > 1 => {
-                return Err(
+        let peer_ca = match (&self.tls_peer_ca, &self.tls_client_ca) {
+            (Some(ca), _) => Some(("tls_peer_ca", ca)),
+            (None, Some(ca)) => Some(("tls_client_ca", ca)),
+            (None, None) => None,
+        };
+        let (peer_server, peer) =
+            match peer_ca {
+                Some((key_name, ca)) => (
+                    Some(ServerTlsConfig::new().identity(identity).client_ca_root(
+                        Certificate::from_pem(transport::read_file(key_name, ca)?),
+                    )),
+                    peer.with_tls(ca, Some((cert, key)))?,
+                ),
+                None if self.cluster.len() > 1 => {
+                    return Err(
                     "a TLS cluster needs tls_peer_ca (or tls_client_ca) to check the other shards"
                         .into(),
                 );
-            }
-            None => peer,
-        };
-        Ok((Some(server), peer))
+                }
+                None => (None, peer),
+            };
+        Ok((Some(server), peer_server, peer))
     }
 }
 
@@ -483,6 +599,8 @@ mod tests {
             tls_key: Some("k".into()),
             tls_client_ca: Some("a".into()),
             tls_peer_ca: Some("p".into()),
+            peer_listen: Some(SocketAddr::from(([0, 0, 0, 0], 50052))),
+            peer_token_file: Some("pt".into()),
             ..Config::default()
         };
         let keys = toml::Table::try_from(&full).expect("a table");

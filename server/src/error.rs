@@ -135,11 +135,92 @@ impl From<Error> for Status {
             Error::Timeout(_) => Code::DeadlineExceeded,
             Error::TooLarge(_) => Code::ResourceExhausted,
             Error::Internal(_) => Code::Internal,
-            Error::Shard { code, .. } => *code,
+            Error::Shard { code, .. } => peer_code(*code),
             Error::WrongShard(_) => Code::FailedPrecondition,
             Error::Aborted(_) => Code::Aborted,
             Error::Unavailable(_) => Code::Unavailable,
         };
-        Status::new(code, e.to_string())
+        Status::new(code, bounded(e.to_string()))
+    }
+}
+
+/// The longest message a refusal carries: messages quote what clients
+/// sent (names, values), and a status travels in a header, which must stay
+/// well under the peer's header limit.
+pub const MAX_MESSAGE_BYTES: usize = 2048;
+
+/// `message` cut to `MAX_MESSAGE_BYTES` (on a character boundary), saying
+/// how much was cut.
+fn bounded(mut message: String) -> String {
+    if message.len() <= MAX_MESSAGE_BYTES {
+        return message;
+    }
+    let total = message.len();
+    let mut end = MAX_MESSAGE_BYTES - 64;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message.truncate(end);
+    message.push_str(&format!("... ({} more bytes cut)", total - end));
+    message
+}
+
+/// The code a client gets for a peer's refusal. What describes the request
+/// or asks for a retry passes through; the peer's own authentication and
+/// internal failures are this cluster's fault, not the caller's, and a
+/// call cut off is UNAVAILABLE (CANCELLED is the caller's own).
+fn peer_code(code: Code) -> Code {
+    match code {
+        Code::InvalidArgument
+        | Code::NotFound
+        | Code::AlreadyExists
+        | Code::FailedPrecondition
+        | Code::OutOfRange
+        | Code::ResourceExhausted
+        | Code::Aborted
+        | Code::DeadlineExceeded
+        | Code::Unavailable => code,
+        Code::Cancelled => Code::Unavailable,
+        Code::Ok
+        | Code::Unknown
+        | Code::PermissionDenied
+        | Code::Unauthenticated
+        | Code::Unimplemented
+        | Code::Internal
+        | Code::DataLoss => Code::Internal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut_on_a_character_boundary() {
+        let name = "é".repeat(1 << 19);
+        let status = Status::from(Error::Invalid(format!("job name {name:?} is too long")));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(
+            status.message().len() <= MAX_MESSAGE_BYTES,
+            "{}",
+            status.message().len()
+        );
+        assert!(status.message().starts_with("job name \"éé"));
+        assert!(status.message().ends_with("more bytes cut)"));
+        let short = Status::from(Error::Invalid("lr must be positive".into()));
+        assert_eq!(short.message(), "lr must be positive");
+    }
+
+    #[test]
+    fn a_peers_code_is_mapped_not_forwarded() {
+        let from =
+            |code| Status::from(Error::from_shard(1, "http://b:2", &Status::new(code, "x"))).code();
+        assert_eq!(from(Code::InvalidArgument), Code::InvalidArgument);
+        assert_eq!(from(Code::Unavailable), Code::Unavailable);
+        assert_eq!(from(Code::Unauthenticated), Code::Internal);
+        assert_eq!(from(Code::PermissionDenied), Code::Internal);
+        assert_eq!(from(Code::Unknown), Code::Internal);
+        // tonic's client-side deadline.
+        assert_eq!(from(Code::Cancelled), Code::DeadlineExceeded);
     }
 }

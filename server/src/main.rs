@@ -54,6 +54,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logs(config.log_format);
+    warn_readable_secrets(&config);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -66,6 +67,28 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "paramd failed");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Warns about token files that other users of the machine can read.
+fn warn_readable_secrets(config: &Config) {
+    use std::os::unix::fs::PermissionsExt;
+    for (key, path) in [
+        ("auth_token_file", &config.auth_token_file),
+        ("peer_token_file", &config.peer_token_file),
+    ] {
+        let Some(path) = path else { continue };
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    key,
+                    path = %path.display(),
+                    mode = format!("{:o}", mode & 0o777),
+                    "the token file can be read by other users: chmod 600 it"
+                );
+            }
         }
     }
 }
@@ -92,9 +115,24 @@ fn init_logs(format: LogFormat) {
 async fn run(config: Config, node: paramd::NodeConfig, grace: Duration) -> anyhow::Result<()> {
     let grpc = TcpListener::bind(config.listen).await?;
     let http = TcpListener::bind(config.http_listen).await?;
+    let peer = match config.peer_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await?),
+        None => None,
+    };
+    if peer.is_some() && node.peer_token.is_none() && node.peer_tls.is_none() {
+        tracing::warn!(
+            "the shard-to-shard service takes any caller that reaches its address: set \
+             peer_token_file (or TLS with a peer CA) unless only the shards can reach it"
+        );
+    }
+    let peer_addr = match &peer {
+        Some(p) => p.local_addr()?.to_string(),
+        None => "none".to_owned(),
+    };
     tracing::info!(
         grpc = %grpc.local_addr()?,
         http = %http.local_addr()?,
+        peer = %peer_addr,
         shard = config.shard_index,
         shards = config.cluster.len().max(1),
         tls = node.tls.is_some(),
@@ -102,7 +140,8 @@ async fn run(config: Config, node: paramd::NodeConfig, grace: Duration) -> anyho
         version = env!("CARGO_PKG_VERSION"),
         "paramd serving"
     );
-    paramd::serve(grpc, http, node, grace, shutdown_signal()).await
+    let listeners = paramd::Listeners { grpc, http, peer };
+    paramd::serve(listeners, node, grace, shutdown_signal()).await
 }
 
 /// Resolves on the first SIGTERM or SIGINT; a second one exits at once.

@@ -134,6 +134,11 @@ fn describe() {
         Unit::Count,
         "Checkpoints that could not be taken"
     );
+    describe_counter!(
+        "paramd_round_failures_total",
+        Unit::Count,
+        "Failed attempts to complete a round on this shard (retried; the job is held if it cannot be)"
+    );
     describe_gauge!(
         "paramd_checkpoint_last_round",
         Unit::Count,
@@ -257,6 +262,7 @@ pub struct JobMetrics {
     pub dropped: Counter,
     pub checkpoint_duration: Histogram,
     pub checkpoint_failures: Counter,
+    pub round_failures: Counter,
     pub checkpoint_round: Gauge,
     pub checkpoint_timestamp: Gauge,
     pub stale: Counter,
@@ -294,6 +300,7 @@ impl JobMetrics {
             dropped: counter!("paramd_workers_dropped_total", "job" => j.clone()),
             checkpoint_duration: histogram!("paramd_checkpoint_duration_seconds", "job" => j.clone()),
             checkpoint_failures: counter!("paramd_checkpoint_failures_total", "job" => j.clone()),
+            round_failures: counter!("paramd_round_failures_total", "job" => j.clone()),
             checkpoint_round: gauge!("paramd_checkpoint_last_round", "job" => j.clone()),
             checkpoint_timestamp: gauge!("paramd_checkpoint_last_timestamp_seconds", "job" => j.clone()),
             stale: counter!("paramd_stale_pushes_total", "job" => j.clone()),

@@ -39,8 +39,16 @@ pub struct NodeConfig {
     pub max_pull_wait: Duration,
     /// This shard's index in `cluster`.
     pub shard_index: usize,
-    /// Every shard's URL; empty for a one-shard cluster.
+    /// Every shard's URL as workers reach it; empty for a one-shard cluster.
     pub cluster: Vec<String>,
+    /// Every shard's URL as the other shards reach it (its peer address).
+    pub peers: Vec<String>,
+    /// The token shards present to each other; none: the peer address
+    /// takes any caller that reaches it (or only the peer CA's, with TLS).
+    pub peer_token: Option<AuthToken>,
+    /// TLS of the peer address: this server's identity, asking for a
+    /// certificate of the peer CA; none: plaintext.
+    pub peer_tls: Option<ServerTlsConfig>,
     /// Where checkpoints go and how often; none: no checkpoints.
     pub checkpoints: Option<CheckpointSettings>,
     /// Deadline of a call to another shard.
@@ -67,6 +75,9 @@ impl Default for NodeConfig {
             max_pull_wait: Duration::from_secs(300),
             shard_index: 0,
             cluster: Vec::new(),
+            peers: Vec::new(),
+            peer_token: None,
+            peer_tls: None,
             checkpoints: None,
             peer_timeout: Duration::from_secs(10),
             round_timeout: Duration::from_secs(60),
@@ -110,7 +121,7 @@ impl NodeConfig {
                 return Err(invalid!("{name} must be positive"));
             }
         }
-        Cluster::check(self.shard_index, &self.cluster)
+        Cluster::check(self.shard_index, &self.cluster, &self.peers)
     }
 }
 
@@ -143,6 +154,7 @@ impl Node {
         let mut cluster = Cluster::new(
             config.shard_index,
             config.cluster.clone(),
+            &config.peers,
             config.peer_timeout,
             config.round_timeout,
             &config.peer_credentials,
@@ -396,8 +408,17 @@ impl Node {
                 created: false,
             });
         }
+        // A pull sends at least one whole chunk per message.
         let chunk_elems = usize::try_from(layout.chunk_elems)
-            .map_err(|_| invalid!("layout.chunk_elems is too large"))?;
+            .ok()
+            .filter(|&e| e >= 1 && e <= self.config.max_message_bytes / 8)
+            .ok_or_else(|| {
+                invalid!(
+                    "layout.chunk_elems must be 1 to {} (half of max_message_bytes in f32), got {}",
+                    self.config.max_message_bytes / 8,
+                    layout.chunk_elems
+                )
+            })?;
         let l = Layout::with_chunk_elems(&config.params, chunk_elems);
         let job = Job::create(
             name.to_owned(),

@@ -29,6 +29,17 @@ impl ShardService {
     pub fn new(node: Arc<Node>) -> ShardService {
         ShardService { node }
     }
+
+    /// Refuses a call about a shard the cluster does not have.
+    fn check_shard(&self, call: &str, shard: u32) -> Result<(), Status> {
+        let size = self.node.cluster.size();
+        if shard as usize >= size {
+            return Err(Status::invalid_argument(format!(
+                "{call}: shard {shard} is not in this cluster of {size} shards"
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[tonic::async_trait]
@@ -79,6 +90,7 @@ impl Shard for ShardService {
     ) -> Result<Response<pb::ReportResponse>, Status> {
         self.node.check_ready()?;
         let r = request.into_inner();
+        self.check_shard("report", r.shard)?;
         if r.chunks.len() != r.sum_squares.len() {
             return Err(Status::invalid_argument(format!(
                 "{} chunk ids but {} sums of squares",
@@ -108,6 +120,7 @@ impl Shard for ShardService {
     ) -> Result<Response<pb::MembersResponse>, Status> {
         self.node.check_ready()?;
         let r = request.into_inner();
+        self.check_shard("members", r.shard)?;
         let job = self.node.job(&r.job)?;
         let m = job
             .coordinate_members(r.round, r.shard as usize, &r.workers)

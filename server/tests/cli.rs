@@ -75,7 +75,8 @@ fn settings_layer_defaults_file_environment_flags() {
     std::fs::write(
         &file,
         "chunk_bytes = 1024\nkeep_checkpoints = 7\nround_timeout = 5\n\
-         cluster = [\"http://a:1\", \"http://b:1\"]\nshard_index = 1\n",
+         cluster = [\"http://a:1\", \"http://b:1\"]\nshard_index = 1\n\
+         peer_listen = \"127.0.0.1:2\"\npeers = [\"http://a:2\", \"http://b:2\"]\n",
     )
     .expect("write");
     let f = file.to_str().expect("utf-8 path");

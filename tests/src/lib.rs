@@ -16,6 +16,8 @@ use tokio::task::JoinHandle;
 pub struct TestServer {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// The shard-to-shard service's address, on a cluster's shard.
+    pub peer: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -29,20 +31,21 @@ impl TestServer {
     /// Starts a server with `config`. The listeners are bound before the
     /// server task starts, so the addresses accept connections at once.
     pub async fn with_config(config: NodeConfig) -> TestServer {
-        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
-        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
-        TestServer::serve(grpc, http, config)
+        TestServer::serve(listeners(false).await, config)
     }
 
-    fn serve(grpc: TcpListener, http: TcpListener, config: NodeConfig) -> TestServer {
+    fn serve(listeners: paramd::Listeners, config: NodeConfig) -> TestServer {
         let (grpc_addr, http_addr) = (
-            grpc.local_addr().expect("addr"),
-            http.local_addr().expect("addr"),
+            listeners.grpc.local_addr().expect("addr"),
+            listeners.http.local_addr().expect("addr"),
         );
+        let peer = listeners
+            .peer
+            .as_ref()
+            .map(|p| p.local_addr().expect("addr"));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(paramd::serve(
-            grpc,
-            http,
+            listeners,
             config,
             Duration::from_secs(5),
             async {
@@ -52,6 +55,7 @@ impl TestServer {
         TestServer {
             grpc: grpc_addr,
             http: http_addr,
+            peer,
             stop: Some(stop),
             task: Some(task),
         }
@@ -88,6 +92,17 @@ impl Drop for TestServer {
     }
 }
 
+/// Listeners on loopback ports the OS picks, with a peer listener when
+/// the server is a shard of a cluster of more than one.
+async fn listeners(peer: bool) -> paramd::Listeners {
+    let bind = || async { TcpListener::bind("127.0.0.1:0").await.expect("bind") };
+    paramd::Listeners {
+        grpc: bind().await,
+        http: bind().await,
+        peer: if peer { Some(bind().await) } else { None },
+    }
+}
+
 /// Several in-process shards forming one cluster, listeners bound before
 /// any server starts so that every shard's address is known up front.
 #[derive(Debug)]
@@ -98,24 +113,25 @@ pub struct TestCluster {
 impl TestCluster {
     /// Starts `n` shards with `config` (its cluster fields are filled in).
     pub async fn start(n: usize, config: NodeConfig) -> TestCluster {
-        let mut listeners = Vec::new();
+        let mut all = Vec::new();
         for _ in 0..n {
-            let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
-            let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
-            listeners.push((grpc, http));
+            all.push(listeners(n > 1).await);
         }
-        let urls: Vec<String> = listeners
+        let url = |l: &TcpListener| format!("http://{}", l.local_addr().expect("addr"));
+        let urls: Vec<String> = all.iter().map(|l| url(&l.grpc)).collect();
+        let peers: Vec<String> = all
             .iter()
-            .map(|(g, _)| format!("http://{}", g.local_addr().expect("addr")))
+            .filter_map(|l| l.peer.as_ref().map(url))
             .collect();
         let mut shards = Vec::new();
-        for (i, (grpc, http)) in listeners.into_iter().enumerate() {
+        for (i, listeners) in all.into_iter().enumerate() {
             let config = NodeConfig {
                 shard_index: i,
                 cluster: urls.clone(),
+                peers: peers.clone(),
                 ..config.clone()
             };
-            shards.push(TestServer::serve(grpc, http, config));
+            shards.push(TestServer::serve(listeners, config));
         }
         TestCluster { shards }
     }
@@ -165,6 +181,20 @@ pub fn reserve_ports(n: usize) -> Vec<u16> {
     }
     assert_eq!(ports.len(), n, "no {n} free ports below {ephemeral_low}");
     ports
+}
+
+/// The port of the shard-to-shard service of the shard whose workers'
+/// port is `port` (one of `reserve_ports`): reserved the first time it is
+/// asked for, the same one after, so a restarted shard gets it again.
+pub fn peer_port(port: u16) -> u16 {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static PEERS: OnceLock<Mutex<HashMap<u16, u16>>> = OnceLock::new();
+    let mut peers = PEERS
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    *peers.entry(port).or_insert_with(|| reserve_ports(1)[0])
 }
 
 /// A job of `workers` workers training one parameter `w` of shape `shape`
@@ -350,15 +380,22 @@ pub fn shard_args(i: usize, ports: &[u16], extra: &[String]) -> Vec<String> {
         "127.0.0.1:0".to_owned(),
     ];
     if ports.len() > 1 {
-        let urls: Vec<String> = ports
-            .iter()
-            .map(|p| format!("http://127.0.0.1:{p}"))
-            .collect();
+        let urls = |port: &dyn Fn(u16) -> u16| {
+            ports
+                .iter()
+                .map(|&p| format!("http://127.0.0.1:{}", port(p)))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         a.extend([
             "--shard-index".to_owned(),
             i.to_string(),
             "--cluster".to_owned(),
-            urls.join(","),
+            urls(&|p| p),
+            "--peer-listen".to_owned(),
+            format!("127.0.0.1:{}", peer_port(ports[i])),
+            "--peers".to_owned(),
+            urls(&peer_port),
         ]);
     }
     a.extend_from_slice(extra);

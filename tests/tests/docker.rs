@@ -205,8 +205,11 @@ async fn three_shard_containers_replay_survive_a_kill_and_a_partition_and_stop_c
     dk.build_image(&binary("paramd"));
     let ips = dk.create_network(3);
     let cluster: Vec<String> = ips.iter().map(|ip| format!("http://{ip}:50051")).collect();
+    let peers: Vec<String> = ips.iter().map(|ip| format!("http://{ip}:50052")).collect();
     let env = [
         ("PARAMD_CLUSTER", cluster.join(",")),
+        ("PARAMD_PEER_LISTEN", "0.0.0.0:50052".to_owned()),
+        ("PARAMD_PEERS", peers.join(",")),
         ("PARAMD_CHUNK_BYTES", CHUNK_BYTES.to_string()),
         ("PARAMD_PEER_TIMEOUT", "2".to_owned()),
         ("PARAMD_ROUND_TIMEOUT", "2".to_owned()),
@@ -787,8 +790,16 @@ fn check_shard_args(
     let config = print_config(args, env)
         .unwrap_or_else(|e| panic!("{what}: paramd refuses shard {i}'s arguments {args:?}: {e}"));
     assert_config_has(&config, "shard_index", &i.to_string());
-    let urls: Vec<String> = cluster.iter().map(|u| format!("{u:?}")).collect();
-    assert_config_has(&config, "cluster", &format!("[{}]", urls.join(", ")));
+    let list = |urls: &[String]| {
+        let quoted: Vec<String> = urls.iter().map(|u| format!("{u:?}")).collect();
+        format!("[{}]", quoted.join(", "))
+    };
+    let urls: Vec<String> = cluster.iter().map(|u| (*u).to_owned()).collect();
+    assert_config_has(&config, "cluster", &list(&urls));
+    // The shards call each other on their peer port, never on the workers'.
+    let peers: Vec<String> = urls.iter().map(|u| u.replace(":50051", ":50052")).collect();
+    assert_config_has(&config, "peers", &list(&peers));
+    assert_config_has(&config, "peer_listen", "\"0.0.0.0:50052\"");
     assert_config_has(&config, "checkpoint_dir", "\"/var/lib/paramd\"");
 }
 
@@ -986,8 +997,37 @@ fn the_statefulset_finds_its_shards_through_the_headless_service() {
             .and_then(|p| p["containerPort"].as_u64())
             .unwrap_or_else(|| panic!("no {n} port"))
     };
-    let (grpc, metrics) = (port("grpc"), port("metrics"));
-    assert_eq!((grpc, metrics), (50051, 9464), "the image's ports");
+    let (grpc, peer, metrics) = (port("grpc"), port("peer"), port("metrics"));
+    assert_eq!(
+        (grpc, peer, metrics),
+        (50051, 50052, 9464),
+        "the image's ports"
+    );
+    // Only the shards reach the peer port.
+    let policy = &objects["NetworkPolicy"];
+    let rules = at(policy, "spec.ingress").as_sequence().expect("rules");
+    for rule in rules {
+        let ports: Vec<&str> = rule["ports"]
+            .as_sequence()
+            .expect("ports")
+            .iter()
+            .map(|p| p["port"].as_str().expect("a port name"))
+            .collect();
+        if ports.contains(&"peer") {
+            assert_eq!(ports, ["peer"], "the peer port has a rule of its own");
+            assert_eq!(
+                &rule["from"][0]["podSelector"]["matchLabels"],
+                at(sts, "spec.selector.matchLabels"),
+                "only the shards reach the peer port"
+            );
+        }
+    }
+    assert!(
+        rules
+            .iter()
+            .any(|r| r["ports"][0]["port"].as_str() == Some("peer")),
+        "the NetworkPolicy names the peer port"
+    );
     for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
         assert_eq!(
             at(ctr, &format!("{probe}.grpc.port")).as_u64(),
@@ -1107,10 +1147,21 @@ fn the_statefulset_finds_its_shards_through_the_headless_service() {
             }
         })
         .collect();
+    let namespaced = |n: &str| {
+        var(n)["value"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{n} has a value"))
+            .replace("$(POD_NAMESPACE)", namespace)
+    };
     for i in 0..replicas {
         let env = vec![
             ("PARAMD_SHARD_INDEX".to_owned(), i.to_string()),
             ("PARAMD_CLUSTER".to_owned(), cluster.clone()),
+            (
+                "PARAMD_PEER_LISTEN".to_owned(),
+                namespaced("PARAMD_PEER_LISTEN"),
+            ),
+            ("PARAMD_PEERS".to_owned(), namespaced("PARAMD_PEERS")),
         ];
         check_shard_args("k8s", i, &args, &env, &urls);
     }
@@ -1141,7 +1192,7 @@ fn the_dockerfile_runtime_stage_is_what_the_offline_script_builds() {
     for needed in [
         "USER 10001:10001",
         "ENTRYPOINT [\"paramd\"]",
-        "EXPOSE 50051 9464",
+        "EXPOSE 50051 50052 9464",
         "VOLUME [\"/var/lib/paramd\"]",
     ] {
         assert!(runtime.contains(&needed), "the runtime stage has {needed}");

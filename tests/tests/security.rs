@@ -11,7 +11,9 @@ use std::time::Duration;
 use paramd::auth::AuthToken;
 use paramd_client::trace::{Tolerance, compare, read_tensors};
 use paramd_client::{Client, Credentials, v1 as pb};
-use paramd_tests::{Daemon, TestServer, binary, http_get, one_param_spec, reserve_ports};
+use paramd_tests::{
+    Daemon, TestServer, binary, http_get, one_param_spec, peer_port, reserve_ports,
+};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tonic::Code;
 
@@ -213,11 +215,23 @@ async fn a_mutual_tls_cluster_with_a_token_replays_a_golden_trace() {
     let token_file = pki.dir.path().join("token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).expect("write token");
 
+    let peer_token_file = pki.dir.path().join("peer-token");
+    std::fs::write(&peer_token_file, "peer-s3cret\n").expect("write peer token");
+    for f in [&token_file, &peer_token_file] {
+        use std::os::unix::fs::PermissionsExt;
+        // Readable by others, which paramd warns about.
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
+
     let ports = reserve_ports(2);
-    let urls: Vec<String> = ports
-        .iter()
-        .map(|p| format!("https://localhost:{p}"))
-        .collect();
+    let https = |port: &dyn Fn(u16) -> u16| -> Vec<String> {
+        ports
+            .iter()
+            .map(|&p| format!("https://localhost:{}", port(p)))
+            .collect()
+    };
+    let urls = https(&|p| p);
+    let peers = https(&peer_port);
     let mut daemons = Vec::new();
     for (i, port) in ports.iter().enumerate() {
         let args = [
@@ -229,6 +243,12 @@ async fn a_mutual_tls_cluster_with_a_token_replays_a_golden_trace() {
             i.to_string(),
             "--cluster".into(),
             urls.join(","),
+            "--peer-listen".into(),
+            format!("127.0.0.1:{}", peer_port(*port)),
+            "--peers".into(),
+            peers.join(","),
+            "--peer-token-file".into(),
+            s(&peer_token_file),
             "--chunk-bytes".into(),
             "16".into(),
             "--tls-cert".into(),
@@ -249,6 +269,16 @@ async fn a_mutual_tls_cluster_with_a_token_replays_a_golden_trace() {
             "the token is in the log: {:?}",
             d.log
         );
+        // Others can read the token files, and paramd says so.
+        for key in ["auth_token_file", "peer_token_file"] {
+            assert!(
+                d.log
+                    .iter()
+                    .any(|l| l.contains("can be read by other users") && l.contains(key)),
+                "no warning about {key}: {:?}",
+                d.log
+            );
+        }
     }
 
     // paramctl with the CA, a client certificate and the token replays a

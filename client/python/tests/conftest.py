@@ -198,13 +198,17 @@ class Cluster:
     ):
         self.binary = binary
         self.ports = reserve_ports(n)
+        # The shard-to-shard service's own ports (a cluster needs them).
+        self.peer_ports = reserve_ports(n) if n > 1 else []
         self.urls = ["%s://%s:%d" % (scheme, host, p) for p in self.ports]
+        peers = ["%s://%s:%d" % (scheme, host, p) for p in self.peer_ports]
         self.url = self.urls[0]
         self.args: List[List[str]] = []
         for i, port in enumerate(self.ports):
             args = ["--listen", "127.0.0.1:%d" % port, "--http-listen", "127.0.0.1:0"]
             if n > 1:
                 args += ["--shard-index", str(i), "--cluster", ",".join(self.urls)]
+                args += ["--peer-listen", "127.0.0.1:%d" % self.peer_ports[i], "--peers", ",".join(peers)]
             args += list(extra or []) + list(shard_args(i) if shard_args else [])
             self.args.append(args)
         self.daemons: List[Daemon] = []

@@ -218,7 +218,9 @@ def mtls(paramd_bin, tmp_path_factory, token_file):
     pki = Pki(tmp_path_factory.mktemp("pki"))
     server_cert, server_key = pki.issue("server", ["localhost", "127.0.0.1"])
     client_cert, client_key = pki.issue("client", ["worker"])
-    flags = ["--chunk-bytes", "16", "--auth-token-file", str(token_file)]
+    peer_token = token_file.parent / "peer-token"
+    peer_token.write_text("peer-s3cret\n")
+    flags = ["--chunk-bytes", "16", "--auth-token-file", str(token_file), "--peer-token-file", str(peer_token)]
     flags += ["--tls-cert", str(server_cert), "--tls-key", str(server_key), "--tls-client-ca", str(pki.ca)]
     cluster = Cluster(paramd_bin, 2, flags, scheme="https", host="localhost")
     cluster.pki = pki

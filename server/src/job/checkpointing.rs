@@ -59,6 +59,7 @@ impl Job {
             .as_ref()
             .ok_or_else(|| Error::WrongShard("this shard has no --checkpoint-dir".into()))?;
         checkpoint::commit(&settings.dir, manifest, settings.keep)?;
+        self.restorable.lock().push(manifest.round);
         self.committed.send_replace(Some(manifest.round));
         Ok(())
     }

@@ -188,9 +188,10 @@ impl Job {
                     )
                 }),
             ),
+            trouble: Mutex::new(None),
             committed: watch::channel((!resume.restorable.is_empty()).then_some(resume.round)).0,
             draining: AtomicBool::new(false),
-            restorable: resume.restorable,
+            restorable: Mutex::new(resume.restorable),
             name,
             config,
             layout,

@@ -1,6 +1,7 @@
 //! The members of a round: the shard reports to the coordinator which
 //! workers' pushes it holds whole until the coordinator has chosen the
-//! round's workers, then completes the round with exactly those.
+//! round's workers; the round's driver then completes it with exactly
+//! those.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -8,23 +9,27 @@ use std::time::Duration;
 
 use crate::coordinator::Members;
 use crate::error::{Error, Result};
+use crate::pieces::Pieces;
 
 use super::Job;
 
 impl Job {
     /// Reports the workers this shard holds whole pushes of for `round`
     /// until the coordinator has chosen the round's members, reporting
-    /// again as more pushes arrive; then completes the round with them.
-    /// Runs on its own task from the round's first push.
-    pub(super) async fn gather(self: Arc<Self>, round: u64) {
+    /// again as more pushes arrive; then closes the round and returns the
+    /// members' pushes in rank order. None: the round is no longer this
+    /// shard's to complete (the job was deleted or reset). Refusals are
+    /// retried with backoff and shown as the job's trouble; only a broken
+    /// invariant is an error.
+    pub(super) async fn gather(self: Arc<Self>, round: u64) -> Result<Option<Vec<Pieces>>> {
         let mut arrivals = self.arrivals.subscribe();
         let mut backoff = Duration::from_millis(50);
         loop {
             arrivals.borrow_and_update();
             let held: Vec<u32> = {
                 let c = self.collect.lock();
-                if c.round != round || c.closed {
-                    return;
+                if c.round != round || c.closed || self.deleted.load(Ordering::Acquire) {
+                    return Ok(None);
                 }
                 (0..c.pushed.len() as u32)
                     .filter(|&w| c.pushed[w as usize])
@@ -34,32 +39,32 @@ impl Job {
                 a = self.ask_members(round, &held) => a,
                 more = arrivals.changed() => match more {
                     Ok(()) => continue,
-                    Err(_) => return,
+                    Err(_) => return Ok(None),
                 },
             };
             match answer {
-                Ok(m) => {
-                    self.close_round(&m);
-                    return;
-                }
+                Ok(m) => return self.close_round(&m),
                 Err(e) if self.deleted.load(Ordering::Acquire) => {
                     tracing::debug!(job = %self.name, round, error = %e, "job deleted while its round was collected");
-                    return;
+                    return Ok(None);
                 }
                 Err(e) if e.timed_out() => {
                     // The call waited as long as it could: ask again now.
                     tracing::debug!(job = %self.name, round, error = %e, "members not chosen yet; reporting again");
                 }
-                Err(e) if e.retryable() => {
-                    tracing::warn!(job = %self.name, round, error = %e, "cannot reach the coordinator; reporting again");
-                    // Pacing the retries of an unreachable peer, not
-                    // waiting for an event.
+                Err(e) => {
+                    if e.retryable() {
+                        tracing::warn!(job = %self.name, round, error = %e, "cannot reach the coordinator; reporting again");
+                    } else {
+                        tracing::error!(job = %self.name, round, error = %e, "the coordinator refused the round's workers; reporting again");
+                    }
+                    self.trouble(Some(format!(
+                        "learning the workers of round {round} from the coordinator: {e}"
+                    )));
+                    // Pacing the retries of a peer that is unreachable or
+                    // refuses, not waiting for an event.
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-                Err(e) => {
-                    tracing::error!(job = %self.name, round, error = %e, "cannot learn the members of the round");
-                    return;
                 }
             }
         }
@@ -93,13 +98,14 @@ impl Job {
             .await
     }
 
-    /// Closes the round with the members the coordinator chose, in rank
-    /// order, and completes it on its own task. Pushes this shard holds
-    /// from anyone else are dropped: a retry of theirs is stale.
-    fn close_round(self: &Arc<Self>, m: &Members) {
+    /// Closes the round with the members the coordinator chose and returns
+    /// their pushes in rank order (none if the round is no longer open).
+    /// Pushes this shard holds from anyone else are dropped: a retry of
+    /// theirs is stale.
+    fn close_round(&self, m: &Members) -> Result<Option<Vec<Pieces>>> {
         let mut c = self.collect.lock();
         if c.round != m.round || c.closed {
-            return;
+            return Ok(None);
         }
         let mut member = vec![false; c.pushed.len()];
         for &w in &m.workers {
@@ -107,15 +113,18 @@ impl Job {
                 *x = true;
             }
         }
+        if let Some(w) = (0..member.len()).find(|&w| member[w] && c.pushes[w].is_none()) {
+            // A shard reports only the pushes it holds, so this is a
+            // coordinator out of step with this shard.
+            return Err(Error::Internal(format!(
+                "the coordinator chose worker {w} for round {}, whose push this shard does not hold",
+                m.round
+            )));
+        }
         if let Some(opened) = c.opened.take() {
             self.metrics
                 .barrier_wait
                 .record(opened.elapsed().as_secs_f64());
-        }
-        if let Some(w) = (0..member.len()).find(|&w| member[w] && c.pushes[w].is_none()) {
-            // Cannot happen: a shard reports only the pushes it holds.
-            tracing::error!(job = %self.name, round = m.round, worker = w, "the coordinator chose a worker whose push this shard does not hold");
-            return;
         }
         // Rank order, whatever the arrival order: the mean is deterministic.
         let mut pushes = Vec::with_capacity(m.workers.len());
@@ -133,12 +142,6 @@ impl Job {
             self.metrics.dropped.increment(m.dropped.len() as u64);
             tracing::warn!(job = %self.name, round = m.round, dropped = ?m.dropped, timeout_secs = self.config.worker_timeout.as_secs_f64(), "workers dropped from the round");
         }
-        let round = m.round;
-        let job = Arc::clone(self);
-        tokio::spawn(async move {
-            if let Err(e) = job.clone().complete(round, pushes).await {
-                tracing::error!(job = %job.name, round, error = %e, "round failed");
-            }
-        });
+        Ok(Some(pushes))
     }
 }

@@ -109,12 +109,15 @@ pub struct Job {
     deleted: AtomicBool,
     /// One permit per worker: the push of that worker being read.
     push_slots: Vec<tokio::sync::Semaphore>,
-    /// Rounds of the intact checkpoints this shard restored the job from,
-    /// newest first (none for a job created by Init).
-    restorable: Vec<u64>,
+    /// Rounds of the intact checkpoints this shard restored the job from
+    /// (none for a job created by Init), and of those committed since.
+    restorable: Mutex<Vec<u64>>,
     /// Why the job does not serve workers yet: restored on a cluster, it
     /// waits for the shards to agree on a round all of them can restore.
     held: Mutex<Option<String>>,
+    /// Why the round being completed is not progressing on this shard (the
+    /// last error of its driver, which keeps trying); none once it is.
+    trouble: Mutex<Option<String>>,
     /// The newest checkpoint round committed on this shard in this process
     /// (or restored from).
     committed: watch::Sender<Option<u64>>,
@@ -155,6 +158,15 @@ impl Job {
         }
     }
 
+    /// Why the job does not progress on this shard, if it does not: held,
+    /// or its round's driver failing.
+    pub fn problem(&self) -> Option<String> {
+        self.held
+            .lock()
+            .clone()
+            .or_else(|| self.trouble.lock().clone())
+    }
+
     /// Serves workers (the shards agree on the job's round).
     pub fn serve(&self) {
         *self.held.lock() = None;
@@ -171,10 +183,18 @@ impl Job {
         self.draining.store(true, Ordering::Release);
     }
 
-    /// Rounds of the intact checkpoints the job was restored from here,
-    /// newest first.
+    /// Rounds of the intact checkpoints this shard holds of the job (restored
+    /// from, or committed since), newest first.
     pub fn restorable(&self) -> Vec<u64> {
-        self.restorable.clone()
+        let Some(settings) = &self.cluster.checkpoints else {
+            return Vec::new();
+        };
+        let mut rounds = self.restorable.lock().clone();
+        // Retention may have deleted some since.
+        rounds.retain(|&r| crate::checkpoint::round_dir(&settings.dir, &self.name, r).exists());
+        rounds.sort_unstable_by(|a, b| b.cmp(a));
+        rounds.dedup();
+        rounds
     }
 
     /// Decides, from the header of a push alone, whether to read its payload.
@@ -263,10 +283,56 @@ impl Job {
         drop(c);
         self.arrivals.send_modify(|n| *n += 1);
         if count == 1 {
-            // The coordinator chooses the round's members once it may.
-            tokio::spawn(Arc::clone(self).gather(round));
+            // The round's driver: the coordinator chooses the round's
+            // members once it may, then the round is completed.
+            tokio::spawn(Arc::clone(self).drive(round));
         }
         Ok((Admission::Accept, count))
+    }
+
+    /// Runs round `round` on this shard from its first push to its end:
+    /// members, reduce, report, decide, apply, record. Failures a retry can
+    /// cure (a coordinator that refuses or cannot be reached) are retried
+    /// with backoff and shown meanwhile (`trouble`, Status, the pull's
+    /// error, `paramd_round_failures_total`). One that cannot be cured (a
+    /// broken invariant, a panic) holds the job with its reason, so that
+    /// pushes and pulls fail at once naming it instead of timing out.
+    async fn drive(self: Arc<Self>, round: u64) {
+        let job = Arc::clone(&self);
+        // Its own task, so that a panic anywhere in it is caught here.
+        let why = match tokio::spawn(job.run_round(round)).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => format!("the task running it panicked: {e}"),
+        };
+        if self.deleted.load(Ordering::Acquire) {
+            return;
+        }
+        self.metrics.round_failures.increment(1);
+        tracing::error!(job = %self.name, round, shard = self.cluster.shard, error = %why, "round failed; the job is held");
+        self.hold(format!(
+            "job '{}' is held on shard {}: round {round} failed: {why}; restart the shard to \
+             restore the job from its last checkpoint",
+            self.name, self.cluster.shard
+        ));
+        // Pulls waiting for the round end now, with the reason.
+        self.completed.send_modify(|_| {});
+    }
+
+    async fn run_round(self: Arc<Self>, round: u64) -> Result<()> {
+        match Arc::clone(&self).gather(round).await? {
+            Some(pushes) => self.complete(round, pushes).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Shows (or clears, with `None`) why this shard's round does not
+    /// progress; each failure is counted.
+    fn trouble(&self, why: Option<String>) {
+        if why.is_some() {
+            self.metrics.round_failures.increment(1);
+        }
+        *self.trouble.lock() = why;
     }
 
     #[tracing::instrument(name = "round", skip_all, fields(job = %self.name, round = round, shard = self.cluster.shard))]
@@ -274,7 +340,11 @@ impl Job {
         let started = Instant::now();
         let job = Arc::clone(&self);
         let report = compute::run(move || job.reduce(&pushes)).await?;
-        let decision = self.decide(round, report).await?;
+        let Some(decision) = self.decide(round, report).await else {
+            // Deleted meanwhile.
+            return Ok(());
+        };
+        self.trouble(None);
         let job = Arc::clone(&self);
         let d = decision.clone();
         compute::run(move || job.apply(d)).await?;
@@ -301,11 +371,16 @@ impl Job {
     }
 
     /// Reports a round to the coordinator (in-process on shard 0, over gRPC
-    /// elsewhere) until it answers with the decision. A coordinator or shard
-    /// that is down delays the round; it never decides without every shard.
-    async fn decide(&self, round: u64, report: Report) -> Result<Decision> {
+    /// elsewhere) until it answers with the decision, or the job is
+    /// deleted (none). A coordinator or shard that is down or refuses
+    /// delays the round, shown as `trouble`; it never decides without every
+    /// shard.
+    async fn decide(&self, round: u64, report: Report) -> Option<Decision> {
         let mut backoff = Duration::from_millis(50);
         loop {
+            if self.deleted.load(Ordering::Acquire) {
+                return None;
+            }
             let answer = match &self.coordinator {
                 Some(c) => {
                     c.report(
@@ -319,15 +394,21 @@ impl Job {
                 None => self.cluster.report(&self.name, round, &report).await,
             };
             match answer {
-                Ok(d) => return Ok(d),
-                Err(e) if e.retryable() && !self.deleted.load(Ordering::Acquire) => {
-                    tracing::warn!(job = %self.name, round, error = %e, "round not decided yet; reporting again");
-                    // Pacing the retries of an unreachable peer, not
-                    // waiting for an event.
+                Ok(d) => return Some(d),
+                Err(e) => {
+                    if e.retryable() {
+                        tracing::warn!(job = %self.name, round, error = %e, "round not decided yet; reporting again");
+                    } else {
+                        tracing::error!(job = %self.name, round, error = %e, "the coordinator refused the round's report; reporting again");
+                    }
+                    self.trouble(Some(format!(
+                        "reporting round {round} to the coordinator: {e}"
+                    )));
+                    // Pacing the retries of a peer that is unreachable or
+                    // refuses, not waiting for an event.
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
-                Err(e) => return Err(e),
             }
         }
     }
@@ -373,7 +454,7 @@ impl Job {
             parameter_bytes: s.parameter_bytes as u64,
             optimizer_state_bytes: s.state_bytes as u64,
             round: s.round,
-            error: String::new(),
+            error: self.problem().unwrap_or_default(),
         }
     }
 
@@ -456,18 +537,30 @@ impl Job {
         self.check_serving()?;
         let started = Instant::now();
         let mut rx = self.completed.subscribe();
-        let reached = |&r: &u64| r >= round || self.deleted.load(Ordering::Acquire);
+        let ended = || self.deleted.load(Ordering::Acquire) || self.held.lock().is_some();
+        let reached = |&r: &u64| r >= round || ended();
         let done = tokio::time::timeout(wait, rx.wait_for(reached)).await;
         self.metrics
             .pull_wait
             .record(started.elapsed().as_secs_f64());
         match done {
-            Ok(Ok(_)) if !self.deleted.load(Ordering::Acquire) => Ok(()),
-            Ok(_) => Err(Error::NotFound(self.name.clone())),
+            Ok(Ok(_)) if !ended() => Ok(()),
+            Ok(_) => Err(self.check_serving().err().unwrap_or_else(|| {
+                Error::Unavailable(format!(
+                    "job '{}' was reset while round {round} was awaited; pull again",
+                    self.name
+                ))
+            })),
             Err(_) => {
                 let c = self.collect.lock();
+                let trouble = self
+                    .trouble
+                    .lock()
+                    .as_ref()
+                    .map(|t| format!("; this shard cannot complete it: {t}"))
+                    .unwrap_or_default();
                 Err(Error::Timeout(format!(
-                    "job '{}': round {round} not reached after {:.1}s: collecting round {} with {} of {} workers pushed",
+                    "job '{}': round {round} not reached after {:.1}s: collecting round {} with {} of {} workers pushed{trouble}",
                     self.name,
                     wait.as_secs_f64(),
                     c.round,
