@@ -54,6 +54,52 @@ pub struct Manifest {
     pub files: Vec<ManifestFile>,
 }
 
+/// The most shards a manifest may name: far beyond any cluster, and small
+/// enough that reading one is cheap whatever it says.
+pub const MAX_SHARDS: usize = 4096;
+
+impl Manifest {
+    /// Checks what a manifest says before anything is done with it: this
+    /// build's format, a shard count within `MAX_SHARDS`, and exactly one
+    /// file per shard under the name that shard writes, with a SHA-256.
+    pub fn check(&self) -> Result<()> {
+        if self.format != FORMAT {
+            return Err(Error::Invalid(format!(
+                "manifest format {:?} is not this build's ({FORMAT})",
+                self.format
+            )));
+        }
+        if self.shards == 0 || self.shards > MAX_SHARDS {
+            return Err(Error::Invalid(format!(
+                "manifest shards must be 1 to {MAX_SHARDS}, got {}",
+                self.shards
+            )));
+        }
+        if self.files.len() != self.shards {
+            return Err(Error::Invalid(format!(
+                "manifest lists {} files for {} shards",
+                self.files.len(),
+                self.shards
+            )));
+        }
+        for (i, f) in self.files.iter().enumerate() {
+            let want = shard_file(i, self.shards);
+            if f.name != want {
+                return Err(Error::Invalid(format!(
+                    "manifest files[{i}] is {:?}, not {want:?}",
+                    f.name
+                )));
+            }
+            if f.sha256.len() != 64 || !f.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(Error::Invalid(format!(
+                    "manifest files[{i}].sha256 is not a SHA-256 in hex"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One shard's file in a manifest.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ManifestFile {
@@ -139,19 +185,36 @@ fn write_durably(path: &Path, data: &[u8], round: Option<u64>) -> Result<()> {
         .parent()
         .ok_or_else(|| Error::Internal(format!("{} has no directory", path.display())))?;
     fs::create_dir_all(dir).map_err(io("create", dir))?;
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::File::create(&tmp).map_err(io("create", &tmp))?;
-    let (head, tail) = data.split_at(data.len() / 2);
-    f.write_all(head).map_err(io("write", &tmp))?;
-    if let Some(round) = round {
-        failpoint("checkpoint.mid_write", round);
+    let tmp = temp_path(path);
+    let written = (|| {
+        let mut f = fs::File::create(&tmp).map_err(io("create", &tmp))?;
+        let (head, tail) = data.split_at(data.len() / 2);
+        f.write_all(head).map_err(io("write", &tmp))?;
+        if let Some(round) = round {
+            failpoint("checkpoint.mid_write", round);
+        }
+        f.write_all(tail).map_err(io("write", &tmp))?;
+        f.sync_all().map_err(io("fsync", &tmp))?;
+        fs::rename(&tmp, path).map_err(io("rename to", path))
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
     }
-    f.write_all(tail).map_err(io("write", &tmp))?;
-    f.sync_all().map_err(io("fsync", &tmp))?;
-    fs::rename(&tmp, path).map_err(io("rename to", path))?;
+    written?;
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io("fsync", dir))
+}
+
+/// A temporary name next to `path`, unique to this write: concurrent
+/// writers of the same file (in this process or another) never share one.
+fn temp_path(path: &Path) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp-{}-{n}", std::process::id()));
+    path.with_file_name(name)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -305,6 +368,7 @@ fn manifest_in(dir: &Path) -> Result<Manifest> {
             manifest.format
         )));
     }
+    manifest.check().map_err(|e| bad(e.to_string()))?;
     Ok(manifest)
 }
 
@@ -362,7 +426,7 @@ impl Receiving {
         let path = file_path(root, job, round, name)?;
         let dir = round_dir(root, job, round);
         fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-        let tmp = path.with_extension("tmp");
+        let tmp = temp_path(&path);
         let file = fs::File::create(&tmp).map_err(io("create", &tmp))?;
         Ok(Receiving {
             tmp,

@@ -53,6 +53,15 @@ fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
+    if let Some(dir) = &config.checkpoint_dir
+        && let Err(e) = check_writable(dir)
+    {
+        eprintln!(
+            "paramd: checkpoint_dir {:?}: {e}",
+            dir.display().to_string()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
     init_logs(config.log_format);
     warn_readable_secrets(&config);
     let runtime = match tokio::runtime::Runtime::new() {
@@ -69,6 +78,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Creates `dir` if needed and checks that files can be written in it, so
+/// that a daemon never runs without the checkpoints it was asked to take.
+fn check_writable(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let probe = dir.join(format!(".paramd-probe-{}", std::process::id()));
+    let written = std::fs::File::create(&probe).and_then(|mut f| {
+        f.write_all(b"paramd")?;
+        f.sync_all()
+    });
+    let _ = std::fs::remove_file(&probe);
+    written
 }
 
 /// Warns about token files that other users of the machine can read.

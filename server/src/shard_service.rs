@@ -249,7 +249,15 @@ impl Shard for ShardService {
                 "the manifest is of another checkpoint",
             ));
         }
-        self.node.job(&r.job)?.commit(&manifest)?;
+        manifest.check()?;
+        if manifest.shards != self.node.cluster.size() {
+            return Err(Status::invalid_argument(format!(
+                "the manifest is of a cluster of {} shards, this one has {}",
+                manifest.shards,
+                self.node.cluster.size()
+            )));
+        }
+        self.node.job(&r.job)?.commit_blocking(manifest).await?;
         Ok(Response::new(pb::CommitShardResponse {}))
     }
 

@@ -1,6 +1,7 @@
 //! A job's checkpoints: each shard saves its part of a round, the
 //! coordinator gathers the parts into a manifest and commits it everywhere.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::checkpoint::{self, ChunkRef, Manifest, ManifestFile, ShardMeta};
@@ -11,13 +12,24 @@ use super::Job;
 impl Job {
     /// Writes this shard's part of checkpoint `round` once the shard has
     /// applied it, holding the store still while it writes.
-    pub async fn save(&self, round: u64) -> Result<ManifestFile> {
+    pub async fn save(self: &Arc<Self>, round: u64) -> Result<ManifestFile> {
         let settings = self
             .cluster
             .checkpoints
             .clone()
             .ok_or_else(|| Error::WrongShard("this shard has no --checkpoint-dir".into()))?;
         self.wait_round(round, self.cluster.round_timeout).await?;
+        // The file is written and fsynced on a blocking thread, not on the
+        // runtime's. The store is read there; it holds still meanwhile, the
+        // coordinator deciding no round until the checkpoint is committed.
+        let job = Arc::clone(self);
+        tokio::task::spawn_blocking(move || job.write_part(&settings.dir, round))
+            .await
+            .map_err(|e| Error::Internal(format!("writing a checkpoint panicked: {e}")))?
+    }
+
+    /// Writes this shard's part of checkpoint `round` under `root`.
+    fn write_part(&self, root: &std::path::Path, round: u64) -> Result<ManifestFile> {
         let store = self.store.read();
         if store.round != round {
             return Err(Error::Internal(format!(
@@ -48,7 +60,7 @@ impl Job {
             shard: self.cluster.shard,
             shards: self.cluster.size(),
         };
-        checkpoint::write_shard(&settings.dir, &meta, &self.spec, &self.layout(), &chunks)
+        checkpoint::write_shard(root, &meta, &self.spec, &self.layout(), &chunks)
     }
 
     /// Makes a checkpoint exist on this shard.
@@ -62,6 +74,15 @@ impl Job {
         self.restorable.lock().push(manifest.round);
         self.committed.send_replace(Some(manifest.round));
         Ok(())
+    }
+
+    /// `commit`, on a blocking thread: it writes and fsyncs the manifest
+    /// and deletes old checkpoints.
+    pub async fn commit_blocking(self: &Arc<Self>, manifest: Manifest) -> Result<()> {
+        let job = Arc::clone(self);
+        tokio::task::spawn_blocking(move || job.commit(&manifest))
+            .await
+            .map_err(|e| Error::Internal(format!("committing a checkpoint panicked: {e}")))?
     }
 
     /// Waits, at most until `deadline`, until a checkpoint of the round
@@ -78,13 +99,14 @@ impl Job {
     /// On the coordinator, at shutdown: stops deciding rounds for good and
     /// checkpoints every shard at the last decided round, unless that
     /// round's checkpoint is already committed.
-    pub async fn final_checkpoint(&self) -> Result<u64> {
+    pub async fn final_checkpoint(self: &Arc<Self>) -> Result<u64> {
         let c = self.coordinator.as_ref().ok_or_else(|| {
             Error::WrongShard(format!(
                 "shard {} is not the coordinator",
                 self.cluster.shard
             ))
         })?;
+        let _one = self.checkpointing.lock().await;
         // Never lifted: the process is stopping.
         let round = c.freeze();
         if *self.committed.borrow() == Some(round) {
@@ -97,23 +119,29 @@ impl Job {
     /// On the coordinator: checkpoints every shard at the last decided
     /// round, no round being decided meanwhile. `frozen_at` is the round
     /// of a periodic checkpoint, for which the coordinator froze itself.
-    pub async fn checkpoint(&self, frozen_at: Option<u64>) -> Result<u64> {
+    pub async fn checkpoint(self: &Arc<Self>, frozen_at: Option<u64>) -> Result<u64> {
         let c = self.coordinator.as_ref().ok_or_else(|| {
             Error::WrongShard(format!(
                 "shard {} is not the coordinator",
                 self.cluster.shard
             ))
         })?;
+        // One checkpoint of the job at a time; requests that arrive while
+        // one is taken wait for it, and share it if it is of their round.
+        let _one = self.checkpointing.lock().await;
         let round = frozen_at.unwrap_or_else(|| c.freeze());
         // Lifted however this ends, a caller that stops waiting included:
         // a freeze left behind would decide no round again.
         let _thaw = Thaw(c);
+        if *self.committed.borrow() == Some(round) {
+            return Ok(round);
+        }
         self.checkpoint_frozen(round).await.map(|()| round)
     }
 
     /// Checkpoints every shard at `round`, the coordinator being frozen
     /// there.
-    async fn checkpoint_frozen(&self, round: u64) -> Result<()> {
+    async fn checkpoint_frozen(self: &Arc<Self>, round: u64) -> Result<()> {
         let started = Instant::now();
         let result = self.checkpoint_at(round).await;
         match &result {
@@ -136,7 +164,7 @@ impl Job {
         result
     }
 
-    async fn checkpoint_at(&self, round: u64) -> Result<()> {
+    async fn checkpoint_at(self: &Arc<Self>, round: u64) -> Result<()> {
         let shards = self.cluster.size();
         let mut files = vec![self.save(round).await?];
         let saves = (1..shards).map(|i| self.cluster.save_shard(i, &self.name, round));
@@ -152,7 +180,7 @@ impl Job {
         };
         // Every shard's file is durable; now the checkpoint may exist.
         checkpoint::failpoint("checkpoint.before_manifest", round);
-        self.commit(&manifest)?;
+        self.commit_blocking(manifest.clone()).await?;
         checkpoint::failpoint("checkpoint.between_manifests", round);
         let json = serde_json::to_string(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
         let commits = (1..shards).map(|i| {

@@ -191,6 +191,7 @@ impl Job {
             trouble: Mutex::new(None),
             committed: watch::channel((!resume.restorable.is_empty()).then_some(resume.round)).0,
             draining: AtomicBool::new(false),
+            checkpointing: tokio::sync::Mutex::new(()),
             restorable: Mutex::new(resume.restorable),
             name,
             config,

@@ -123,6 +123,8 @@ pub struct Job {
     committed: watch::Sender<Option<u64>>,
     /// Set at shutdown: pushes are refused, the final checkpoint is taken.
     draining: AtomicBool,
+    /// Held while a checkpoint of the job is taken: one at a time.
+    checkpointing: tokio::sync::Mutex<()>,
     pub metrics: JobMetrics,
 }
 
