@@ -40,6 +40,8 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Calls served at once on one client connection; more wait.
     pub max_concurrent_requests: usize,
+    /// Connections open at once on each gRPC address; more wait to be accepted.
+    pub max_connections: usize,
     /// Longest a pull waits for its round without a client deadline, in seconds.
     pub max_pull_wait: f64,
     /// This shard's index in `cluster`; 0 is the coordinator.
@@ -103,6 +105,7 @@ impl Default for Config {
             chunk_bytes: node.chunk_bytes,
             max_message_bytes: node.max_message_bytes,
             max_concurrent_requests: node.max_concurrent_requests,
+            max_connections: node.max_connections,
             max_pull_wait: node.max_pull_wait.as_secs_f64(),
             shard_index: 0,
             cluster: Vec::new(),
@@ -182,6 +185,9 @@ pub struct Overrides {
     /// Calls served at once per client connection [default: 256].
     #[arg(long, env = "PARAMD_MAX_CONCURRENT_REQUESTS")]
     pub max_concurrent_requests: Option<usize>,
+    /// Connections open at once on each gRPC address [default: 4096].
+    #[arg(long, env = "PARAMD_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// Longest a pull waits for its round without a deadline, in seconds [default: 300].
     #[arg(long, env = "PARAMD_MAX_PULL_WAIT")]
     pub max_pull_wait: Option<f64>,
@@ -275,6 +281,7 @@ impl Config {
         let o = args.overrides;
         overlay!(config, o;
             listen, http_listen, chunk_bytes, max_message_bytes, max_concurrent_requests,
+            max_connections,
             max_pull_wait, shard_index, cluster, peers, peer_timeout, round_timeout, checkpoint_every,
             keep_checkpoints, shutdown_grace, log_format, max_jobs, max_job_bytes,
             max_total_bytes, max_workers, max_params, max_name_bytes;
@@ -347,6 +354,7 @@ impl Config {
                 "max_concurrent_requests",
                 self.max_concurrent_requests as u64,
             ),
+            ("max_connections", self.max_connections as u64),
             ("max_jobs", self.max_jobs as u64),
             ("max_job_bytes", self.max_job_bytes),
             ("max_total_bytes", self.max_total_bytes),
@@ -385,6 +393,7 @@ impl Config {
             chunk_bytes: self.chunk_bytes,
             max_message_bytes: self.max_message_bytes,
             max_concurrent_requests: self.max_concurrent_requests,
+            max_connections: self.max_connections,
             max_pull_wait: seconds("max_pull_wait", self.max_pull_wait)?,
             shard_index: self.shard_index,
             cluster: self.cluster.clone(),

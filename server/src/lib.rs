@@ -17,6 +17,7 @@ pub mod http;
 pub mod job;
 pub mod layout;
 pub mod limits;
+pub mod listen;
 pub mod metrics;
 pub mod node;
 pub mod optim;
@@ -35,7 +36,6 @@ use paramd_proto::v1::param_server_server::ParamServerServer;
 use paramd_proto::v1::shard_server::ShardServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 
 pub use crate::error::{Error, Result};
@@ -79,21 +79,6 @@ async fn final_checkpoint(node: &Node, deadline: tokio::time::Instant, grace: Du
             "final checkpoint did not finish within the grace period"
         ),
     }
-}
-
-/// The connections of `listener`, with Nagle's algorithm off: a push ends
-/// with a small frame that would otherwise wait for a delayed ACK.
-fn incoming(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|s| {
-            if let Err(e) = s.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        })
-    })
 }
 
 /// The sockets a daemon serves on, bound before it starts.
@@ -149,6 +134,7 @@ pub async fn serve(
     let tls = config.tls.clone();
     let peer_tls = config.peer_tls.clone();
     let concurrency = config.max_concurrent_requests;
+    let max_connections = config.max_connections;
     let node = Arc::new(Node::new(config)?);
     // Every service but health checks the token on the call's headers,
     // before any message is decoded; messages over the limit are refused
@@ -184,7 +170,10 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming(grpc), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            listen::incoming(grpc, max_connections),
+            stopped(stop_rx.clone()),
+        );
     // The shard-to-shard service: on its own address, with its own token
     // (and with TLS, certificates of the peer CA only), so that no worker
     // credential can reach it.
@@ -198,7 +187,10 @@ pub async fn serve(
             );
             let server = grpc_builder(peer_tls)?
                 .add_service(shard_service)
-                .serve_with_incoming_shutdown(incoming(peer), stopped(stop_rx.clone()));
+                .serve_with_incoming_shutdown(
+                    listen::incoming(peer, max_connections),
+                    stopped(stop_rx.clone()),
+                );
             futures::future::Either::Left(server)
         }
         None => futures::future::Either::Right(std::future::ready(Ok(()))),

@@ -165,6 +165,11 @@ fn describe() {
         "Pushes refused, by reason"
     );
     describe_counter!(
+        "paramd_accept_errors_total",
+        Unit::Count,
+        "Connections that could not be accepted (file descriptors or memory ran out); accepting pauses and tries again"
+    );
+    describe_counter!(
         "paramd_unauthenticated_calls_total",
         Unit::Count,
         "Calls refused for a missing or wrong bearer token, by reason"
@@ -232,6 +237,11 @@ pub fn before_scrape(jobs: usize) {
 /// A call refused for its credentials, counted by reason.
 pub fn unauthenticated(reason: &'static str) {
     counter!("paramd_unauthenticated_calls_total", "reason" => reason).increment(1);
+}
+
+/// An accept that failed for want of a resource (file descriptors, memory).
+pub fn accept_error() {
+    counter!("paramd_accept_errors_total").increment(1);
 }
 
 /// A refused push, counted by reason.

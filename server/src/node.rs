@@ -59,6 +59,8 @@ pub struct NodeConfig {
     pub peer_credentials: Credentials,
     /// Calls served at once on one client connection.
     pub max_concurrent_requests: usize,
+    /// Connections open at once on each gRPC address.
+    pub max_connections: usize,
     /// The token every call must carry; none: no access control.
     pub auth_token: Option<AuthToken>,
     /// This server's TLS identity and client CA; none: plaintext.
@@ -83,6 +85,7 @@ impl Default for NodeConfig {
             round_timeout: Duration::from_secs(60),
             peer_credentials: Credentials::none(),
             max_concurrent_requests: 256,
+            max_connections: 4096,
             auth_token: None,
             tls: None,
             limits: Limits::default(),

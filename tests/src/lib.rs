@@ -308,11 +308,19 @@ impl Daemon {
     /// Starts `paramd args...` with the environment variables `env` added
     /// (e.g. a `PARAMD_FAILPOINT`), and waits until it is ready.
     pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Daemon> {
+        let mut cmd = tokio::process::Command::new(binary("paramd"));
+        cmd.args(args).envs(env.iter().copied());
+        Daemon::spawn(cmd).await
+    }
+
+    /// Starts `cmd` (which runs paramd, e.g. through `sh -c 'ulimit ...;
+    /// exec paramd ...'`) and waits until it is ready.
+    pub async fn spawn(mut cmd: tokio::process::Command) -> anyhow::Result<Daemon> {
         use tokio::io::AsyncBufReadExt;
-        let mut child = tokio::process::Command::new(binary("paramd"))
-            .args(args)
-            .env("PARAMD_LOG", "info")
-            .envs(env.iter().copied())
+        if !cmd.as_std().get_envs().any(|(k, _)| k == "PARAMD_LOG") {
+            cmd.env("PARAMD_LOG", "info");
+        }
+        let mut child = cmd
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
             .kill_on_drop(true)
