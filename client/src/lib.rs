@@ -84,6 +84,17 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// The server's machine-readable reason for a refusal (`stale`,
+    /// `early`, `job_mismatch`, ...: see `paramd_proto::transport::REASON`),
+    /// when it gave one.
+    pub fn reason(&self) -> Option<&str> {
+        self.status()?
+            .metadata()
+            .get(paramd_proto::transport::REASON)?
+            .to_str()
+            .ok()
+    }
 }
 
 /// The result type of the client.

@@ -19,6 +19,13 @@ pub const MAX_FRAME: u32 = 1 << 20;
 /// The metadata key of the token.
 pub const AUTHORIZATION: &str = "authorization";
 
+/// The metadata key (a trailer of a failed call) of the machine-readable
+/// reason of a refusal: `stale`, `early`, `job_mismatch`, `unknown_job`,
+/// `invalid`, `too_large`, `timeout`, `unavailable`, `aborted`,
+/// `wrong_shard`, `shard`, `internal`. Clients choose their error types from
+/// the code and this reason, never from the message's text.
+pub const REASON: &str = "paramd-reason";
+
 /// Reads a secret or PEM file, naming it in the error.
 pub fn read_file(what: &str, path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))

@@ -140,7 +140,12 @@ impl From<Error> for Status {
             Error::Aborted(_) => Code::Aborted,
             Error::Unavailable(_) => Code::Unavailable,
         };
-        Status::new(code, bounded(e.to_string()))
+        let mut status = Status::new(code, bounded(e.to_string()));
+        status.metadata_mut().insert(
+            paramd_proto::transport::REASON,
+            tonic::metadata::MetadataValue::from_static(e.reason()),
+        );
+        status
     }
 }
 
@@ -209,6 +214,10 @@ mod tests {
         assert!(status.message().ends_with("more bytes cut)"));
         let short = Status::from(Error::Invalid("lr must be positive".into()));
         assert_eq!(short.message(), "lr must be positive");
+        assert_eq!(
+            short.metadata().get(paramd_proto::transport::REASON),
+            Some(&tonic::metadata::MetadataValue::from_static("invalid"))
+        );
     }
 
     #[test]

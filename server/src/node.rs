@@ -442,6 +442,7 @@ impl Node {
             Entry::Vacant(v) => {
                 let job = Arc::new(job);
                 v.insert(Arc::clone(&job));
+                job.publish();
                 tracing::info!(job = %name, shard = self.cluster.shard, params = job.config.params.len(), workers = job.config.workers, optimizer = job.config.optimizer_name(), "job created");
                 Ok(Created { job, created: true })
             }

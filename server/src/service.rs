@@ -43,8 +43,6 @@ impl Service {
     }
 }
 
-/// Reads the segments of a stream's remaining messages after `first`,
-/// refusing once they exceed `budget` bytes.
 /// The next message of a client stream. A message over the size limit is
 /// refused from its length prefix, unread, as RESOURCE_EXHAUSTED (tonic
 /// says OUT_OF_RANGE).
@@ -58,6 +56,8 @@ pub(crate) async fn next_message<M>(stream: &mut Streaming<M>) -> Result<Option<
     })
 }
 
+/// Reads the segments of a stream's remaining messages after `first`,
+/// refusing once they exceed `budget` bytes.
 pub(crate) async fn read_segments<M>(
     mut segments: Vec<pb::Segment>,
     stream: &mut Streaming<M>,

@@ -187,6 +187,17 @@ fn check_status(s: &tonic::Status, code: Code, parts: &[String], what: &str) {
             s.message()
         );
     }
+    // Stale and early pushes say so in a machine-readable trailer too.
+    if let Some(kind) = parts
+        .first()
+        .filter(|p| ["stale", "early"].contains(&p.as_str()))
+    {
+        let reason = s
+            .metadata()
+            .get(paramd_proto::transport::REASON)
+            .and_then(|v| v.to_str().ok());
+        assert_eq!(reason, Some(kind.as_str()), "{what}: reason");
+    }
 }
 
 /// Asserts that a client call was refused with `code` and a message holding

@@ -72,10 +72,7 @@ async fn retry_round(c: &mut Client, trace: &Trace, job: &str, t: u64) -> Pulled
     for w in 0..trace.workers {
         match push(c, trace, job, t, w).await {
             Ok(()) => {}
-            Err(e)
-                if e.status().is_some_and(|s| {
-                    s.code() == Code::FailedPrecondition && s.message().contains("is complete")
-                }) => {}
+            Err(e) if e.reason() == Some("stale") => {}
             Err(e) => panic!("retry of worker {w}'s push of round {t}: {e}"),
         }
     }

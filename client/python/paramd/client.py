@@ -95,8 +95,8 @@ def _rpc(fn, *args):
     try:
         return fn(*args)
     except _native.RpcError as e:
-        code, message, shard, url = e.args
-        raise errors.from_status(code, message, shard, url) from None
+        code, message, shard, url, reason = e.args
+        raise errors.from_status(code, message, shard, url, reason) from None
     except ValueError as e:
         raise errors.InvalidArgument(str(e)) from None
 

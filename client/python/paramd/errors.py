@@ -57,7 +57,8 @@ class Error(RuntimeError):
 
     `code` is the gRPC status code (None for errors found by the client),
     `message` the server's message, `shard` and `url` the shard that
-    answered when the job spans several.
+    answered when the job spans several, `reason` the server's
+    machine-readable reason (e.g. `stale`), when it gave one.
     """
 
     def __init__(
@@ -66,11 +67,13 @@ class Error(RuntimeError):
         code: Optional[StatusCode] = None,
         shard: Optional[int] = None,
         url: Optional[str] = None,
+        reason: Optional[str] = None,
     ):
         self.message = message
         self.code = code
         self.shard = shard
         self.url = url
+        self.reason = reason
         parts = []
         if shard is not None:
             parts.append("shard %d at %s" % (shard, url))
@@ -145,18 +148,25 @@ _BY_CODE = {
     StatusCode.INTERNAL: Internal,
 }
 
-# The server's FAILED_PRECONDITION messages start with these (server/src/error.rs).
-_PRECONDITIONS = [
-    ("stale push", StalePush),
-    ("early push", EarlyPush),
-]
+# The server's machine-readable reasons (the `paramd-reason` trailer) that
+# name a finer error than the code.
+_BY_REASON = {
+    "stale": StalePush,
+    "early": EarlyPush,
+    "job_mismatch": JobMismatch,
+}
 
 
 def from_status(
-    code: Optional[int], message: str, shard: Optional[int] = None, url: Optional[str] = None
+    code: Optional[int],
+    message: str,
+    shard: Optional[int] = None,
+    url: Optional[str] = None,
+    reason: Optional[str] = None,
 ) -> Error:
     """The `Error` for a failed call: `code` is the gRPC status code (None
-    for an error the client found before sending), `message` the server's."""
+    for an error the client found before sending), `message` the server's,
+    `reason` its machine-readable reason, if it gave one."""
     status = None
     if code is not None:
         try:
@@ -164,10 +174,7 @@ def from_status(
         except ValueError:
             status = StatusCode.UNKNOWN
     cls = _BY_CODE.get(status, Error) if status is not None else InvalidArgument
-    if cls is FailedPrecondition:
-        for prefix, sub in _PRECONDITIONS:
-            if message.startswith(prefix):
-                cls = sub
-        if "already exists with a different configuration" in message:
-            cls = JobMismatch
-    return cls(message, code=status, shard=shard, url=url)
+    sub = _BY_REASON.get(reason or "")
+    if sub is not None and issubclass(sub, cls):
+        cls = sub
+    return cls(message, code=status, shard=shard, url=url, reason=reason)

@@ -36,7 +36,7 @@ create_exception!(
     _native,
     RpcError,
     PyException,
-    "A failed call: args are (gRPC code as an int or None, message, shard or None, url or None)."
+    "A failed call: args are (gRPC code as an int or None, message, shard or None, url or None, the server's reason or None)."
 );
 
 /// The runtime every client of the process shares: a few threads, since
@@ -57,6 +57,7 @@ fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
 }
 
 fn error(e: ClientError) -> PyErr {
+    let reason = e.reason().map(str::to_owned);
     let (code, message, shard, url) = match &e {
         ClientError::Status(s) => (Some(s.code() as i32), s.message().to_owned(), None, None),
         ClientError::Shard { shard, url, status } => (
@@ -73,7 +74,7 @@ fn error(e: ClientError) -> PyErr {
         ),
         ClientError::Invalid(m) => (None, m.clone(), None, None),
     };
-    RpcError::new_err((code, message, shard, url))
+    RpcError::new_err((code, message, shard, url, reason))
 }
 
 /// A contiguous f32 buffer of `obj`, named `name` in errors.

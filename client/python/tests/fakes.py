@@ -48,7 +48,7 @@ class FakeShard(pb_grpc.ParamServerServicer):
     def __init__(self):
         self.pushes = []  # (worker, round, [(param, offset, values)])
         self.metadata = []
-        self.fail = None  # (code, message) for every call
+        self.fail = None  # (code, message[, paramd-reason]) for every call
         self.unavailable = 0  # answer UNAVAILABLE this many times first
         self.aborted = 0  # answer pushes ABORTED this many times first
         self.at_least = 0  # pulls answer from this round at the earliest
@@ -64,7 +64,10 @@ class FakeShard(pb_grpc.ParamServerServicer):
             self.unavailable -= 1
             context.abort(grpc.StatusCode.UNAVAILABLE, "starting up")
         if self.fail is not None:
-            context.abort(*self.fail)
+            code, message, *reason = self.fail
+            if reason:
+                context.set_trailing_metadata([("paramd-reason", reason[0])])
+            context.abort(code, message)
 
     def Layout(self, request, context):
         self._enter(context)

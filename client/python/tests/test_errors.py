@@ -13,41 +13,49 @@ from paramd.errors import StatusCode, from_status
 
 
 @pytest.mark.parametrize(
-    "code,message,cls,builtin",
+    "code,message,reason,cls,builtin",
     [
-        (grpc.StatusCode.INVALID_ARGUMENT, "unknown parameter 'x'", paramd.InvalidArgument, ValueError),
-        (grpc.StatusCode.NOT_FOUND, "job 'j' does not exist", paramd.NotFound, LookupError),
+        (grpc.StatusCode.INVALID_ARGUMENT, "unknown parameter 'x'", "invalid", paramd.InvalidArgument, ValueError),
+        (grpc.StatusCode.NOT_FOUND, "job 'j' does not exist", "unknown_job", paramd.NotFound, LookupError),
         (
             grpc.StatusCode.FAILED_PRECONDITION,
             "stale push: round 3 of job 'j' is complete; the current round is 5",
+            "stale",
             paramd.StalePush,
             paramd.FailedPrecondition,
         ),
         (
             grpc.StatusCode.FAILED_PRECONDITION,
             "early push: job 'j' is collecting round 2, not round 4",
+            "early",
             paramd.EarlyPush,
             paramd.FailedPrecondition,
         ),
         (
             grpc.StatusCode.FAILED_PRECONDITION,
             "job 'j' already exists with a different configuration: workers 2 != 4",
+            "job_mismatch",
             paramd.JobMismatch,
             paramd.FailedPrecondition,
         ),
-        (grpc.StatusCode.DEADLINE_EXCEEDED, "round 9 not complete", paramd.DeadlineExceeded, TimeoutError),
-        (grpc.StatusCode.UNAVAILABLE, "restoring checkpoints", paramd.Unavailable, ConnectionError),
-        (grpc.StatusCode.RESOURCE_EXHAUSTED, "push: more than 10 bytes", paramd.ResourceExhausted, paramd.Error),
-        (grpc.StatusCode.UNAUTHENTICATED, "bad token", paramd.Unauthenticated, PermissionError),
-        (grpc.StatusCode.INTERNAL, "disk full", paramd.Internal, paramd.Error),
-        (grpc.StatusCode.UNKNOWN, "what", paramd.Error, RuntimeError),
+        # The class comes from the reason, never from the message's text.
+        (grpc.StatusCode.FAILED_PRECONDITION, "stale push: looks like one", None, paramd.FailedPrecondition, paramd.Error),
+        (grpc.StatusCode.FAILED_PRECONDITION, "a refusal", "stale", paramd.StalePush, paramd.FailedPrecondition),
+        # A reason that does not fit the code does not change the class.
+        (grpc.StatusCode.NOT_FOUND, "job 'j' does not exist", "stale", paramd.NotFound, LookupError),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "round 9 not complete", "timeout", paramd.DeadlineExceeded, TimeoutError),
+        (grpc.StatusCode.UNAVAILABLE, "restoring checkpoints", "unavailable", paramd.Unavailable, ConnectionError),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "push: more than 10 bytes", "too_large", paramd.ResourceExhausted, paramd.Error),
+        (grpc.StatusCode.UNAUTHENTICATED, "bad token", None, paramd.Unauthenticated, PermissionError),
+        (grpc.StatusCode.INTERNAL, "disk full", "internal", paramd.Internal, paramd.Error),
+        (grpc.StatusCode.UNKNOWN, "what", None, paramd.Error, RuntimeError),
     ],
 )
-def test_status_codes_map_to_exceptions_with_the_servers_message(code, message, cls, builtin):
-    e = from_status(code.value[0], message)
+def test_status_codes_and_reasons_map_to_exceptions_with_the_servers_message(code, message, reason, cls, builtin):
+    e = from_status(code.value[0], message, reason=reason)
     assert type(e) is cls
     assert isinstance(e, builtin) and isinstance(e, paramd.Error)
-    assert e.code == StatusCode(code.value[0]) and e.message == message
+    assert e.code == StatusCode(code.value[0]) and e.message == message and e.reason == reason
     assert message in str(e) and code.name in str(e)
 
 
@@ -66,11 +74,12 @@ def test_an_error_of_one_shard_names_it_and_the_others_still_get_their_part(fake
     shards[1].fail = (
         grpc.StatusCode.FAILED_PRECONDITION,
         "stale push: round 0 of job 'j' is complete; the current round is 1",
+        "stale",
     )
     with paramd.Client(urls[0], retries=0) as c:
         with pytest.raises(paramd.StalePush) as e:
             c.push("j", 0, 0, {"w": np.zeros((2, 5), np.float32), "b": np.zeros(3, np.float32)})
-    assert e.value.shard == 1 and e.value.url == urls[1]
+    assert e.value.shard == 1 and e.value.url == urls[1] and e.value.reason == "stale"
     assert "shard 1 at %s" % urls[1] in str(e.value)
     assert len(shards[0].pushes) == 1 and len(shards[2].pushes) == 1
 

@@ -200,17 +200,20 @@ impl Job {
             index,
             metrics,
         };
-        let status = job.status();
-        job.metrics
-            .workers_expected
-            .set(f64::from(job.config.workers));
-        job.metrics
-            .parameter_bytes
-            .set(status.parameter_bytes as f64);
-        job.metrics.state_bytes.set(status.state_bytes as f64);
-        job.metrics.chunks.set(job.own.chunks.len() as f64);
-        job.metrics.round.set(resume.round as f64);
-        job.metrics.step.set(resume.step as f64);
         job
+    }
+
+    /// Sets the job's gauges from its state. Called once the job is the
+    /// one held under its name: a job that loses a race to another of the
+    /// same name (concurrent Inits) never touches the series they share.
+    pub fn publish(&self) {
+        let status = self.status();
+        let m = &self.metrics;
+        m.workers_expected.set(f64::from(self.config.workers));
+        m.parameter_bytes.set(status.parameter_bytes as f64);
+        m.state_bytes.set(status.state_bytes as f64);
+        m.chunks.set(self.own.chunks.len() as f64);
+        m.round.set(status.round as f64);
+        m.step.set(status.step as f64);
     }
 }

@@ -46,7 +46,9 @@ impl Node {
             };
             let round = loaded.meta.round;
             let job = Job::restore(Arc::clone(&self.cluster), loaded, rounds.clone())?;
-            self.jobs.insert(name.clone(), Arc::new(job));
+            let job = Arc::new(job);
+            self.jobs.insert(name.clone(), Arc::clone(&job));
+            job.publish();
             tracing::info!(job = %name, round, restorable = ?rounds, shard = self.cluster.shard, "job restored from its checkpoint");
             restored.push(name);
         }
@@ -432,6 +434,7 @@ impl Node {
                 );
                 let job = Arc::new(Job::restore(Arc::clone(&self.cluster), loaded, rounds)?);
                 self.jobs.insert(name.to_owned(), Arc::clone(&job));
+                job.publish();
                 if let Some(older) = current {
                     older.close();
                     tracing::warn!(job = %name, from = older.round(), round, shard = self.cluster.shard, "job went back to an older checkpoint the other shards also hold");
