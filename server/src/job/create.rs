@@ -154,7 +154,7 @@ impl Job {
             )
             .with_checkpoint_every(every)
         });
-        let job = Job {
+        Job {
             coordinator,
             cluster,
             owners,
@@ -199,8 +199,7 @@ impl Job {
             own,
             index,
             metrics,
-        };
-        job
+        }
     }
 
     /// Sets the job's gauges from its state. Called once the job is the
