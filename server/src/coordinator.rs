@@ -13,7 +13,6 @@
 
 use std::time::{Duration, Instant};
 
-use metrics::Histogram;
 use parking_lot::Mutex;
 use tokio::sync::{oneshot, watch};
 
@@ -145,7 +144,7 @@ pub struct Coordinator {
     shards: usize,
     state: Mutex<Gather>,
     /// Time from a round's first report to its last.
-    shard_wait: Histogram,
+    shard_wait: crate::metrics::JobHistogram,
     /// Freeze after deciding every round that ends a multiple of this many
     /// rounds (0: never), so its checkpoint is taken at exactly that round.
     checkpoint_every: u64,
@@ -180,7 +179,7 @@ impl Coordinator {
         shards: usize,
         round: u64,
         step: u64,
-        shard_wait: Histogram,
+        shard_wait: crate::metrics::JobHistogram,
     ) -> Coordinator {
         Coordinator {
             policy,
@@ -492,7 +491,13 @@ mod tests {
             worker_timeout: Duration::from_millis(50),
             ..policy(None)
         };
-        let c = std::sync::Arc::new(Coordinator::new(p, 2, 0, 0, Histogram::noop()));
+        let c = std::sync::Arc::new(Coordinator::new(
+            p,
+            2,
+            0,
+            0,
+            crate::metrics::JobHistogram::new("paramd_coordinator_shard_wait_seconds", "test", "0"),
+        ));
         let c2 = c.clone();
         let wait = Duration::from_secs(30);
         let shard1 = tokio::spawn(async move { c2.members(0, 1, &[1, 2], wait).await });
@@ -514,7 +519,13 @@ mod tests {
     #[tokio::test]
     async fn decides_once_every_shard_reported() {
         let wait = Duration::from_secs(30);
-        let c = std::sync::Arc::new(Coordinator::new(policy(None), 2, 0, 0, Histogram::noop()));
+        let c = std::sync::Arc::new(Coordinator::new(
+            policy(None),
+            2,
+            0,
+            0,
+            crate::metrics::JobHistogram::new("paramd_coordinator_shard_wait_seconds", "test", "0"),
+        ));
         let c2 = c.clone();
         let first = tokio::spawn(async move { c2.report(0, 0, Report::default(), wait).await });
         let second = c
@@ -536,7 +547,13 @@ mod tests {
 
     #[tokio::test]
     async fn an_undecided_round_times_out_naming_the_missing_shards() {
-        let c = Coordinator::new(policy(None), 3, 0, 0, Histogram::noop());
+        let c = Coordinator::new(
+            policy(None),
+            3,
+            0,
+            0,
+            crate::metrics::JobHistogram::new("paramd_coordinator_shard_wait_seconds", "test", "0"),
+        );
         let err = c
             .report(0, 1, Report::default(), Duration::from_millis(20))
             .await

@@ -18,8 +18,13 @@ pub fn router(handle: PrometheusHandle, node: Arc<Node>) -> Router {
         .route(
             "/metrics",
             get(move || {
-                crate::metrics::before_scrape(scraped.jobs().len());
-                std::future::ready(handle.render())
+                let jobs = scraped.jobs();
+                crate::metrics::before_scrape(jobs.iter().map(|j| &j.metrics));
+                let live = jobs
+                    .iter()
+                    .map(|j| (j.name.clone(), j.metrics.incarnation))
+                    .collect();
+                std::future::ready(crate::metrics::live_only(&handle.render(), &live))
             }),
         )
         .route("/healthz", get(|| std::future::ready("ok\n")))

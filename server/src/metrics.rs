@@ -4,10 +4,11 @@
 use std::sync::OnceLock;
 
 use metrics::{
-    Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram,
-    gauge, histogram,
+    Counter, Gauge, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge,
+    histogram,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 
 /// Seconds buckets for latencies, from 100 µs to a minute.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -17,12 +18,27 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// A series nothing touched for this long is dropped from the recorder at
+/// the next scrape. Every live job's counters and gauges, and the
+/// process's, are touched before each scrape, so this reclaims the series
+/// of deleted jobs (hidden from scrapes at once, see `live_only`); a live
+/// job's histograms that saw no sample for this long start afresh.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The label that tells instances of a job apart inside the recorder;
+/// scrapes show only the live instance's series, without it.
+const INCARNATION: &str = "incarnation";
+
+/// Reasons of `paramd_unauthenticated_calls_total`, exported from zero.
+pub const UNAUTHENTICATED_REASONS: &[&str] = &["missing", "scheme", "wrong_token"];
+
 /// Installs the process-wide Prometheus recorder (once) and returns the
 /// handle that renders `/metrics`.
 pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
+                .idle_timeout(MetricKindMask::ALL, Some(IDLE))
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 .map(PrometheusBuilder::build_recorder);
             match recorder {
@@ -209,7 +225,6 @@ fn describe() {
         Unit::Seconds,
         "Time to reduce and apply a round"
     );
-    gauge!("paramd_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
 /// Resident and peak resident bytes of this process (Linux; zeros
@@ -226,12 +241,64 @@ pub fn process_memory() -> (u64, u64) {
     (kib("VmRSS:"), kib("VmHWM:"))
 }
 
-/// Sets the gauges read at scrape time: jobs held and process memory.
-pub fn before_scrape(jobs: usize) {
-    gauge!("paramd_jobs").set(jobs as f64);
+/// Sets the series read at scrape time (jobs held, process memory, build)
+/// and touches every live job's and the process's counters and gauges, so
+/// that only deleted jobs' series go idle.
+pub fn before_scrape<'a>(jobs: impl ExactSizeIterator<Item = &'a JobMetrics>) {
+    gauge!("paramd_jobs").set(jobs.len() as f64);
     let (rss, peak) = process_memory();
     gauge!("paramd_process_resident_memory_bytes").set(rss as f64);
     gauge!("paramd_process_peak_resident_memory_bytes").set(peak as f64);
+    gauge!("paramd_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    for reason in UNAUTHENTICATED_REASONS {
+        counter!("paramd_unauthenticated_calls_total", "reason" => *reason).increment(0);
+    }
+    counter!("paramd_accept_errors_total").increment(0);
+    for m in jobs {
+        m.touch();
+    }
+}
+
+/// Keeps the lines of a rendered scrape that belong to no job or to the
+/// live instance of one (`live`: job name to incarnation), without their
+/// incarnation label: a deleted job's series leave the scrape at once, and
+/// a re-created job's start afresh, before the recorder drops the old ones.
+pub fn live_only(text: &str, live: &std::collections::HashMap<String, u64>) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        let label = |name: &str| {
+            let start = line.find(&format!("{name}=\""))?;
+            let value_start = start + name.len() + 2;
+            let len = line[value_start..].find('"')?;
+            Some((
+                start,
+                &line[value_start..value_start + len],
+                value_start + len + 1,
+            ))
+        };
+        let (Some((_, job, _)), Some((start, incarnation, end))) =
+            (label("job"), label(INCARNATION))
+        else {
+            out.push_str(line);
+            continue;
+        };
+        if line.starts_with('#') {
+            out.push_str(line);
+            continue;
+        }
+        if live.get(job).map(u64::to_string).as_deref() != Some(incarnation) {
+            continue;
+        }
+        // The label and the comma that joins it to its neighbour.
+        let (cut_start, cut_end) = if line[end..].starts_with(',') {
+            (start, end + 1)
+        } else {
+            (start.saturating_sub(1), end)
+        };
+        out.push_str(&line[..cut_start]);
+        out.push_str(&line[cut_end..]);
+    }
+    out
 }
 
 /// A call refused for its credentials, counted by reason.
@@ -244,10 +311,30 @@ pub fn accept_error() {
     counter!("paramd_accept_errors_total").increment(1);
 }
 
-/// A refused push, counted by reason.
-pub fn refused(job: &str, reason: &'static str) {
-    counter!("paramd_refused_pushes_total", "job" => job.to_owned(), "reason" => reason)
-        .increment(1);
+/// A histogram of one job, looked up at each sample: a cached handle would
+/// outlive its series once the recorder drops it as idle.
+#[derive(Clone, Debug)]
+pub struct JobHistogram {
+    name: &'static str,
+    job: String,
+    incarnation: String,
+}
+
+impl JobHistogram {
+    /// The histogram `name` of incarnation `incarnation` of job `job`.
+    pub fn new(name: &'static str, job: &str, incarnation: &str) -> JobHistogram {
+        JobHistogram {
+            name,
+            job: job.to_owned(),
+            incarnation: incarnation.to_owned(),
+        }
+    }
+
+    /// Records one sample.
+    pub fn record(&self, value: f64) {
+        histogram!(self.name, "job" => self.job.clone(), INCARNATION => self.incarnation.clone())
+            .record(value);
+    }
 }
 
 /// Handles of one job's series.
@@ -265,12 +352,12 @@ pub struct JobMetrics {
     pub parameter_bytes: Gauge,
     pub state_bytes: Gauge,
     pub chunks: Gauge,
-    pub shard_wait: Histogram,
+    pub shard_wait: JobHistogram,
     pub skipped: Counter,
     pub pushes: Counter,
     pub duplicates: Counter,
     pub dropped: Counter,
-    pub checkpoint_duration: Histogram,
+    pub checkpoint_duration: JobHistogram,
     pub checkpoint_failures: Counter,
     pub round_failures: Counter,
     pub checkpoint_round: Gauge,
@@ -278,48 +365,146 @@ pub struct JobMetrics {
     pub stale: Counter,
     pub push_bytes: Counter,
     pub pull_bytes: Counter,
-    pub push_duration: Histogram,
-    pub pull_wait: Histogram,
-    pub barrier_wait: Histogram,
-    pub apply_duration: Histogram,
+    pub push_duration: JobHistogram,
+    pub pull_wait: JobHistogram,
+    pub barrier_wait: JobHistogram,
+    pub apply_duration: JobHistogram,
+    /// Refused pushes by reason, made at the first of each.
+    refused: parking_lot::Mutex<Vec<(&'static str, Counter)>>,
+    job: String,
+    /// This instance of the job, among all jobs this process ever held.
+    pub incarnation: u64,
 }
 
 impl JobMetrics {
-    /// Resolves the series of job `job` with `groups` param groups.
+    /// Resolves the series of a new instance of job `job` with `groups`
+    /// param groups: they carry the instance's incarnation, so that a job
+    /// re-created under a deleted one's name (or losing a race of
+    /// concurrent Inits) shares no series with it.
     pub fn new(job: &str, groups: usize) -> JobMetrics {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let incarnation = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let j = job.to_owned();
+        let i = incarnation.to_string();
         JobMetrics {
             lr: (0..groups)
-                .map(|g| gauge!("paramd_learning_rate", "job" => j.clone(), "group" => g.to_string()))
+                .map(|g| gauge!("paramd_learning_rate", "job" => j.clone(), "group" => g.to_string(), INCARNATION => i.clone()))
                 .collect(),
-            grad_norm: gauge!("paramd_grad_norm", "job" => j.clone()),
-            grad_norm_clipped: gauge!("paramd_grad_norm_clipped", "job" => j.clone()),
-            clip_coefficient: gauge!("paramd_grad_clip_coefficient", "job" => j.clone()),
-            step: gauge!("paramd_optimizer_step", "job" => j.clone()),
-            round: gauge!("paramd_round", "job" => j.clone()),
-            rounds: counter!("paramd_rounds_total", "job" => j.clone()),
-            workers_expected: gauge!("paramd_workers_expected", "job" => j.clone()),
-            workers_pushed: gauge!("paramd_workers_pushed", "job" => j.clone()),
-            parameter_bytes: gauge!("paramd_shard_parameter_bytes", "job" => j.clone()),
-            state_bytes: gauge!("paramd_shard_optimizer_state_bytes", "job" => j.clone()),
-            chunks: gauge!("paramd_shard_chunks", "job" => j.clone()),
-            shard_wait: histogram!("paramd_coordinator_shard_wait_seconds", "job" => j.clone()),
-            skipped: counter!("paramd_rounds_skipped_total", "job" => j.clone()),
-            pushes: counter!("paramd_pushes_total", "job" => j.clone()),
-            duplicates: counter!("paramd_duplicate_pushes_total", "job" => j.clone()),
-            dropped: counter!("paramd_workers_dropped_total", "job" => j.clone()),
-            checkpoint_duration: histogram!("paramd_checkpoint_duration_seconds", "job" => j.clone()),
-            checkpoint_failures: counter!("paramd_checkpoint_failures_total", "job" => j.clone()),
-            round_failures: counter!("paramd_round_failures_total", "job" => j.clone()),
-            checkpoint_round: gauge!("paramd_checkpoint_last_round", "job" => j.clone()),
-            checkpoint_timestamp: gauge!("paramd_checkpoint_last_timestamp_seconds", "job" => j.clone()),
-            stale: counter!("paramd_stale_pushes_total", "job" => j.clone()),
-            push_bytes: counter!("paramd_push_bytes_total", "job" => j.clone()),
-            pull_bytes: counter!("paramd_pull_bytes_total", "job" => j.clone()),
-            push_duration: histogram!("paramd_push_duration_seconds", "job" => j.clone()),
-            pull_wait: histogram!("paramd_pull_wait_seconds", "job" => j.clone()),
-            barrier_wait: histogram!("paramd_barrier_wait_seconds", "job" => j.clone()),
-            apply_duration: histogram!("paramd_apply_duration_seconds", "job" => j),
+            grad_norm: gauge!("paramd_grad_norm", "job" => j.clone(), INCARNATION => i.clone()),
+            grad_norm_clipped: gauge!("paramd_grad_norm_clipped", "job" => j.clone(), INCARNATION => i.clone()),
+            clip_coefficient: gauge!("paramd_grad_clip_coefficient", "job" => j.clone(), INCARNATION => i.clone()),
+            step: gauge!("paramd_optimizer_step", "job" => j.clone(), INCARNATION => i.clone()),
+            round: gauge!("paramd_round", "job" => j.clone(), INCARNATION => i.clone()),
+            rounds: counter!("paramd_rounds_total", "job" => j.clone(), INCARNATION => i.clone()),
+            workers_expected: gauge!("paramd_workers_expected", "job" => j.clone(), INCARNATION => i.clone()),
+            workers_pushed: gauge!("paramd_workers_pushed", "job" => j.clone(), INCARNATION => i.clone()),
+            parameter_bytes: gauge!("paramd_shard_parameter_bytes", "job" => j.clone(), INCARNATION => i.clone()),
+            state_bytes: gauge!("paramd_shard_optimizer_state_bytes", "job" => j.clone(), INCARNATION => i.clone()),
+            chunks: gauge!("paramd_shard_chunks", "job" => j.clone(), INCARNATION => i.clone()),
+            shard_wait: JobHistogram::new("paramd_coordinator_shard_wait_seconds", &j, &i),
+            skipped: counter!("paramd_rounds_skipped_total", "job" => j.clone(), INCARNATION => i.clone()),
+            pushes: counter!("paramd_pushes_total", "job" => j.clone(), INCARNATION => i.clone()),
+            duplicates: counter!("paramd_duplicate_pushes_total", "job" => j.clone(), INCARNATION => i.clone()),
+            dropped: counter!("paramd_workers_dropped_total", "job" => j.clone(), INCARNATION => i.clone()),
+            checkpoint_duration: JobHistogram::new("paramd_checkpoint_duration_seconds", &j, &i),
+            checkpoint_failures: counter!("paramd_checkpoint_failures_total", "job" => j.clone(), INCARNATION => i.clone()),
+            round_failures: counter!("paramd_round_failures_total", "job" => j.clone(), INCARNATION => i.clone()),
+            checkpoint_round: gauge!("paramd_checkpoint_last_round", "job" => j.clone(), INCARNATION => i.clone()),
+            checkpoint_timestamp: gauge!("paramd_checkpoint_last_timestamp_seconds", "job" => j.clone(), INCARNATION => i.clone()),
+            stale: counter!("paramd_stale_pushes_total", "job" => j.clone(), INCARNATION => i.clone()),
+            push_bytes: counter!("paramd_push_bytes_total", "job" => j.clone(), INCARNATION => i.clone()),
+            pull_bytes: counter!("paramd_pull_bytes_total", "job" => j.clone(), INCARNATION => i.clone()),
+            push_duration: JobHistogram::new("paramd_push_duration_seconds", &j, &i),
+            pull_wait: JobHistogram::new("paramd_pull_wait_seconds", &j, &i),
+            barrier_wait: JobHistogram::new("paramd_barrier_wait_seconds", &j, &i),
+            apply_duration: JobHistogram::new("paramd_apply_duration_seconds", &j, &i),
+            refused: parking_lot::Mutex::new(Vec::new()),
+            job: j,
+            incarnation,
         }
+    }
+
+    /// A refused push, counted by reason.
+    pub fn refused(&self, reason: &'static str) {
+        let mut refused = self.refused.lock();
+        if let Some((_, c)) = refused.iter().find(|(r, _)| *r == reason) {
+            c.increment(1);
+            return;
+        }
+        let c =
+            counter!("paramd_refused_pushes_total", "job" => self.job.clone(), "reason" => reason);
+        c.increment(1);
+        refused.push((reason, c));
+    }
+
+    fn counters(&self) -> [&Counter; 10] {
+        [
+            &self.rounds,
+            &self.skipped,
+            &self.pushes,
+            &self.duplicates,
+            &self.dropped,
+            &self.checkpoint_failures,
+            &self.round_failures,
+            &self.stale,
+            &self.push_bytes,
+            &self.pull_bytes,
+        ]
+    }
+
+    /// Marks every counter and gauge of the job as alive (a no-op update),
+    /// so that the recorder never drops them as idle.
+    pub fn touch(&self) {
+        let gauges = [
+            &self.grad_norm,
+            &self.grad_norm_clipped,
+            &self.clip_coefficient,
+            &self.step,
+            &self.round,
+            &self.workers_expected,
+            &self.workers_pushed,
+            &self.parameter_bytes,
+            &self.state_bytes,
+            &self.chunks,
+            &self.checkpoint_round,
+            &self.checkpoint_timestamp,
+        ];
+        for g in gauges.into_iter().chain(&self.lr) {
+            g.increment(0.0);
+        }
+        for c in self.counters() {
+            c.increment(0);
+        }
+        for (_, c) in self.refused.lock().iter() {
+            c.increment(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_live_instances_series_are_scraped_without_their_incarnation() {
+        let text = "# HELP paramd_round Rounds completed\n\
+                    # TYPE paramd_round gauge\n\
+                    paramd_round{job=\"a\",incarnation=\"3\"} 3\n\
+                    paramd_round{job=\"a\",incarnation=\"1\"} 9\n\
+                    paramd_round{job=\"gone\",incarnation=\"2\"} 7\n\
+                    paramd_jobs 1\n\
+                    paramd_learning_rate{job=\"a\",group=\"0\",incarnation=\"3\"} 0.1\n\
+                    paramd_push_duration_seconds_bucket{job=\"a\",incarnation=\"3\",le=\"0.1\"} 2\n\
+                    paramd_push_duration_seconds_bucket{job=\"gone\",incarnation=\"2\",le=\"0.1\"} 2\n";
+        let live = [("a".to_owned(), 3)].into_iter().collect();
+        assert_eq!(
+            live_only(text, &live),
+            "# HELP paramd_round Rounds completed\n\
+             # TYPE paramd_round gauge\n\
+             paramd_round{job=\"a\"} 3\n\
+             paramd_jobs 1\n\
+             paramd_learning_rate{job=\"a\",group=\"0\"} 0.1\n\
+             paramd_push_duration_seconds_bucket{job=\"a\",le=\"0.1\"} 2\n"
+        );
     }
 }

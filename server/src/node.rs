@@ -443,7 +443,7 @@ impl Node {
                 let job = Arc::new(job);
                 v.insert(Arc::clone(&job));
                 job.publish();
-                tracing::info!(job = %name, shard = self.cluster.shard, params = job.config.params.len(), workers = job.config.workers, optimizer = job.config.optimizer_name(), "job created");
+                tracing::info!(job = %name, incarnation = job.metrics.incarnation, shard = self.cluster.shard, params = job.config.params.len(), workers = job.config.workers, optimizer = job.config.optimizer_name(), "job created");
                 Ok(Created { job, created: true })
             }
             Entry::Occupied(o) => {

@@ -164,7 +164,7 @@ impl ParamServer for Service {
         span.record("round", first.round);
         let job = self.node.job(&first.job)?;
         let refused = |e: Error| {
-            metrics::refused(&job.name, e.reason());
+            job.metrics.refused(e.reason());
             if matches!(e, Error::Stale { .. }) {
                 job.metrics.stale.increment(1);
             }

@@ -110,3 +110,45 @@ async fn a_deleted_job_does_not_come_back_after_a_restart() {
         vec![7.0; 3]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_jobs_series_leave_the_scrape() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let names: Vec<String> = (0..40).map(|i| format!("churn-{i}")).collect();
+    for name in &names {
+        c.init(name, spec(1), &[("w", &[1.0; 3])])
+            .await
+            .expect("init");
+        c.push(name, 0, 0, &[("w", &[0.5; 3])]).await.expect("push");
+        c.pull(name, 1).await.expect("pull");
+    }
+    let series = |body: &str| {
+        body.lines()
+            .filter(|l| !l.starts_with('#') && l.contains("job=\"churn-"))
+            .count()
+    };
+    let (_, before) = paramd_tests::http_get(server.http, "/metrics")
+        .await
+        .expect("metrics");
+    assert!(series(&before) >= 40 * 20, "{} series", series(&before));
+    for name in &names {
+        c.delete_job(name).await.expect("delete");
+    }
+    let (_, after) = paramd_tests::http_get(server.http, "/metrics")
+        .await
+        .expect("metrics");
+    assert_eq!(series(&after), 0, "a deleted job's series remain");
+    // A job re-created under a deleted one's name starts its series afresh.
+    c.init("churn-0", spec(1), &[("w", &[1.0; 3])])
+        .await
+        .expect("init");
+    let (_, again) = paramd_tests::http_get(server.http, "/metrics")
+        .await
+        .expect("metrics");
+    let round = paramd_tests::metric(&again, "paramd_round", &[("job", "churn-0")]);
+    assert_eq!(round, Some(0.0));
+    let pushes = paramd_tests::metric(&again, "paramd_pushes_total", &[("job", "churn-0")]);
+    assert!(pushes.is_none_or(|p| p == 0.0), "{pushes:?}");
+    server.shutdown().await;
+}

@@ -203,8 +203,7 @@ impl Job {
     }
 
     /// Sets the job's gauges from its state. Called once the job is the
-    /// one held under its name: a job that loses a race to another of the
-    /// same name (concurrent Inits) never touches the series they share.
+    /// one held under its name.
     pub fn publish(&self) {
         let status = self.status();
         let m = &self.metrics;

@@ -502,6 +502,10 @@ impl Job {
     }
 
     fn record(&self, d: &Decision, took: Duration) {
+        // A deleted job's series may already be a re-created job's.
+        if self.deleted.load(Ordering::Acquire) {
+            return;
+        }
         let m = &self.metrics;
         m.apply_duration.record(took.as_secs_f64());
         m.round.set((d.round + 1) as f64);
@@ -542,9 +546,11 @@ impl Job {
         let ended = || self.deleted.load(Ordering::Acquire) || self.held.lock().is_some();
         let reached = |&r: &u64| r >= round || ended();
         let done = tokio::time::timeout(wait, rx.wait_for(reached)).await;
-        self.metrics
-            .pull_wait
-            .record(started.elapsed().as_secs_f64());
+        if !self.deleted.load(Ordering::Acquire) {
+            self.metrics
+                .pull_wait
+                .record(started.elapsed().as_secs_f64());
+        }
         match done {
             Ok(Ok(_)) if !ended() => Ok(()),
             Ok(_) => Err(self.check_serving().err().unwrap_or_else(|| {
