@@ -132,7 +132,7 @@ fn main() {
         for step in 1..=a.repeat {
             let t = Instant::now();
             tri_a.par_iter_mut().zip(&tri_bc).for_each(|(x, c)| {
-                for ((o, b), c) in x.values.iter_mut().zip(&x.buffers[0]).zip(c) {
+                for ((o, b), c) in x.values.make_mut().iter_mut().zip(&x.buffers[0]).zip(c) {
                     *o = *b + 0.5 * *c;
                 }
             });

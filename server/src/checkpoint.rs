@@ -695,7 +695,7 @@ fn read_shard_file(dir: &Path, entry: &ManifestFile, index: usize) -> Result<Sha
                 chunks.insert(
                     key,
                     ChunkState {
-                        values,
+                        values: crate::store::Values::new(values),
                         buffers,
                         step,
                     },
@@ -830,7 +830,7 @@ mod tests {
     /// values are all `round`.
     fn take(root: &Path, round: u64, shards: usize) {
         let state = ChunkState {
-            values: vec![round as f32; 5],
+            values: crate::store::Values::new(vec![round as f32; 5]),
             buffers: vec![vec![1.0; 5], vec![2.0; 5]],
             step: round,
         };
@@ -879,7 +879,7 @@ mod tests {
         take(dir.path(), 6, 1);
         let l = load(dir.path()).expect("load").expect("a checkpoint");
         assert_eq!(l.meta.round, 6);
-        assert_eq!(l.chunks[0].values, vec![6.0; 5]);
+        assert_eq!(*l.chunks[0].values, [6.0; 5]);
         assert_eq!(l.chunks[0].buffers, vec![vec![1.0; 5], vec![2.0; 5]]);
         assert_eq!(l.chunks[0].step, 6);
     }

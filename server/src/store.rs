@@ -1,13 +1,62 @@
 //! A chunk's parameters and optimizer state, allocated once when the job is
 //! created so that a step allocates nothing.
 
+use std::ops::Deref;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
 use crate::optim::{self, AdamState, Hyper};
+
+/// A chunk's values, shared with the pulls that send them: a pull takes a
+/// reference instead of a copy, and a step writes in place unless a pull
+/// still holds the previous values (then it copies them once, so the pull
+/// still sends one round).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Values(Arc<Vec<f32>>);
+
+impl Values {
+    pub fn new(values: Vec<f32>) -> Values {
+        Values(Arc::new(values))
+    }
+
+    /// The values to write a step into.
+    pub fn make_mut(&mut self) -> &mut [f32] {
+        Arc::<Vec<f32>>::make_mut(&mut self.0).as_mut_slice()
+    }
+
+    /// The values as the little-endian bytes tensors travel as: on a
+    /// little-endian host the same memory, not a copy.
+    pub fn to_le_bytes(&self) -> Bytes {
+        if cfg!(target_endian = "little") {
+            return Bytes::from_owner(LittleEndian(Arc::clone(&self.0)));
+        }
+        paramd_proto::wire::to_le_bytes(&self.0)
+    }
+}
+
+impl Deref for Values {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        &self.0
+    }
+}
+
+/// Values seen as bytes, on a little-endian host.
+struct LittleEndian(Arc<Vec<f32>>);
+
+impl AsRef<[u8]> for LittleEndian {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+}
 
 /// The values of one chunk and its optimizer state, named like torch's
 /// `state[p]` entries.
 #[derive(Debug)]
 pub struct ChunkState {
-    pub values: Vec<f32>,
+    pub values: Values,
     /// SGD: `[momentum_buffer]` (none without momentum); Adam and AdamW:
     /// `[exp_avg, exp_avg_sq]` and `max_exp_avg_sq` with amsgrad.
     pub buffers: Vec<Vec<f32>>,
@@ -22,7 +71,7 @@ impl ChunkState {
             .map(|_| vec![0.0; values.len()])
             .collect();
         ChunkState {
-            values,
+            values: Values::new(values),
             buffers,
             step: 0,
         }
@@ -42,7 +91,7 @@ impl ChunkState {
                 // torch creates the momentum buffer from the first gradient.
                 let buf_init = self.step > 1;
                 let buf = self.buffers.first_mut().map_or(&mut [][..], |b| &mut b[..]);
-                optim::sgd(h, lr, coef, grad, &mut self.values, buf, buf_init);
+                optim::sgd(h, lr, coef, grad, self.values.make_mut(), buf, buf_init);
             }
             Hyper::Adam(h) => {
                 let (exp_avg, rest) = self.buffers.split_at_mut(1);
@@ -53,7 +102,7 @@ impl ChunkState {
                     exp_avg_sq: &mut exp_avg_sq[0],
                     max_exp_avg_sq,
                 };
-                optim::adam(h, lr, self.step, coef, grad, &mut self.values, state);
+                optim::adam(h, lr, self.step, coef, grad, self.values.make_mut(), state);
             }
         }
     }

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::invalid;
 use crate::layout::Layout;
 use crate::metrics::JobMetrics;
-use crate::pieces::{Ownership, Pieces, Target, mean_into, to_le_bytes};
+use crate::pieces::{Ownership, Pieces, Target, mean_into};
 use crate::spec::{JobConfig, NonFinite};
 use crate::store::ChunkState;
 
@@ -624,7 +624,7 @@ impl Job {
             )));
         }
         let meta = &self.layout.chunks[self.own.chunks[local]];
-        let data = to_le_bytes(&store.chunks[local].values);
+        let data = store.chunks[local].values.to_le_bytes();
         drop(store);
         self.metrics.pull_bytes.increment(data.len() as u64);
         Ok(Segment {
