@@ -63,7 +63,7 @@ fn valid_checkpoint() -> Vec<u8> {
     let states: Vec<ChunkState> = sizes
         .iter()
         .map(|&(_, _, n)| ChunkState {
-            values: vec![1.5; n],
+            values: paramd::store::Values::new(vec![1.5; n]),
             buffers: vec![],
             step: 2,
         })
