@@ -224,19 +224,31 @@ pub fn initial_values(
 pub fn mean_into<'a>(pushes: impl ExactSizeIterator<Item = &'a [Piece]>, acc: &mut [f32]) {
     let n = pushes.len();
     for (i, pieces) in pushes.enumerate() {
-        for piece in pieces {
-            let dst = &mut acc[piece.start..piece.start + piece.data.len() / 4];
-            let src = piece
-                .data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-            if i == 0 {
-                dst.iter_mut().zip(src).for_each(|(d, x)| *d = x);
-            } else {
-                dst.iter_mut().zip(src).for_each(|(d, x)| *d += x);
-            }
+        fold_into(pieces, acc, i == 0);
+    }
+    divide(acc, n);
+}
+
+/// One step of `mean_into`: copies the pieces of one push of a chunk into
+/// `acc` (the first push of the mean) or adds them to it (the next ones,
+/// in rank order).
+pub fn fold_into(pieces: &[Piece], acc: &mut [f32], first: bool) {
+    for piece in pieces {
+        let dst = &mut acc[piece.start..piece.start + piece.data.len() / 4];
+        let src = piece
+            .data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        if first {
+            dst.iter_mut().zip(src).for_each(|(d, x)| *d = x);
+        } else {
+            dst.iter_mut().zip(src).for_each(|(d, x)| *d += x);
         }
     }
+}
+
+/// The last step of `mean_into`: divides a sum of `n` pushes by `n`.
+pub fn divide(acc: &mut [f32], n: usize) {
     if n > 1 {
         let n = n as f32;
         for d in acc.iter_mut() {

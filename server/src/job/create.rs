@@ -173,6 +173,7 @@ impl Job {
                 pushes: (0..workers).map(|_| None).collect(),
                 closed: false,
                 opened: None,
+                folded: 0,
             }),
             completed: watch::channel(resume.round).0,
             arrivals: watch::channel(0).0,

@@ -9,23 +9,27 @@ use std::time::Duration;
 
 use crate::coordinator::Members;
 use crate::error::{Error, Result};
-use crate::pieces::Pieces;
+use rayon::prelude::*;
 
-use super::Job;
+use crate::compute;
+use crate::pieces::fold_into;
+
+use super::{Closed, Job};
 
 impl Job {
     /// Reports the workers this shard holds whole pushes of for `round`
     /// until the coordinator has chosen the round's members, reporting
-    /// again as more pushes arrive; then closes the round and returns the
-    /// members' pushes in rank order. None: the round is no longer this
+    /// again as more pushes arrive (and summing them meanwhile where it
+    /// may, see `fold_ready`); then closes the round with its members. None: the round is no longer this
     /// shard's to complete (the job was deleted or reset). Refusals are
     /// retried with backoff and shown as the job's trouble; only a broken
     /// invariant is an error.
-    pub(super) async fn gather(self: Arc<Self>, round: u64) -> Result<Option<Vec<Pieces>>> {
+    pub(super) async fn gather(self: Arc<Self>, round: u64) -> Result<Option<Closed>> {
         let mut arrivals = self.arrivals.subscribe();
         let mut backoff = Duration::from_millis(50);
         loop {
             arrivals.borrow_and_update();
+            self.fold_ready(round).await?;
             let held: Vec<u32> = {
                 let c = self.collect.lock();
                 if c.round != round || c.closed || self.deleted.load(Ordering::Acquire) {
@@ -98,22 +102,64 @@ impl Job {
             .await
     }
 
-    /// Closes the round with the members the coordinator chose and returns
-    /// their pushes in rank order (none if the round is no longer open).
-    /// Pushes this shard holds from anyone else are dropped: a retry of
-    /// theirs is stale.
-    fn close_round(&self, m: &Members) -> Result<Option<Vec<Pieces>>> {
+    /// On a one-shard job, sums the pushes of the next ranks into the
+    /// accumulator as soon as every lower rank's is in, in rank order, and
+    /// drops them: the round then holds one accumulator and the pushes
+    /// still out of order, not every worker's push. This is exact because
+    /// the coordinator chooses as members every worker the shard holds a
+    /// push of, so a summed push is always a member's. On a cluster a
+    /// worker held by one shard may miss another's and be dropped, so
+    /// pushes are held whole until the members are chosen.
+    async fn fold_ready(self: &Arc<Self>, round: u64) -> Result<()> {
+        if self.cluster.size() != 1 {
+            return Ok(());
+        }
+        loop {
+            let (rank, push) = {
+                let mut c = self.collect.lock();
+                let rank = c.folded as usize;
+                if c.round != round || c.closed || rank >= c.pushes.len() {
+                    return Ok(());
+                }
+                match c.pushes[rank].take() {
+                    Some(p) => (rank, p),
+                    None => return Ok(()),
+                }
+            };
+            let job = Arc::clone(self);
+            compute::run(move || {
+                let mut grads = job.grads.lock();
+                grads.par_iter_mut().enumerate().for_each(|(local, acc)| {
+                    fold_into(&push.by_chunk[local], acc, rank == 0);
+                });
+            })
+            .await?;
+            self.collect.lock().folded += 1;
+        }
+    }
+
+    /// Closes the round with the members the coordinator chose (none if the
+    /// round is no longer open). Pushes this shard holds from anyone else
+    /// are dropped: a retry of theirs is stale.
+    fn close_round(&self, m: &Members) -> Result<Option<Closed>> {
         let mut c = self.collect.lock();
         if c.round != m.round || c.closed {
             return Ok(None);
         }
+        let folded = c.folded as usize;
         let mut member = vec![false; c.pushed.len()];
         for &w in &m.workers {
             if let Some(x) = member.get_mut(w as usize) {
                 *x = true;
             }
         }
-        if let Some(w) = (0..member.len()).find(|&w| member[w] && c.pushes[w].is_none()) {
+        if let Some(w) = (0..folded).find(|&w| !member[w]) {
+            return Err(Error::Internal(format!(
+                "the coordinator left out worker {w} of round {}, whose push this shard has summed already",
+                m.round
+            )));
+        }
+        if let Some(w) = (folded..member.len()).find(|&w| member[w] && c.pushes[w].is_none()) {
             // A shard reports only the pushes it holds, so this is a
             // coordinator out of step with this shard.
             return Err(Error::Internal(format!(
@@ -127,21 +173,21 @@ impl Job {
                 .record(opened.elapsed().as_secs_f64());
         }
         // Rank order, whatever the arrival order: the mean is deterministic.
-        let mut pushes = Vec::with_capacity(m.workers.len());
-        for (w, &is_member) in member.iter().enumerate() {
+        let mut rest = Vec::with_capacity(m.workers.len());
+        for (w, &is_member) in member.iter().enumerate().skip(folded) {
             let push = c.pushes[w].take();
             if is_member {
-                pushes.extend(push);
+                rest.extend(push);
             } else {
                 c.pushed[w] = false;
             }
         }
         c.closed = true;
-        c.count = pushes.len() as u32;
+        c.count = (folded + rest.len()) as u32;
         if !m.dropped.is_empty() && self.coordinator.is_some() {
             self.metrics.dropped.increment(m.dropped.len() as u64);
             tracing::warn!(job = %self.name, round = m.round, dropped = ?m.dropped, timeout_secs = self.config.worker_timeout.as_secs_f64(), "workers dropped from the round");
         }
-        Ok(Some(pushes))
+        Ok(Some(Closed { folded, rest }))
     }
 }

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::invalid;
 use crate::layout::Layout;
 use crate::metrics::JobMetrics;
-use crate::pieces::{Ownership, Pieces, Target, mean_into};
+use crate::pieces::{Ownership, Pieces, Target, divide, fold_into};
 use crate::spec::{JobConfig, NonFinite};
 use crate::store::ChunkState;
 
@@ -39,6 +39,15 @@ pub enum Admission {
     Accept,
     /// A retry of a push already counted: acknowledge, count nothing.
     Duplicate,
+}
+
+/// A round closed with its members: the first `folded` ranks are summed
+/// into the accumulator already, `rest` are the other members' pushes in
+/// rank order.
+#[derive(Debug)]
+pub struct Closed {
+    folded: usize,
+    rest: Vec<Pieces>,
 }
 
 /// A snapshot of a job for Status.
@@ -82,6 +91,9 @@ struct Collect {
     closed: bool,
     /// When the round's first push arrived: the start of its barrier.
     opened: Option<Instant>,
+    /// Workers of ranks `0..folded` are already summed into the
+    /// accumulator, their pushes dropped (see `Job::fold_ready`).
+    folded: u32,
 }
 
 /// A job as held by one shard.
@@ -323,7 +335,7 @@ impl Job {
 
     async fn run_round(self: Arc<Self>, round: u64) -> Result<()> {
         match Arc::clone(&self).gather(round).await? {
-            Some(pushes) => self.complete(round, pushes).await,
+            Some(closed) => self.complete(round, closed).await,
             None => Ok(()),
         }
     }
@@ -338,10 +350,10 @@ impl Job {
     }
 
     #[tracing::instrument(name = "round", skip_all, fields(job = %self.name, round = round, shard = self.cluster.shard))]
-    async fn complete(self: Arc<Self>, round: u64, pushes: Vec<Pieces>) -> Result<()> {
+    async fn complete(self: Arc<Self>, round: u64, closed: Closed) -> Result<()> {
         let started = Instant::now();
         let job = Arc::clone(&self);
-        let report = compute::run(move || job.reduce(&pushes)).await?;
+        let report = compute::run(move || job.reduce(closed.folded, &closed.rest)).await?;
         let Some(decision) = self.decide(round, report).await else {
             // Deleted meanwhile.
             return Ok(());
@@ -357,6 +369,7 @@ impl Job {
             c.pushes.iter_mut().for_each(|p| *p = None);
             c.count = 0;
             c.closed = false;
+            c.folded = 0;
         }
         self.completed.send_replace(round + 1);
         self.record(&decision, started.elapsed());
@@ -462,13 +475,19 @@ impl Job {
 
     /// Averages every chunk's pushes in rank order and reports the sums of
     /// squares. Runs on the compute pool.
-    fn reduce(&self, pushes: &[Pieces]) -> Report {
+    fn reduce(&self, folded: usize, rest: &[Pieces]) -> Report {
         let mut grads = self.grads.lock();
+        let n = folded + rest.len();
         let sums: Vec<(usize, f64, bool)> = grads
             .par_iter_mut()
             .enumerate()
             .map(|(local, acc)| {
-                mean_into(pushes.iter().map(|p| &p.by_chunk[local][..]), acc);
+                // The members' sum in rank order: the first `folded` are in
+                // `acc` already, then the rest.
+                for (i, push) in rest.iter().enumerate() {
+                    fold_into(&push.by_chunk[local], acc, folded + i == 0);
+                }
+                divide(acc, n);
                 let (sum, non_finite) = sum_squares(acc);
                 (self.own.chunks[local], sum, non_finite)
             })
