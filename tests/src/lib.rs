@@ -348,6 +348,16 @@ impl Daemon {
         Ok(Daemon { child, log })
     }
 
+    /// The HTTP address (`/metrics`, probes) the daemon logged at start.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.log
+            .iter()
+            .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("http=")))
+            .expect("the daemon logs its HTTP address")
+            .parse()
+            .expect("an address")
+    }
+
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub async fn terminate(mut self) -> anyhow::Result<std::process::ExitStatus> {
         self.sigterm()?;

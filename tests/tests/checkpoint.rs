@@ -341,13 +341,7 @@ async fn health_is_serving_once_restored_and_readyz_agrees() {
         assert_eq!(r.status(), ServingStatus::Serving, "{service:?}");
     }
     // The HTTP probe agrees; its address is in the serving log line.
-    let http = daemons[0]
-        .log
-        .iter()
-        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("http=")))
-        .expect("the http address is logged")
-        .parse()
-        .expect("an address");
+    let http = daemons[0].http_addr();
     let (code, body) = paramd_tests::http_get(http, "/readyz")
         .await
         .expect("readyz");

@@ -94,13 +94,7 @@ async fn out_of_file_descriptors_the_daemon_pauses_instead_of_spinning() {
         .args(flags(port, &[]));
     let d = Daemon::spawn(cmd).await.expect("paramd starts");
     let pid = d.child.id().expect("running");
-    let http: std::net::SocketAddr = d
-        .log
-        .iter()
-        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("http=")))
-        .expect("the HTTP address")
-        .parse()
-        .expect("an address");
+    let http = d.http_addr();
     let conns = idle_connections(port, 100).await;
     // Accepting fails from the first connection past the limit on.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

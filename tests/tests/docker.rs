@@ -594,13 +594,7 @@ async fn every_dashboard_query_names_metrics_a_live_paramd_exports() {
     ])
     .await
     .expect("paramd starts");
-    let http = d
-        .log
-        .iter()
-        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("http=")))
-        .expect("the http address is logged")
-        .parse()
-        .expect("an address");
+    let http = d.http_addr();
     // A replay with clipping and a schedule, and a checkpoint: every series
     // the dashboard plots has values.
     let opts = ReplayOptions {

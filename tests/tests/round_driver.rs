@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use paramd_client::Client;
 use paramd_client::v1 as pb;
-use paramd_tests::{Daemon, http_get, metric, one_param_spec, reserve_ports, start_shard};
+use paramd_tests::{http_get, metric, one_param_spec, reserve_ports, start_shard};
 use tonic::Code;
 
 fn flags(dir: &std::path::Path, i: usize) -> Vec<String> {
@@ -25,16 +25,6 @@ fn flags(dir: &std::path::Path, i: usize) -> Vec<String> {
     .map(|s| (*s).to_owned())
     .chain([dir.join(format!("shard{i}")).display().to_string()])
     .collect()
-}
-
-/// The HTTP address a daemon logged.
-fn http_addr(d: &Daemon) -> std::net::SocketAddr {
-    d.log
-        .iter()
-        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("http=")))
-        .expect("the daemon logs its HTTP address")
-        .parse()
-        .expect("an address")
 }
 
 /// This shard's own account of job `job`.
@@ -97,7 +87,7 @@ async fn a_round_that_cannot_complete_says_why_and_completes_once_it_can() {
         "{info:?}"
     );
     // ...counts it...
-    let (_, body) = http_get(http_addr(&d1), "/metrics").await.expect("metrics");
+    let (_, body) = http_get(d1.http_addr(), "/metrics").await.expect("metrics");
     let failures = metric(&body, "paramd_round_failures_total", &[("job", "run")]);
     assert!(failures.is_some_and(|f| f >= 1.0), "{failures:?}");
     // ...and a pull that times out there names the reason.

@@ -7,9 +7,7 @@
 use std::time::{Duration, Instant};
 
 use paramd_client::{Client, Pulled, v1 as pb};
-use paramd_tests::{
-    Daemon, TestServer, http_get, metric, one_param_spec, reserve_ports, start_cluster,
-};
+use paramd_tests::{TestServer, http_get, metric, one_param_spec, reserve_ports, start_cluster};
 use tonic::Code;
 
 fn spec(workers: u32, timeout: Option<f64>, backup: u32) -> pb::JobSpec {
@@ -158,16 +156,6 @@ async fn push12(
     c.push(job, w, t, &[("w", &grad12(w, t))]).await
 }
 
-/// The HTTP address a daemon logged when it started.
-fn http_of(d: &Daemon) -> std::net::SocketAddr {
-    d.log
-        .iter()
-        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("http=")))
-        .expect("the http address is logged")
-        .parse()
-        .expect("an address")
-}
-
 fn bits(p: &Pulled) -> Vec<u32> {
     p.params["w"].iter().map(|x| x.to_bits()).collect()
 }
@@ -229,7 +217,7 @@ async fn on_three_shards_a_silent_worker_is_dropped_after_the_timeout_and_rejoin
         "every shard holds a chunk and applied every round: {:?}",
         s.jobs[0].shards
     );
-    let (_, body) = http_get(http_of(&daemons[0]), "/metrics")
+    let (_, body) = http_get(daemons[0].http_addr(), "/metrics")
         .await
         .expect("metrics");
     assert_eq!(
@@ -311,7 +299,7 @@ async fn on_three_shards_backup_workers_do_not_wait_for_the_slowest() {
         assert_eq!(status.code(), Code::FailedPrecondition);
         assert!(status.message().contains("stale"), "{}", status.message());
     }
-    let (_, body) = http_get(http_of(&daemons[0]), "/metrics")
+    let (_, body) = http_get(daemons[0].http_addr(), "/metrics")
         .await
         .expect("metrics");
     assert_eq!(

@@ -57,18 +57,9 @@ impl Job {
                     tracing::debug!(job = %self.name, round, error = %e, "members not chosen yet; reporting again");
                 }
                 Err(e) => {
-                    if e.retryable() {
-                        tracing::warn!(job = %self.name, round, error = %e, "cannot reach the coordinator; reporting again");
-                    } else {
-                        tracing::error!(job = %self.name, round, error = %e, "the coordinator refused the round's workers; reporting again");
-                    }
-                    self.trouble(Some(format!(
-                        "learning the workers of round {round} from the coordinator: {e}"
-                    )));
-                    // Pacing the retries of a peer that is unreachable or
-                    // refuses, not waiting for an event.
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    let doing =
+                        format!("learning the workers of round {round} from the coordinator");
+                    self.pause_after(&doing, &e, &mut backoff).await;
                 }
             }
         }

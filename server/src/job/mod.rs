@@ -340,6 +340,23 @@ impl Job {
         }
     }
 
+    /// After a call to the coordinator failed while `doing` something for
+    /// the round: logs it, shows it as the job's trouble and waits
+    /// `backoff` (doubled for the next time, up to 2 s) before the caller
+    /// tries again.
+    async fn pause_after(&self, doing: &str, e: &Error, backoff: &mut Duration) {
+        if e.retryable() {
+            tracing::warn!(job = %self.name, error = %e, "{doing}: cannot reach the coordinator; trying again");
+        } else {
+            tracing::error!(job = %self.name, error = %e, "{doing}: the coordinator refused; trying again");
+        }
+        self.trouble(Some(format!("{doing}: {e}")));
+        // Pacing the retries of a peer that is unreachable or refuses, not
+        // waiting for an event.
+        tokio::time::sleep(*backoff).await;
+        *backoff = (*backoff * 2).min(Duration::from_secs(2));
+    }
+
     /// Shows (or clears, with `None`) why this shard's round does not
     /// progress; each failure is counted.
     fn trouble(&self, why: Option<String>) {
@@ -411,18 +428,8 @@ impl Job {
             match answer {
                 Ok(d) => return Some(d),
                 Err(e) => {
-                    if e.retryable() {
-                        tracing::warn!(job = %self.name, round, error = %e, "round not decided yet; reporting again");
-                    } else {
-                        tracing::error!(job = %self.name, round, error = %e, "the coordinator refused the round's report; reporting again");
-                    }
-                    self.trouble(Some(format!(
-                        "reporting round {round} to the coordinator: {e}"
-                    )));
-                    // Pacing the retries of a peer that is unreachable or
-                    // refuses, not waiting for an event.
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    let doing = format!("reporting round {round} to the coordinator");
+                    self.pause_after(&doing, &e, &mut backoff).await;
                 }
             }
         }
