@@ -1,32 +1,31 @@
 //! paramd: a parameter-server daemon whose optimizers reproduce `torch.optim`.
 //!
-//! The math modules (`optim`, `schedule`, `clip`) are pure functions over
-//! slices; `layout`, `pieces`, `store`, `job` and `coordinator` hold a job's
-//! chunks and run its rounds; `service` and `http` are the network surface.
+//! `math` (`optim`, `schedule`, `clip`) is pure functions over slices;
+//! `layout`, `pieces`, `store`, `job` and `coordinator` hold a job's chunks
+//! and run its rounds; `api` is the network surface. ARCHITECTURE.md at
+//! the top of the repository is the map.
 
-pub mod auth;
+pub mod api;
 pub mod checkpoint;
-pub mod clip;
 pub mod cluster;
 pub mod compute;
 pub mod config;
 pub mod coordinator;
 pub mod error;
 pub mod fuzzing;
-pub mod http;
 pub mod job;
 pub mod layout;
 pub mod limits;
-pub mod listen;
+pub mod math;
 pub mod metrics;
 pub mod node;
-pub mod optim;
 pub mod pieces;
-pub mod schedule;
-pub mod service;
-pub mod shard_service;
 pub mod spec;
 pub mod store;
+
+// The modules' former paths, kept while the layout moves to layers.
+pub use api::{auth, http, listen, param_server as service, shard as shard_service};
+pub use math::{clip, optim, schedule};
 
 use std::future::Future;
 use std::sync::Arc;

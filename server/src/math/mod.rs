@@ -1,0 +1,7 @@
+//! The math layer: pure, torch-ordered functions over slices (optimizer
+//! kernels, the global norm, the learning-rate schedule). Nothing here
+//! knows about jobs, rounds or the network.
+
+pub mod clip;
+pub mod optim;
+pub mod schedule;
