@@ -240,8 +240,8 @@ impl ParamServer for Service {
         job.wait_round(req.round, wait).await?;
         let plan = job.pull_plan(&req.params)?;
         // Messages are built as the client reads them: each holds chunks up
-        // to PULL_MESSAGE_BYTES, copied under the store's read lock one
-        // chunk at a time.
+        // to PULL_MESSAGE_BYTES, referenced (not copied) under the store's
+        // read lock one chunk at a time.
         let first = pb::PullResponse {
             round: plan.round,
             last: plan.last.as_ref().map(outcome_pb),
