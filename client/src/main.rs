@@ -16,6 +16,39 @@ use paramd_client::{Client, Credentials, v1 as pb};
 use paramd_proto::transport::read_token;
 use serde_json::json;
 
+/// `println!` as a Unix tool needs it: when stdout is closed (`paramctl
+/// status --json | head`), the process ends quietly instead of panicking.
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("paramctl: cannot write to stdout: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
+
+/// An error and its causes, each said once: a cause whose text its
+/// wrapper already holds (tonic's and hyper's errors repeat their
+/// sources) is left out.
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 #[derive(Debug, Parser)]
 #[command(
     version,
@@ -180,7 +213,7 @@ async fn main() -> ExitCode {
     match run(args).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("paramctl: {e:#}");
+            eprintln!("paramctl: {}", chain(&e));
             ExitCode::FAILURE
         }
     }
