@@ -309,7 +309,8 @@ pub fn write_shard(
 }
 
 /// Writes the manifest that makes the checkpoint exist on this shard, and
-/// removes all but the newest `keep` checkpoints of the job.
+/// removes all but the newest `keep` checkpoints of the job, and all but
+/// the newest `keep` of its set-aside ones.
 pub fn commit(root: &Path, manifest: &Manifest, keep: usize) -> Result<()> {
     let dir = round_dir(root, &manifest.job, manifest.round);
     let json = serde_json::to_vec_pretty(manifest).map_err(|e| Error::Internal(e.to_string()))?;
@@ -322,6 +323,7 @@ pub fn commit(root: &Path, manifest: &Manifest, keep: usize) -> Result<()> {
             tracing::warn!(path = %path.display(), error = %e, "cannot remove an old checkpoint");
         }
     }
+    prune_set_aside(&root.join(&manifest.job), keep, set_aside_round);
     Ok(())
 }
 
@@ -503,8 +505,9 @@ pub fn jobs(root: &Path) -> Vec<String> {
 /// Moves the checkpoints of deleted job `job` aside, to
 /// `<job>@deleted-<unix seconds>-<pid>` (`@` is never in a job name), so
 /// that a restart does not bring the job back and a job re-created under
-/// its name starts afresh; returns where they went, if there were any.
-pub fn set_aside_deleted(root: &Path, job: &str) -> Result<Option<PathBuf>> {
+/// its name starts afresh; returns where they went, if there were any. The
+/// newest `keep` such folders of the job are kept, older ones removed.
+pub fn set_aside_deleted(root: &Path, job: &str, keep: usize) -> Result<Option<PathBuf>> {
     let dir = root.join(job);
     if !dir.is_dir() {
         return Ok(None);
@@ -517,7 +520,48 @@ pub fn set_aside_deleted(root: &Path, job: &str) -> Result<Option<PathBuf>> {
     fs::File::open(root)
         .and_then(|d| d.sync_all())
         .map_err(io("fsync", root))?;
+    let prefix = format!("{job}@deleted-");
+    prune_set_aside(root, keep, |name| {
+        let rest = name.strip_prefix(&prefix)?;
+        let (secs, _pid) = rest.split_once('-')?;
+        secs.parse().ok()
+    });
     Ok(Some(aside))
+}
+
+/// Deletes all but the newest `keep` of the folders in `dir` that `order`
+/// recognizes as set aside (it gives their age order: a round, a time), so
+/// that damaged, abandoned and deleted checkpoints do not pile up.
+fn prune_set_aside(dir: &Path, keep: usize, order: impl Fn(&str) -> Option<u64>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let mut aside: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_owned();
+            Some((order(&name)?, e.path()))
+        })
+        .collect();
+    aside.sort_unstable_by(|a, b| b.cmp(a));
+    for (_, path) in aside.into_iter().skip(keep.max(1)) {
+        match fs::remove_dir_all(&path) {
+            Ok(()) => tracing::info!(path = %path.display(), "old set-aside checkpoint removed"),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove a set-aside checkpoint")
+            }
+        }
+    }
+}
+
+/// The round of a checkpoint folder set aside (`<round>.<why>-<pid>`).
+fn set_aside_round(name: &str) -> Option<u64> {
+    let (round, why) = name.split_once('.')?;
+    if why.is_empty() || why.starts_with("tmp") {
+        return None;
+    }
+    round.parse().ok()
 }
 
 /// Loads the newest checkpoint of `job` that is complete and intact for
@@ -947,5 +991,49 @@ mod tests {
         let mut left = complete_rounds(&dir.path().join("j"));
         left.sort_unstable();
         assert_eq!(left, vec![4, 5]);
+    }
+
+    #[test]
+    fn set_aside_checkpoints_do_not_pile_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        for (round, why) in [(1, "bad-7"), (2, "bad-7"), (3, "newer-8"), (4, "bad-9")] {
+            let aside = round_dir(root, "run", round).with_extension(why);
+            fs::create_dir_all(&aside).expect("mkdir");
+        }
+        let manifest = Manifest {
+            format: FORMAT.to_owned(),
+            job: "run".to_owned(),
+            round: 5,
+            shards: 1,
+            files: Vec::new(),
+        };
+        commit(root, &manifest, 2).expect("commit");
+        let mut left: Vec<String> = fs::read_dir(root.join("run"))
+            .expect("the job's folder")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let name = |r: u64, why: &str| format!("{r:020}.{why}");
+        assert_eq!(
+            left,
+            [name(3, "newer-8"), name(4, "bad-9"), format!("{:020}", 5)]
+        );
+        for secs in [10, 20, 30] {
+            fs::create_dir_all(root.join(format!("gone@deleted-{secs}-1"))).expect("mkdir");
+        }
+        fs::create_dir_all(root.join("gone")).expect("mkdir");
+        set_aside_deleted(root, "gone", 2).expect("set aside");
+        let deleted = fs::read_dir(root)
+            .expect("root")
+            .filter(|e| {
+                e.as_ref()
+                    .expect("entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("gone@deleted-")
+            })
+            .count();
+        assert_eq!(deleted, 2);
     }
 }

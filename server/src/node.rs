@@ -491,7 +491,7 @@ impl Node {
         tracing::info!(job = %name, shard = self.cluster.shard, "job deleted");
         if let Some(settings) = &self.cluster.checkpoints {
             // A restart must not bring the deleted job back.
-            match checkpoint::set_aside_deleted(&settings.dir, name) {
+            match checkpoint::set_aside_deleted(&settings.dir, name, settings.keep) {
                 Ok(Some(aside)) => {
                     tracing::info!(job = %name, to = %aside.display(), "checkpoints of the deleted job moved aside")
                 }
