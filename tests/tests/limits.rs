@@ -141,3 +141,24 @@ async fn jobs_and_their_bytes_are_reserved_and_given_back_on_delete() {
         .expect("existing");
     assert!(!again.created);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_job_name_is_refused_for_what_it_is_with_a_bounded_message() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    c.retries = Some(0);
+    let name = "x".repeat(1 << 20);
+    let e = c.status(Some(&name)).await.expect_err("no such job");
+    let status = e.status().expect("a status");
+    assert_eq!(status.code(), Code::NotFound, "{e}");
+    assert!(
+        status.message().len() <= 2048,
+        "{} bytes",
+        status.message().len()
+    );
+    assert_eq!(e.reason(), Some("unknown_job"));
+    let spec = one_param_spec(pb::OptimizerKind::Sgd, &[2], 1, 0.1);
+    let r = c.init(&name, spec, &[("w", &[0.0; 2])]).await;
+    refused(r, Code::InvalidArgument, "job name");
+    server.shutdown().await;
+}
