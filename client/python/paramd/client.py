@@ -15,7 +15,6 @@ a pull writes into new arrays, or, with `pull_into`, straight into arrays
 the caller gives (a model's parameters).
 """
 
-import json
 import os
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 from urllib.parse import urlparse
@@ -26,6 +25,7 @@ from . import _native, errors
 from .config import ClipGradNorm, Optimizer, Schedule, job_spec
 from .credentials import TLS, resolve_tls, resolve_token
 from .layout import Route, as_f32
+from .safetensors import write_safetensors
 from .v1 import paramd_pb2 as pb
 
 __all__ = ["Client", "InitResult", "PushResult", "Pulled", "Exported"]
@@ -350,31 +350,3 @@ class Client:
         size = write_safetensors(path, [(n, pulled.params[n]) for n in order], meta)
         return Exported(job, pulled.round, len(order), size)
 
-
-def write_safetensors(
-    path: Union[str, "os.PathLike[str]"],
-    tensors: Sequence[Tuple[str, np.ndarray]],
-    metadata: Optional[Mapping[str, str]] = None,
-) -> int:
-    """Writes f32 tensors as a safetensors file (beside the target, then
-    renamed, so a reader never sees half a file); returns its size."""
-    header: Dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    offset = 0
-    blobs = []
-    for name, a in tensors:
-        a = np.ascontiguousarray(a, dtype="<f4")
-        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-        blobs.append(a)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    tmp = "%s.tmp-%d" % (os.fspath(path), os.getpid())
-    with open(tmp, "wb") as f:
-        f.write(len(head).to_bytes(8, "little"))
-        f.write(head)
-        for a in blobs:
-            f.write(a.tobytes())
-    os.replace(tmp, path)
-    return 8 + len(head) + offset
