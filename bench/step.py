@@ -206,6 +206,7 @@ def rank_main(rank: int, cfg: Dict, side: str, out: str, endpoint) -> None:
             world_size=W,
             schedule=paramd.WarmupCosine(WARMUP_STEPS, steps),
             clip=paramd.ClipGradNorm(MAX_NORM),
+            overlap=cfg["overlap"],
         )
 
         def step(x, y):
@@ -295,6 +296,9 @@ def main(argv=None) -> int:
         "--paramd", type=Path, default=default_binary(), help="paramd binary (default target/release/paramd)"
     )
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
+    ap.add_argument(
+        "--overlap", action="store_true", help="paramd side: push each gradient while backward runs (overlap=True)"
+    )
     args = ap.parse_args(argv)
     if args.workers < 1 or args.repeat < 1 or args.batch < 1 or args.params < 1:
         ap.error("--workers, --repeat, --batch and --params must be >= 1")
@@ -315,6 +319,7 @@ def main(argv=None) -> int:
         "seed": args.seed,
         "threads": args.threads or max(1, (os.cpu_count() or 1) // args.workers),
         "fused": fused_adamw_works(),
+        "overlap": args.overlap,
         "parent_pid": os.getpid(),
     }
     n_params = layers * (width * width + width)
@@ -389,6 +394,7 @@ def main(argv=None) -> int:
         "ddp_deterministic": len(digests["ddp"]) == 1,
         "paramd_deterministic": len(digests["paramd"]) == 1,
         "paramd_binary": str(args.paramd),
+        "paramd_overlap": args.overlap,
     }
     if not args.json:
         print(

@@ -13,6 +13,7 @@ pub mod bench;
 pub mod codec;
 pub mod export;
 pub mod memory;
+mod push_stream;
 pub mod replay;
 pub mod retry;
 mod route;
@@ -36,6 +37,7 @@ use crate::route::{Route, Shard, pack_refs};
 pub use paramd_proto::transport::Credentials;
 pub use paramd_proto::v1;
 pub use paramd_proto::wire::to_le_bytes;
+pub use push_stream::PushStream;
 
 /// Largest segment a tensor is cut into, and the payload packed into one
 /// message: far below the 64 MiB message limit whatever the model size.

@@ -43,32 +43,47 @@ impl Route {
     /// On a cluster each shard only sees its own chunks, so this is where a
     /// malformed push is refused whole, before any shard counts part of it.
     pub fn check(&self, what: &str, tensors: &[(&str, usize)]) -> Result<()> {
-        let job = &self.job;
         for &(name, len) in tensors {
-            let Some(&i) = self.index.get(name) else {
-                let mut known: Vec<String> = self
-                    .order
-                    .iter()
-                    .take(8)
-                    .map(|(n, ..)| format!("'{n}'"))
-                    .collect();
-                if self.order.len() > 8 {
-                    known.push("...".into());
-                }
-                return Err(ClientError::Invalid(format!(
-                    "{what}: unknown parameter '{name}' (job '{job}' has {})",
-                    known.join(", ")
-                )));
-            };
-            if len != self.numel(i) {
-                return Err(ClientError::Invalid(format!(
-                    "{what}: '{name}' has {len} values; its shape {:?} holds {}",
-                    self.order[i].1,
-                    self.numel(i)
-                )));
-            }
+            self.check_tensor(what, name, len)?;
         }
-        let given: std::collections::HashSet<&str> = tensors.iter().map(|(n, _)| *n).collect();
+        self.check_complete(what, tensors.iter().map(|(n, _)| *n))
+    }
+
+    /// Refuses one tensor of a push: an unknown name, or a wrong size.
+    pub fn check_tensor(&self, what: &str, name: &str, len: usize) -> Result<()> {
+        let job = &self.job;
+        let Some(&i) = self.index.get(name) else {
+            let mut known: Vec<String> = self
+                .order
+                .iter()
+                .take(8)
+                .map(|(n, ..)| format!("'{n}'"))
+                .collect();
+            if self.order.len() > 8 {
+                known.push("...".into());
+            }
+            return Err(ClientError::Invalid(format!(
+                "{what}: unknown parameter '{name}' (job '{job}' has {})",
+                known.join(", ")
+            )));
+        };
+        if len != self.numel(i) {
+            return Err(ClientError::Invalid(format!(
+                "{what}: '{name}' has {len} values; its shape {:?} holds {}",
+                self.order[i].1,
+                self.numel(i)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses a push that leaves out a parameter of the job.
+    pub fn check_complete<'a>(
+        &self,
+        what: &str,
+        names: impl Iterator<Item = &'a str>,
+    ) -> Result<()> {
+        let given: std::collections::HashSet<&str> = names.collect();
         let missing: Vec<String> = self
             .order
             .iter()
@@ -77,8 +92,9 @@ impl Route {
             .collect();
         if !missing.is_empty() {
             return Err(ClientError::Invalid(format!(
-                "{what}: parameter {} missing; a push covers every parameter of job '{job}'",
-                missing.join(", ")
+                "{what}: parameter {} missing; a push covers every parameter of job '{}'",
+                missing.join(", "),
+                self.job
             )));
         }
         Ok(())

@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--world-size", type=int, default=None, help="default: $WORLD_SIZE (torchrun)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--wrap", action="store_true", help="wrap torch.optim.AdamW with DistributedOptimizer")
+    ap.add_argument("--overlap", action="store_true", help="push each gradient while backward still runs")
     ap.add_argument("--out", help="write losses, lr, norms and the final weights here (.npz)")
     args = ap.parse_args()
     # Several workers share the machine's cores.
@@ -109,6 +110,7 @@ def main() -> None:
         schedule=schedule(args.steps),
         clip=paramd.ClipGradNorm(max_norm=MAX_NORM),
         timeout=120,
+        overlap=args.overlap,
     )
     if args.wrap:
         opt = paramd.torch.DistributedOptimizer(

@@ -28,7 +28,7 @@ from .layout import Route, as_f32
 from .safetensors import write_safetensors
 from .v1 import paramd_pb2 as pb
 
-__all__ = ["Client", "InitResult", "PushResult", "Pulled", "Exported"]
+__all__ = ["Client", "InitResult", "PushResult", "PushStream", "Pulled", "Exported"]
 
 class InitResult(NamedTuple):
     #: The round workers push next.
@@ -268,6 +268,14 @@ class Client:
         duplicate, pushed = self._call("push", job, int(worker), int(round), names, flat)
         return PushResult(duplicate=bool(duplicate), pushed=int(pushed))
 
+    def push_stream(self, job: str, worker: int, round: int) -> "PushStream":
+        """Opens worker `worker`'s push for `round` on every shard; the
+        gradients follow one at a time with `PushStream.send` (e.g. while
+        backward still computes the others) and `PushStream.finish` ends
+        it. A stream dropped or cancelled before `finish` is cut: no shard
+        counts it."""
+        return PushStream(self._call("push_start", job, int(worker), int(round)))
+
     def pull_into(self, job: str, round: int, out: Mapping[str, np.ndarray]) -> Tuple[int, Optional[Any]]:
         """Pulls the parameters `out` names once `round` rounds have
         completed, writing each straight into its array (contiguous,
@@ -350,3 +358,25 @@ class Client:
         size = write_safetensors(path, [(n, pulled.params[n]) for n in order], meta)
         return Exported(job, pulled.round, len(order), size)
 
+
+class PushStream:
+    """A push sent tensor by tensor (see `Client.push_stream`)."""
+
+    def __init__(self, native: Any):
+        self._native = native
+
+    def send(self, name: str, grad: Any) -> None:
+        """Sends gradient `name`. A contiguous float32 array is read where
+        it is, up to `finish`: do not change it before. Refuses an unknown
+        name, a wrong size or a gradient given twice, before sending it."""
+        _rpc(self._native.send, name, as_f32(name, grad))
+
+    def finish(self) -> PushResult:
+        """Ends the push on every shard (a push that lacks a parameter is
+        refused and counted nowhere)."""
+        duplicate, pushed = _rpc(self._native.finish)
+        return PushResult(duplicate=bool(duplicate), pushed=int(pushed))
+
+    def cancel(self) -> None:
+        """Cuts the push: no shard counts it."""
+        self._native.cancel()

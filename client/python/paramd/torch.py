@@ -17,7 +17,13 @@ or, keeping a script's own optimizer line (param groups included):
 
 `step()` pushes this rank's gradients for the current round, waits until
 the round is complete on the server and copies the new parameters into the
-model in place. Rank 0 uploads the initial weights; the other ranks wait
+model in place. With `overlap=True` each gradient is pushed as soon as
+backward has accumulated it, so the network works while backward computes
+the rest (as DDP's bucketed all-reduce does) and `step()` only completes
+the push: then every backward must be followed by `step()` (no gradient
+accumulation over several backward passes), and gradients must not be
+changed between backward and `step()` (the server clips; no clipping of
+your own). Rank 0 uploads the initial weights; the other ranks wait
 for the job and pull them; a worker that restarts joins the current round.
 """
 
@@ -156,6 +162,7 @@ class _Remote:
         non_finite: str,
         worker_timeout: Optional[float],
         backup_workers: int,
+        overlap: bool,
     ) -> None:
         if not isinstance(job, str) or not job:
             raise errors.InvalidArgument("job must be a non-empty string, got %r" % (job,))
@@ -194,6 +201,31 @@ class _Remote:
             r = client.init(job, [(n, tuple(p.shape)) for n, p in named], spec=spec)
         self.round = r.round
         self._sync(self.round)
+        # With overlap, each gradient is pushed as soon as backward has
+        # accumulated it (the push is open from the first), so the network
+        # works while backward computes the rest, as DDP's bucketed
+        # all-reduce does.
+        self._overlap = bool(overlap)
+        self._stream: Any = None
+        self._sent: set = set()
+        if self._overlap:
+            for n, p in zip(self._names, self._params):
+                p.register_post_accumulate_grad_hook(self._on_grad(n))
+
+    def _on_grad(self, name: str) -> Callable[[torch.Tensor], None]:
+        def on_grad(p: torch.Tensor) -> None:
+            if name in self._sent:
+                raise errors.InvalidArgument(
+                    "parameter %r got a second gradient before step(): with overlap=True every "
+                    "backward is followed by step() (accumulating gradients over several backward "
+                    "passes needs overlap=False)" % name
+                )
+            if self._stream is None:
+                self._stream = self.client.push_stream(self.job, self.rank, self.round)
+            self._stream.send(name, self._grad_array(name, p))
+            self._sent.add(name)
+
+        return on_grad
 
     def _wait_for_job(self, limit: float) -> None:
         """Waits (bounded) until rank 0 has created the job."""
@@ -233,25 +265,40 @@ class _Remote:
             self.last = last
 
     def _grads(self) -> Dict[str, np.ndarray]:
-        out = {}
+        return {n: self._grad_array(n, p) for n, p in zip(self._names, self._params)}
+
+    def _grad_array(self, n: str, p: torch.Tensor) -> np.ndarray:
+        g = p.grad
+        if g is None:
+            if n not in self._warned_no_grad:
+                self._warned_no_grad.add(n)
+                warnings.warn(
+                    "parameter %r has no gradient; paramd pushes zeros for it (its weight decay "
+                    "and momentum still apply, unlike torch.optim which skips it)" % n,
+                    stacklevel=4,
+                )
+            return np.zeros(tuple(p.shape), dtype=np.float32)
+        if g.is_sparse:
+            raise errors.InvalidArgument("parameter %r has a sparse gradient: not supported by paramd" % n)
+        # A CPU float32 gradient is read where it is; a CUDA one is
+        # copied to host memory once, another dtype converted once.
+        return g.detach().to("cpu", torch.float32).contiguous().numpy()
+
+    def _push(self) -> None:
+        """Pushes this rank's gradients for the current round: the open
+        push (overlap) completed with what backward did not give it, or
+        all of them at once."""
+        if not self._overlap:
+            self.client.push(self.job, self.rank, self.round, self._grads())
+            return
+        stream, self._stream = self._stream, None
+        sent, self._sent = self._sent, set()
+        if stream is None:
+            stream = self.client.push_stream(self.job, self.rank, self.round)
         for n, p in zip(self._names, self._params):
-            g = p.grad
-            if g is None:
-                if n not in self._warned_no_grad:
-                    self._warned_no_grad.add(n)
-                    warnings.warn(
-                        "parameter %r has no gradient; paramd pushes zeros for it (its weight decay "
-                        "and momentum still apply, unlike torch.optim which skips it)" % n,
-                        stacklevel=3,
-                    )
-                out[n] = np.zeros(tuple(p.shape), dtype=np.float32)
-            else:
-                if g.is_sparse:
-                    raise errors.InvalidArgument("parameter %r has a sparse gradient: not supported by paramd" % n)
-                # A CPU float32 gradient is read where it is; a CUDA one is
-                # copied to host memory once, another dtype converted once.
-                out[n] = g.detach().to("cpu", torch.float32).contiguous().numpy()
-        return out
+            if n not in sent:
+                stream.send(n, self._grad_array(n, p))
+        stream.finish()
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """Pushes this rank's gradients for the current round, waits for the
@@ -262,7 +309,7 @@ class _Remote:
             with torch.enable_grad():
                 loss = closure()
         try:
-            self.client.push(self.job, self.rank, self.round, self._grads())
+            self._push()
         except errors.StalePush:
             # The round completed without this worker (dropped after the
             # job's worker_timeout): take the current parameters and join
@@ -371,6 +418,7 @@ class RemoteOptimizer(_Remote):
         non_finite: str = "skip",
         worker_timeout: Optional[float] = None,
         backup_workers: int = 0,
+        overlap: bool = False,
     ):
         named = _named(named_parameters, "named_parameters")
         if optimizer is None:
@@ -422,6 +470,7 @@ class RemoteOptimizer(_Remote):
             non_finite=non_finite,
             worker_timeout=worker_timeout,
             backup_workers=backup_workers,
+            overlap=overlap,
         )
 
     def __repr__(self) -> str:
@@ -464,6 +513,7 @@ class DistributedOptimizer(_Remote):
         non_finite: str = "skip",
         worker_timeout: Optional[float] = None,
         backup_workers: int = 0,
+        overlap: bool = False,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise errors.InvalidArgument(
@@ -508,6 +558,7 @@ class DistributedOptimizer(_Remote):
             non_finite=non_finite,
             worker_timeout=worker_timeout,
             backup_workers=backup_workers,
+            overlap=overlap,
         )
 
     def __repr__(self) -> str:

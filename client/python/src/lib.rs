@@ -24,7 +24,9 @@ use std::time::Duration;
 
 use paramd_client::codec::{Payload, Target};
 use paramd_client::memory::{Dest, LeaseGuard, Lent, Source};
-use paramd_client::{Client as Rust, ClientError, Credentials, PullInto, v1 as pb};
+use paramd_client::{
+    Client as Rust, ClientError, Credentials, PullInto, PushStream as RustPushStream, v1 as pb,
+};
 use prost::Message;
 use pyo3::buffer::PyBuffer;
 use pyo3::create_exception;
@@ -324,11 +326,130 @@ impl Client {
     fn delete_job(&self, py: Python<'_>, job: String) -> PyResult<()> {
         self.run(py, |mut c| async move { c.delete_job(&job).await })
     }
+
+    /// Opens worker `worker`'s push for `round` of `job` on every shard;
+    /// the gradients follow one at a time with `PushStream.send` (while
+    /// backward still computes the others) and `PushStream.finish` ends it.
+    fn push_start(
+        &self,
+        py: Python<'_>,
+        job: String,
+        worker: u32,
+        round: u64,
+    ) -> PyResult<PushStream> {
+        let stream = self.run(
+            py,
+            |c| async move { c.push_stream(&job, worker, round).await },
+        )?;
+        Ok(PushStream {
+            open: std::sync::Mutex::new(Some(Open {
+                stream,
+                guard: LeaseGuard::new(),
+                buffers: Vec::new(),
+            })),
+        })
+    }
+}
+
+/// What an open push holds: the stream, the lease of the memory it reads
+/// and the buffers lent under it.
+struct Open {
+    stream: RustPushStream,
+    guard: LeaseGuard,
+    buffers: Vec<PyBuffer<f32>>,
+}
+
+impl Open {
+    /// Ends the push's calls, then the lease (waiting for a read under
+    /// way), then releases the buffers, in that order.
+    fn close(self) {
+        let Open {
+            stream,
+            guard,
+            buffers,
+        } = self;
+        drop(stream);
+        drop(guard);
+        drop(buffers);
+    }
+}
+
+/// A push sent tensor by tensor (see `Client.push_start`). Dropped without
+/// `finish`, it is cut: no shard counts it.
+#[pyclass(module = "paramd._native")]
+struct PushStream {
+    open: std::sync::Mutex<Option<Open>>,
+}
+
+impl PushStream {
+    fn take(&self) -> PyResult<Open> {
+        self.open
+            .lock()
+            .map_err(|_| PyException::new_err("the push is broken"))?
+            .take()
+            .ok_or_else(|| PyValueError::new_err("the push is finished already"))
+    }
+}
+
+#[pymethods]
+impl PushStream {
+    /// Sends tensor `name` (a C-contiguous float32 buffer, read where it is
+    /// until the push is finished: do not change it before). Refuses an
+    /// unknown name, a wrong size or a tensor given twice.
+    fn send(&self, name: &str, grad: &Bound<'_, PyAny>) -> PyResult<()> {
+        let buf = buffer(name, grad, false)?;
+        let mut open = self
+            .open
+            .lock()
+            .map_err(|_| PyException::new_err("the push is broken"))?;
+        let open = open
+            .as_mut()
+            .ok_or_else(|| PyValueError::new_err("the push is finished already"))?;
+        let payload = lend_source(&buf, &open.guard);
+        open.stream.send(Arc::from(name), payload).map_err(error)?;
+        open.buffers.push(buf);
+        Ok(())
+    }
+
+    /// Ends the push on every shard; returns (duplicate, workers pushed),
+    /// as `Client.push` does.
+    fn finish(&self, py: Python<'_>) -> PyResult<(bool, u32)> {
+        let Open {
+            stream,
+            guard,
+            buffers,
+        } = self.take()?;
+        let rt = runtime()?;
+        let r = py.detach(|| rt.block_on(stream.finish()));
+        drop(guard);
+        drop(buffers);
+        let r = r.map_err(error)?;
+        Ok((r.duplicate, r.pushed))
+    }
+
+    /// Cuts the push (no shard counts it) and releases its buffers.
+    fn cancel(&self) -> PyResult<()> {
+        if let Ok(open) = self.take() {
+            open.close();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PushStream {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.open.lock()
+            && let Some(open) = open.take()
+        {
+            open.close();
+        }
+    }
 }
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Client>()?;
+    m.add_class::<PushStream>()?;
     m.add("RpcError", m.py().get_type::<RpcError>())?;
     Ok(())
 }

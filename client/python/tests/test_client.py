@@ -164,3 +164,34 @@ def test_a_waiting_pull_releases_the_gil_and_writes_into_the_callers_arrays(one_
         c.pull_into(job_name, 1, {"enc.bias": np.zeros(24, np.float64)})
     with pytest.raises(paramd.InvalidArgument, match="destination holds 23"):
         c.pull_into(job_name, 1, {"enc.bias": np.zeros(23, np.float32)})
+
+
+def test_a_push_stream_sends_tensor_by_tensor_and_counts_only_whole_pushes(cluster, job_name):
+    c = cluster.client()
+    c.init(job_name, INIT, paramd.SGD(lr=0.1), workers=1)
+    g = grads(3)
+    # Refused before anything of the tensor is sent: unknown, wrong size,
+    # given twice; a push lacking a tensor is counted nowhere.
+    s = c.push_stream(job_name, 0, 0)
+    with pytest.raises(paramd.InvalidArgument, match="unknown parameter 'nope'"):
+        s.send("nope", np.zeros(3, np.float32))
+    with pytest.raises(paramd.InvalidArgument, match="'enc.bias' has 3 values"):
+        s.send("enc.bias", np.zeros(3, np.float32))
+    s.send("enc.bias", g["enc.bias"])
+    with pytest.raises(paramd.InvalidArgument, match="given twice"):
+        s.send("enc.bias", g["enc.bias"])
+    with pytest.raises(paramd.InvalidArgument, match="missing"):
+        s.finish()
+    # A cancelled one is counted nowhere either.
+    s = c.push_stream(job_name, 0, 0)
+    s.send("enc.weight", g["enc.weight"])
+    s.cancel()
+    assert c.job_status(job_name).workers_pushed == 0
+    # A whole one, in any order, is the same as a push.
+    s = c.push_stream(job_name, 0, 0)
+    for n in reversed(list(INIT)):
+        s.send(n, g[n])
+    assert s.finish() == paramd.PushResult(duplicate=False, pushed=1)
+    pulled = c.pull(job_name, 1)
+    for n, v in INIT.items():
+        np.testing.assert_array_equal(pulled.params[n], np.float32(v) - np.float32(0.1) * g[n])

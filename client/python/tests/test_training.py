@@ -80,6 +80,8 @@ def run_workers(url, job, tmp_path, wrap):
         cmd += ["--rank", str(r), "--world-size", str(WORLD), "--steps", str(STEPS), "--out", str(out)]
         if wrap:
             cmd.append("--wrap")
+        if wrap == "overlap":
+            cmd.append("--overlap")
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = []
     try:
@@ -95,7 +97,11 @@ def run_workers(url, job, tmp_path, wrap):
     return [np.load(o) for o in outs], logs
 
 
-@pytest.mark.parametrize("wrap", [False, True], ids=["RemoteOptimizer", "DistributedOptimizer"])
+@pytest.mark.parametrize(
+    "wrap",
+    [False, True, "overlap"],
+    ids=["RemoteOptimizer", "DistributedOptimizer", "DistributedOptimizer-overlap"],
+)
 def test_four_workers_train_to_torchs_weights(cluster, job_name, tmp_path, wrap):
     ex = example()
     results, logs = run_workers(cluster.url, job_name, tmp_path, wrap)
