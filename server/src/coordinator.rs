@@ -90,7 +90,9 @@ impl Policy {
         // Canonical order: the norm must not depend on where chunks live.
         sums.sort_unstable_by_key(|&(id, _)| id);
         let grad_norm = global_norm(sums.iter().map(|&(_, s)| s));
-        let skip = reports.iter().any(|r| r.non_finite) || !grad_norm.is_finite();
+        // A round is skipped for non-finite gradient values, not for a norm
+        // that overflows f32: torch then clips by zero and still steps.
+        let skip = reports.iter().any(|r| r.non_finite);
         let coef = match self.clip {
             Some(max_norm) if !skip => clip_coefficient(grad_norm, max_norm),
             _ => 1.0,
@@ -435,6 +437,21 @@ mod tests {
         assert!(d1.coef < 1.0);
         assert_eq!(d1.lrs, vec![0.0, 0.0], "the first warmup step has lr 0");
         assert_eq!(d1.step, 1);
+    }
+
+    #[test]
+    fn a_norm_past_f32_clips_by_zero_and_steps_as_torch_does() {
+        let r = Report {
+            sums: vec![(0, 1e39), (1, 1.0)],
+            non_finite: false,
+        };
+        let d = policy(Some(1.0)).decide(0, 5, &[r.clone()]);
+        assert!(!d.skip && d.grad_norm.is_infinite());
+        assert_eq!((d.coef, d.step), (0.0, 6));
+        // Without clipping torch computes no norm and steps on the gradient.
+        let d = policy(None).decide(0, 5, &[r]);
+        assert!(!d.skip);
+        assert_eq!((d.coef, d.step), (1.0, 6));
     }
 
     #[test]

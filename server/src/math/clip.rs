@@ -22,8 +22,14 @@ pub fn sum_squares(g: &[f32]) -> (f64, bool) {
 
 /// The global L2 norm from per-chunk sums of squares, added in the order
 /// given (callers pass them in canonical chunk order), as f32 like torch's.
+/// torch sums the squares in f32, so once they pass f32's range its norm is
+/// infinite (and `clip_grad_norm_` scales the gradient by zero): so is
+/// this one, although the f64 sum is still finite.
 pub fn global_norm(sums: impl IntoIterator<Item = f64>) -> f32 {
     let total: f64 = sums.into_iter().fold(0.0, |a, s| a + s);
+    if total > f64::from(f32::MAX) {
+        return f32::INFINITY;
+    }
     total.sqrt() as f32
 }
 
@@ -58,6 +64,19 @@ mod tests {
         assert!(sum_squares(&[1.0, f32::NAN]).1);
         assert!(sum_squares(&[1.0, 2.0, 3.0, 4.0, f32::INFINITY]).1);
         assert!(!sum_squares(&[1.0; 9]).1);
+    }
+
+    #[test]
+    fn a_norm_whose_squares_overflow_f32_is_infinite_and_clips_to_zero() {
+        // Finite gradients whose squares sum past f32::MAX, as torch sees them.
+        let (s, bad) = sum_squares(&[2e19, 2e19]);
+        assert!(!bad);
+        let norm = global_norm([s]);
+        assert_eq!(norm, f32::INFINITY);
+        assert_eq!(clip_coefficient(norm, 1.0), 0.0);
+        // Just under the range: finite, as torch's.
+        let (s, _) = sum_squares(&[1e19]);
+        assert!(global_norm([s]).is_finite());
     }
 
     #[test]
