@@ -445,7 +445,7 @@ mod tests {
             sums: vec![(0, 1e39), (1, 1.0)],
             non_finite: false,
         };
-        let d = policy(Some(1.0)).decide(0, 5, &[r.clone()]);
+        let d = policy(Some(1.0)).decide(0, 5, std::slice::from_ref(&r));
         assert!(!d.skip && d.grad_norm.is_infinite());
         assert_eq!((d.coef, d.step), (0.0, 6));
         // Without clipping torch computes no norm and steps on the gradient.
