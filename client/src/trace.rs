@@ -153,6 +153,27 @@ fn job_spec(
     shapes: &[Vec<u64>],
     workers: u32,
 ) -> anyhow::Result<pb::JobSpec> {
+    let known = |v: &Value, field: &str, keys: &[&str]| -> anyhow::Result<()> {
+        if let Some(obj) = v.as_object()
+            && let Some(k) = obj.keys().find(|k| !keys.contains(&k.as_str()))
+        {
+            anyhow::bail!("{field}.{k} is not something paramd knows: refused rather than ignored");
+        }
+        Ok(())
+    };
+    known(
+        config,
+        "config",
+        &[
+            "params",
+            "workers",
+            "steps",
+            "optimizer",
+            "param_groups",
+            "schedule",
+            "clip",
+        ],
+    )?;
     let opt = &config["optimizer"];
     let kind = match opt["kind"].as_str() {
         Some("sgd") => pb::OptimizerKind::Sgd,
@@ -190,8 +211,13 @@ fn job_spec(
                         .as_array()
                         .filter(|b| b.len() == 2)
                         .ok_or_else(|| anyhow::anyhow!("{field}.betas is not a pair"))?;
-                    h.beta1 = b[0].as_f64();
-                    h.beta2 = b[1].as_f64();
+                    let beta = |i: usize| {
+                        b[i].as_f64().ok_or_else(|| {
+                            anyhow::anyhow!("{field}.betas[{i}] is not a number: {}", b[i])
+                        })
+                    };
+                    h.beta1 = Some(beta(0)?);
+                    h.beta2 = Some(beta(1)?);
                 }
                 // Implementation switches of torch that do not change the
                 // numerics paramd reproduces.
@@ -210,7 +236,9 @@ fn job_spec(
     if let Some(groups) = config["param_groups"].as_array() {
         for (i, g) in groups.iter().enumerate() {
             param_groups.push(pb::ParamGroup {
-                params: serde_json::from_value(g["params"].clone())?,
+                params: serde_json::from_value(g["params"].clone()).map_err(|e| {
+                    anyhow::anyhow!("param_groups[{i}].params is not a list of names: {e}")
+                })?,
                 hyper: Some(hyper(g, &format!("param_groups[{i}]"))?),
             });
         }
@@ -219,28 +247,87 @@ fn job_spec(
     let u = |key: &str| -> anyhow::Result<u64> {
         s[key]
             .as_u64()
-            .ok_or_else(|| anyhow::anyhow!("schedule.{key} is missing"))
+            .ok_or_else(|| anyhow::anyhow!("schedule.{key} is missing or not a count: {}", s[key]))
     };
-    let kind = match s["kind"].as_str() {
-        None | Some("constant") => pb::schedule::Kind::Constant(pb::Constant {}),
-        Some("warmup_cosine") => pb::schedule::Kind::WarmupCosine(pb::WarmupCosine {
-            warmup_steps: u("warmup_steps")?,
-            total_steps: u("total_steps")?,
-            min_lr_ratio: s["min_lr_ratio"].as_f64().unwrap_or(0.0),
-        }),
-        Some("cosine_annealing") => pb::schedule::Kind::CosineAnnealing(pb::CosineAnnealing {
-            t_max: u("t_max")?,
-            eta_min: s["eta_min"].as_f64().unwrap_or(0.0),
-        }),
-        Some(other) => anyhow::bail!("schedule.kind {other:?} is not supported"),
+    // An optional number: absent is `default`, anything but a number is refused.
+    let number = |v: &Value, field: &str, default: f64| -> anyhow::Result<f64> {
+        match v {
+            Value::Null => Ok(default),
+            v => v
+                .as_f64()
+                .ok_or_else(|| anyhow::anyhow!("{field} is not a number: {v}")),
+        }
+    };
+    if !s.is_null() && !s.is_object() {
+        anyhow::bail!("schedule is not an object: {s}");
+    }
+    // torch's fresh scheduler has last_epoch -1; a resumed one is not replayed.
+    match &s["last_epoch"] {
+        Value::Null => {}
+        v if v.as_i64() == Some(-1) => {}
+        v => anyhow::bail!("schedule.last_epoch {v}: only a fresh schedule (-1) is replayed"),
+    }
+    let kind = match (s.is_null(), s["kind"].as_str()) {
+        (true, _) => pb::schedule::Kind::Constant(pb::Constant {}),
+        (false, Some("constant")) => {
+            known(s, "schedule", &["kind", "last_epoch"])?;
+            pb::schedule::Kind::Constant(pb::Constant {})
+        }
+        (false, Some("warmup_cosine")) => {
+            known(
+                s,
+                "schedule",
+                &[
+                    "kind",
+                    "warmup_steps",
+                    "total_steps",
+                    "min_lr_ratio",
+                    "last_epoch",
+                ],
+            )?;
+            pb::schedule::Kind::WarmupCosine(pb::WarmupCosine {
+                warmup_steps: u("warmup_steps")?,
+                total_steps: u("total_steps")?,
+                min_lr_ratio: number(&s["min_lr_ratio"], "schedule.min_lr_ratio", 0.0)?,
+            })
+        }
+        (false, Some("cosine_annealing")) => {
+            known(s, "schedule", &["kind", "t_max", "eta_min", "last_epoch"])?;
+            pb::schedule::Kind::CosineAnnealing(pb::CosineAnnealing {
+                t_max: u("t_max")?,
+                eta_min: number(&s["eta_min"], "schedule.eta_min", 0.0)?,
+            })
+        }
+        (false, Some(other)) => anyhow::bail!("schedule.kind {other:?} is not supported"),
+        (false, None) => {
+            anyhow::bail!("schedule.kind is missing (constant, warmup_cosine or cosine_annealing)")
+        }
     };
     let clip = match &config["clip"] {
         Value::Null => None,
-        c => Some(pb::Clip {
-            max_norm: c["max_norm"]
-                .as_f64()
-                .ok_or_else(|| anyhow::anyhow!("clip.max_norm is not a number"))?,
-        }),
+        c => {
+            known(
+                c,
+                "clip",
+                &["max_norm", "norm_type", "error_if_nonfinite", "foreach"],
+            )?;
+            // torch's defaults: the L2 norm, non-finite norms not an error.
+            let norm_type = number(&c["norm_type"], "clip.norm_type", 2.0)?;
+            if norm_type != 2.0 {
+                anyhow::bail!("clip.norm_type {norm_type}: paramd clips by the L2 norm (2.0) only");
+            }
+            match &c["error_if_nonfinite"] {
+                Value::Null | Value::Bool(false) => {}
+                v => anyhow::bail!(
+                    "clip.error_if_nonfinite {v}: paramd skips a non-finite round (or refuses non-finite pushes) rather than failing the step"
+                ),
+            }
+            Some(pb::Clip {
+                max_norm: c["max_norm"].as_f64().ok_or_else(|| {
+                    anyhow::anyhow!("clip.max_norm is not a number: {}", c["max_norm"])
+                })?,
+            })
+        }
     };
     Ok(pb::JobSpec {
         params: params
@@ -353,4 +440,86 @@ pub fn compare(
         }
     }
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec(config: Value) -> anyhow::Result<pb::JobSpec> {
+        job_spec(&config, &["w".to_owned()], &[vec![2]], 1)
+    }
+
+    fn base() -> Value {
+        json!({
+            "params": ["w"], "workers": 1, "steps": 3,
+            "optimizer": {"kind": "adamw", "lr": 0.01, "betas": [0.9, 0.999]},
+            "schedule": {"kind": "warmup_cosine", "warmup_steps": 1, "total_steps": 3, "min_lr_ratio": 0.1},
+            "clip": {"max_norm": 1.0, "norm_type": 2.0, "error_if_nonfinite": false, "foreach": null}
+        })
+    }
+
+    fn refused(edit: impl FnOnce(&mut Value), naming: &str) {
+        let mut c = base();
+        edit(&mut c);
+        let e = spec(c).expect_err("refused").to_string();
+        assert!(e.contains(naming), "{naming:?} not in {e:?}");
+    }
+
+    #[test]
+    fn what_torch_does_and_paramd_reproduces_is_read() {
+        let s = spec(base()).expect("a spec");
+        assert_eq!(s.clip.expect("clip").max_norm, 1.0);
+        let mut c = base();
+        c["schedule"] = Value::Null;
+        let s = spec(c.clone()).expect("no schedule: constant");
+        assert!(matches!(
+            s.schedule.and_then(|s| s.kind),
+            Some(pb::schedule::Kind::Constant(_))
+        ));
+        c["schedule"] = json!({"kind": "cosine_annealing", "t_max": 3, "last_epoch": -1});
+        spec(c).expect("a fresh cosine annealing");
+    }
+
+    #[test]
+    fn what_paramd_would_not_reproduce_is_refused_not_ignored() {
+        refused(|c| c["clip"]["norm_type"] = json!(1.0), "clip.norm_type 1");
+        refused(
+            |c| c["clip"]["norm_type"] = json!("inf"),
+            "clip.norm_type is not a number",
+        );
+        refused(
+            |c| c["clip"]["error_if_nonfinite"] = json!(true),
+            "error_if_nonfinite",
+        );
+        refused(|c| c["clip"]["max_norm"] = json!("1.0"), "clip.max_norm");
+        refused(|c| c["schedule"]["last_epoch"] = json!(4), "last_epoch 4");
+        refused(|c| c["schedule"]["warmup"] = json!(4), "schedule.warmup");
+        refused(
+            |c| {
+                c["schedule"]
+                    .as_object_mut()
+                    .expect("an object")
+                    .remove("kind");
+            },
+            "schedule.kind is missing",
+        );
+        refused(
+            |c| c["schedule"]["min_lr_ratio"] = json!("0.1"),
+            "min_lr_ratio",
+        );
+        refused(
+            |c| c["optimizer"]["betas"] = json!(["0.9", 0.999]),
+            "betas[0]",
+        );
+        refused(
+            |c| c["momentum_schedule"] = json!(1),
+            "config.momentum_schedule",
+        );
+        refused(
+            |c| c["schedule"] = json!({"kind": "cosine_annealing", "t_max": 3, "eta_min": "0"}),
+            "eta_min",
+        );
+    }
 }
