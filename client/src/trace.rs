@@ -303,6 +303,7 @@ fn job_spec(
             anyhow::bail!("schedule.kind is missing (constant, warmup_cosine or cosine_annealing)")
         }
     };
+    let mut non_finite = pb::NonFinitePolicy::Skip;
     let clip = match &config["clip"] {
         Value::Null => None,
         c => {
@@ -318,9 +319,10 @@ fn job_spec(
             }
             match &c["error_if_nonfinite"] {
                 Value::Null | Value::Bool(false) => {}
-                v => anyhow::bail!(
-                    "clip.error_if_nonfinite {v}: paramd skips a non-finite round (or refuses non-finite pushes) rather than failing the step"
-                ),
+                // torch raises on a non-finite norm: the job refuses
+                // non-finite gradients instead of skipping their round.
+                Value::Bool(true) => non_finite = pb::NonFinitePolicy::Error,
+                v => anyhow::bail!("clip.error_if_nonfinite is not a boolean: {v}"),
             }
             Some(pb::Clip {
                 max_norm: c["max_norm"].as_f64().ok_or_else(|| {
@@ -343,7 +345,7 @@ fn job_spec(
         schedule: Some(pb::Schedule { kind: Some(kind) }),
         clip,
         workers,
-        non_finite: pb::NonFinitePolicy::Skip as i32,
+        non_finite: non_finite as i32,
         // A replay waits for every worker, as the trace was computed.
         ..Default::default()
     })
@@ -480,6 +482,10 @@ mod tests {
         ));
         c["schedule"] = json!({"kind": "cosine_annealing", "t_max": 3, "last_epoch": -1});
         spec(c).expect("a fresh cosine annealing");
+        let mut c = base();
+        c["clip"]["error_if_nonfinite"] = json!(true);
+        let s = spec(c).expect("error_if_nonfinite maps to the error policy");
+        assert_eq!(s.non_finite, pb::NonFinitePolicy::Error as i32);
     }
 
     #[test]
@@ -490,7 +496,7 @@ mod tests {
             "clip.norm_type is not a number",
         );
         refused(
-            |c| c["clip"]["error_if_nonfinite"] = json!(true),
+            |c| c["clip"]["error_if_nonfinite"] = json!("yes"),
             "error_if_nonfinite",
         );
         refused(|c| c["clip"]["max_norm"] = json!("1.0"), "clip.max_norm");

@@ -23,8 +23,8 @@ pub fn sum_squares(g: &[f32]) -> (f64, bool) {
 /// The global L2 norm from per-chunk sums of squares, added in the order
 /// given (callers pass them in canonical chunk order), as f32 like torch's.
 /// torch sums the squares in f32, so once they pass f32's range its norm is
-/// infinite (and `clip_grad_norm_` scales the gradient by zero): so is
-/// this one, although the f64 sum is still finite.
+/// infinite: so is this one, although the f64 sum is still finite (the
+/// round is then a non-finite round, see `Policy::decide`).
 pub fn global_norm(sums: impl IntoIterator<Item = f64>) -> f32 {
     let total: f64 = sums.into_iter().fold(0.0, |a, s| a + s);
     if total > f64::from(f32::MAX) {
@@ -67,7 +67,7 @@ mod tests {
     }
 
     #[test]
-    fn a_norm_whose_squares_overflow_f32_is_infinite_and_clips_to_zero() {
+    fn a_norm_whose_squares_overflow_f32_is_infinite() {
         // Finite gradients whose squares sum past f32::MAX, as torch sees them.
         let (s, bad) = sum_squares(&[2e19, 2e19]);
         assert!(!bad);
