@@ -125,7 +125,8 @@ fn get<'a>(t: &'a Tensors, name: &str) -> &'a [f32] {
 }
 
 /// One SGD step (no momentum, no decay, no clip) by hand, in f32 as the
-/// server computes it: `p - lr * mean(g0, g1)`.
+/// server (and torch) computes it: `p - lr * mean(g0, g1)`, the
+/// multiply-add rounded once.
 fn sgd_step(params: &Params, g0: &Tensors, g1: &Tensors) -> Params {
     let neg_lr = (-LR) as f32;
     params
@@ -135,7 +136,7 @@ fn sgd_step(params: &Params, g0: &Tensors, g1: &Tensors) -> Params {
             let next = p
                 .iter()
                 .zip(a.iter().zip(b))
-                .map(|(p, (a, b))| *p + neg_lr * ((*a + *b) / 2.0))
+                .map(|(p, (a, b))| ((*a + *b) / 2.0).mul_add(neg_lr, *p))
                 .collect();
             (name.clone(), next)
         })

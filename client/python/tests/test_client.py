@@ -18,6 +18,12 @@ INIT = {
 }
 
 
+def sgd_step(p, g, lr):
+    """One plain SGD step as torch and paramd compute it in f32: `p + (-lr) * g`
+    rounded once (a fused multiply-add; the f64 product of two f32 is exact)."""
+    return (np.float64(np.float32(-lr)) * np.float64(g) + np.float64(np.float32(p))).astype(np.float32)
+
+
 def grads(seed):
     r = np.random.default_rng(seed)
     return {n: r.standard_normal(np.shape(v)).astype(np.float32) for n, v in INIT.items()}
@@ -156,7 +162,7 @@ def test_a_waiting_pull_releases_the_gil_and_writes_into_the_callers_arrays(one_
     waiter.join(60)
     assert not waiter.is_alive() and got["result"][0] == 1
     for n, v in INIT.items():
-        np.testing.assert_array_equal(out[n], np.asarray(v, np.float32) - np.float32(0.5) * g[n])
+        np.testing.assert_array_equal(out[n], sgd_step(v, g[n], 0.5))
         # Written where the arrays are, not replaced.
         assert out[n].__array_interface__["data"][0] == addresses[n]
     # Arrays the core cannot write into are refused before any call.
@@ -194,4 +200,4 @@ def test_a_push_stream_sends_tensor_by_tensor_and_counts_only_whole_pushes(clust
     assert s.finish() == paramd.PushResult(duplicate=False, pushed=1)
     pulled = c.pull(job_name, 1)
     for n, v in INIT.items():
-        np.testing.assert_array_equal(pulled.params[n], np.float32(v) - np.float32(0.1) * g[n])
+        np.testing.assert_array_equal(pulled.params[n], sgd_step(v, g[n], 0.1))
