@@ -9,7 +9,6 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use paramd_proto::transport::Credentials;
 use paramd_proto::v1 as pb;
-use paramd_proto::v1::Segment;
 use tonic::transport::ServerTlsConfig;
 
 use crate::auth::AuthToken;
@@ -20,7 +19,7 @@ use crate::invalid;
 use crate::job::Job;
 use crate::layout::{DEFAULT_CHUNK_BYTES, Layout};
 use crate::limits::{Admitted, Limits, Pending, job_bytes};
-use crate::pieces::{Ownership, initial_values, pack};
+use crate::pieces::{Filled, Filling, pack};
 use crate::spec::{JobConfig, validate_job_name};
 
 mod restore;
@@ -317,25 +316,36 @@ impl Node {
         }
     }
 
-    /// Creates job `name` on every shard: places its chunks, hands each
-    /// shard its chunks' initial values, and creates this shard's part. If
-    /// a shard cannot create its part, the parts made are dropped and the
+    /// Where job `name`'s initial values are written as they arrive: its
+    /// chunks placed on the shards, this shard's allocated, the others'
+    /// gathered to be forwarded. Fed by the Init call, then given to
+    /// `create`.
+    pub fn begin_create(&self, name: &str, config: &JobConfig) -> Result<Filling> {
+        validate_job_name(name)?;
+        self.coordinator_only("Init")?;
+        let shards = self.cluster.size();
+        let layout = Layout::new(&config.params, self.config.chunk_bytes);
+        let owners = layout.place(shards);
+        Filling::new(config, layout, owners, 0, shards, true)
+    }
+
+    /// Creates job `name` on every shard from its initial values: hands
+    /// each shard its chunks' values and creates this shard's part. If a
+    /// shard cannot create its part, the parts made are dropped and the
     /// error names the shard.
     pub async fn create(
         &self,
         name: &str,
         spec: &pb::JobSpec,
         config: JobConfig,
-        values: Vec<Segment>,
+        values: Filling,
     ) -> Result<Created> {
-        validate_job_name(name)?;
-        self.coordinator_only("Init")?;
-        let shards = self.cluster.size();
-        let layout = Layout::new(&config.params, self.config.chunk_bytes);
-        let owners = layout.place(shards);
-        let pieces = initial_values(&config, &layout, &Ownership::all(&layout), values)?;
-        let mut per_shard = pieces.by_shard(&layout, &config.params, &owners, shards);
-        let local_values = std::mem::take(&mut per_shard[0]);
+        let Filled {
+            layout,
+            owners,
+            chunks,
+            forward,
+        } = values.finish()?;
 
         let layout_pb = pb::LayoutResponse {
             shards: self.cluster.urls.clone(),
@@ -343,27 +353,23 @@ impl Node {
             params: spec.params.clone(),
             owners: owners.clone(),
         };
-        let calls = per_shard
-            .into_iter()
-            .enumerate()
-            .skip(1)
-            .map(|(i, values)| {
-                let mut messages: Vec<pb::CreateShardRequest> = pack(values, FORWARD_MESSAGE_BYTES)
-                    .into_iter()
-                    .map(|values| pb::CreateShardRequest {
-                        values,
-                        ..Default::default()
-                    })
-                    .collect();
-                if messages.is_empty() {
-                    messages.push(pb::CreateShardRequest::default());
-                }
-                messages[0].job = name.to_owned();
-                messages[0].spec = Some(spec.clone());
-                messages[0].shard = i as u32;
-                messages[0].layout = Some(layout_pb.clone());
-                async move { (i, self.cluster.create_shard(i, messages).await) }
-            });
+        let calls = forward.into_iter().enumerate().skip(1).map(|(i, values)| {
+            let mut messages: Vec<pb::CreateShardRequest> = pack(values, FORWARD_MESSAGE_BYTES)
+                .into_iter()
+                .map(|values| pb::CreateShardRequest {
+                    values,
+                    ..Default::default()
+                })
+                .collect();
+            if messages.is_empty() {
+                messages.push(pb::CreateShardRequest::default());
+            }
+            messages[0].job = name.to_owned();
+            messages[0].spec = Some(spec.clone());
+            messages[0].shard = i as u32;
+            messages[0].layout = Some(layout_pb.clone());
+            async move { (i, self.cluster.create_shard(i, messages).await) }
+        });
         let mut made = Vec::new();
         let mut failure = None;
         for (i, r) in futures::future::join_all(calls).await {
@@ -388,29 +394,20 @@ impl Node {
             layout,
             owners,
             Arc::clone(&self.cluster),
-            local_values,
-        )
-        .await?;
+            chunks,
+        )?;
         self.insert(job)
     }
 
-    /// Creates this shard's part of a job the coordinator placed.
-    pub async fn create_shard(
+    /// Where the values of this shard's part of a job the coordinator
+    /// placed are written as they arrive (`create_shard` takes it).
+    pub fn begin_create_shard(
         &self,
         name: &str,
-        spec: &pb::JobSpec,
-        config: JobConfig,
+        config: &JobConfig,
         layout: &pb::LayoutResponse,
-        values: Vec<Segment>,
-    ) -> Result<Created> {
+    ) -> Result<Filling> {
         validate_job_name(name)?;
-        if let Some(j) = self.jobs.get(name) {
-            same_job(j.value(), &config)?;
-            return Ok(Created {
-                job: Arc::clone(j.value()),
-                created: false,
-            });
-        }
         // A pull sends at least one whole chunk per message.
         let chunk_elems = usize::try_from(layout.chunk_elems)
             .ok()
@@ -423,16 +420,47 @@ impl Node {
                 )
             })?;
         let l = Layout::with_chunk_elems(&config.params, chunk_elems);
+        Filling::new(
+            config,
+            l,
+            layout.owners.clone(),
+            self.cluster.shard as u32,
+            self.cluster.size(),
+            false,
+        )
+    }
+
+    /// Creates this shard's part of a job the coordinator placed, from the
+    /// values `begin_create_shard`'s filling received.
+    pub fn create_shard(
+        &self,
+        name: &str,
+        spec: &pb::JobSpec,
+        config: JobConfig,
+        values: Filling,
+    ) -> Result<Created> {
+        if let Some(j) = self.jobs.get(name) {
+            same_job(j.value(), &config)?;
+            return Ok(Created {
+                job: Arc::clone(j.value()),
+                created: false,
+            });
+        }
+        let Filled {
+            layout,
+            owners,
+            chunks,
+            ..
+        } = values.finish()?;
         let job = Job::create(
             name.to_owned(),
             spec.clone(),
             config,
-            l,
-            layout.owners.clone(),
+            layout,
+            owners,
             Arc::clone(&self.cluster),
-            values,
-        )
-        .await?;
+            chunks,
+        )?;
         self.insert(job)
     }
 

@@ -1,9 +1,11 @@
 //! Validating a set of segments (a push, or a job's initial values) against
-//! the chunks a shard holds, and cutting it along chunk boundaries.
+//! the chunks a shard holds.
 //!
 //! A set is accepted whole or refused whole: every owned chunk must be
-//! covered exactly once, and nothing outside them may be sent. The payload
-//! is never copied here: pieces are `Bytes` slices of the received buffers.
+//! covered exactly once, and nothing outside them may be sent. A push's
+//! payload is never copied here: its pieces are `Bytes` slices of the
+//! received buffers, cut along chunk boundaries (`Target`). Initial values
+//! are written into the chunks as they arrive (`Filling`).
 
 use std::collections::HashMap;
 
@@ -11,7 +13,7 @@ use bytes::Bytes;
 use paramd_proto::v1::Segment;
 pub use paramd_proto::wire::{pack, to_le_bytes};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::invalid;
 use crate::layout::Layout;
 use crate::optim::le_f32;
@@ -196,42 +198,250 @@ impl Target<'_> {
     }
 }
 
-/// Validates a job's initial values against the chunks `own` holds.
-pub fn initial_values(
-    config: &JobConfig,
-    layout: &Layout,
-    own: &Ownership,
-    values: Vec<Segment>,
-) -> Result<Pieces> {
-    let index = config.index();
-    let target = Target {
-        params: &config.params,
-        index: &index,
-        layout,
-        own,
-        finite_only: false,
-    };
-    target.split(values).map_err(|e| match e {
-        Error::Invalid(m) => invalid!("initial values: {m}"),
-        e => e,
-    })
+/// Where the initial values of a chunk go while a job is created.
+#[derive(Clone, Copy, Debug)]
+enum Place {
+    /// Kept here, as local chunk `i`.
+    Here(usize),
+    /// Forwarded to shard `s` (the coordinator creating a job).
+    Forward(usize),
+    /// Another shard's: sending it here is refused.
+    Refused,
 }
 
-/// Sums the pieces of several pushes of one chunk, in the order given, into
-/// `acc`, then divides by their number: the mean gradient. The order is the
-/// caller's (worker rank), never arrival order, so the result is
-/// deterministic.
-pub fn mean_into<'a>(pushes: impl ExactSizeIterator<Item = &'a [Piece]>, acc: &mut [f32]) {
-    let n = pushes.len();
-    for (i, pieces) in pushes.enumerate() {
-        fold_into(pieces, acc, i == 0);
+/// A job's initial values, written into place as they arrive.
+///
+/// The chunks this shard keeps are allocated once (zeroed pages, touched
+/// only when written) and filled message by message; the values of other
+/// shards' chunks (on the coordinator) are copied out of the received
+/// buffers to be forwarded. So the shard never holds more than the job's
+/// size, whatever the messages look like. A bitmap of the elements received
+/// (one bit per element) refuses any element sent twice; `finish` refuses a
+/// parameter not covered whole. Nothing is kept unless `finish` accepts it.
+pub struct Filling {
+    params: Vec<ParamInfo>,
+    index: HashMap<String, usize>,
+    layout: Layout,
+    owners: Vec<u32>,
+    place: Vec<Place>,
+    /// First global element of each parameter, for `seen`.
+    base: Vec<usize>,
+    seen: Vec<u64>,
+    /// Bytes received per parameter.
+    got: Vec<u64>,
+    chunks: Vec<Vec<f32>>,
+    forward: Vec<Vec<Segment>>,
+}
+
+/// What a `Filling` accepted: the job's layout and the shard of each
+/// chunk, the local chunks' values in canonical order, and the segments to
+/// forward to each shard.
+#[derive(Debug)]
+pub struct Filled {
+    pub layout: Layout,
+    pub owners: Vec<u32>,
+    pub chunks: Vec<Vec<f32>>,
+    pub forward: Vec<Vec<Segment>>,
+}
+
+impl Filling {
+    /// Expects the values of the chunks `owners` gives to `shard`, and with
+    /// `forward` those of every other shard's chunks too, to forward them.
+    pub fn new(
+        config: &JobConfig,
+        layout: Layout,
+        owners: Vec<u32>,
+        shard: u32,
+        shards: usize,
+        forward: bool,
+    ) -> Result<Filling> {
+        if owners.len() != layout.chunks.len() || owners.iter().any(|&o| o as usize >= shards) {
+            return Err(invalid!(
+                "layout.owners must name one of {shards} shards for each of {} chunks",
+                layout.chunks.len()
+            ));
+        }
+        let mut chunks = Vec::new();
+        let place = owners
+            .iter()
+            .zip(&layout.chunks)
+            .map(|(&o, chunk)| {
+                if o == shard {
+                    chunks.push(vec![0.0; chunk.len]);
+                    Place::Here(chunks.len() - 1)
+                } else if forward {
+                    Place::Forward(o as usize)
+                } else {
+                    Place::Refused
+                }
+            })
+            .collect();
+        let mut base = Vec::with_capacity(config.params.len());
+        let mut total = 0usize;
+        for p in &config.params {
+            base.push(total);
+            total += p.numel;
+        }
+        Ok(Filling {
+            params: config.params.clone(),
+            index: config.index(),
+            layout,
+            owners,
+            place,
+            base,
+            seen: vec![0; total.div_ceil(64)],
+            got: vec![0; config.params.len()],
+            chunks,
+            forward: vec![Vec::new(); if forward { shards } else { 0 }],
+        })
     }
-    divide(acc, n);
+
+    /// Writes one message's segments into place.
+    pub fn feed(&mut self, segments: Vec<Segment>) -> Result<()> {
+        for s in segments {
+            self.segment(s)
+                .map_err(|m| invalid!("initial values: {m}"))?;
+        }
+        Ok(())
+    }
+
+    fn segment(&mut self, s: Segment) -> std::result::Result<(), String> {
+        let &p = self
+            .index
+            .get(&s.param)
+            .ok_or_else(|| format!("unknown parameter '{}'", s.param))?;
+        let info = &self.params[p];
+        if !s.data.len().is_multiple_of(4) {
+            return Err(format!(
+                "parameter '{}': {} bytes at element {} is not a multiple of 4 (f32)",
+                info.name,
+                s.data.len(),
+                s.offset
+            ));
+        }
+        let n = s.data.len() / 4;
+        self.got[p] += s.data.len() as u64;
+        // Checked: the offset comes from the client and may be anything.
+        let offset = usize::try_from(s.offset)
+            .ok()
+            .filter(|&o| o <= info.numel && n <= info.numel - o)
+            .ok_or_else(|| {
+                format!(
+                    "parameter '{}' {:?}: expected {} bytes, got {} bytes at element {}",
+                    info.name,
+                    info.shape,
+                    info.numel * 4,
+                    s.data.len(),
+                    s.offset
+                )
+            })?;
+        if let Some(e) = claim(
+            &mut self.seen,
+            self.base[p] + offset,
+            self.base[p] + offset + n,
+        ) {
+            return Err(format!(
+                "parameter '{}' is sent twice: elements {}..{} overlap",
+                info.name,
+                e - self.base[p],
+                offset + n
+            ));
+        }
+        let mut done = 0;
+        while done < n {
+            let e = offset + done;
+            let id = self.layout.chunk_at(p, e);
+            let chunk = &self.layout.chunks[id];
+            let k = (chunk.offset + chunk.len - e).min(n - done);
+            let bytes = &s.data[4 * done..4 * (done + k)];
+            match self.place[id] {
+                Place::Here(local) => {
+                    let dst = &mut self.chunks[local][e - chunk.offset..][..k];
+                    for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
+                        *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    }
+                }
+                // Copied: a slice would keep the whole received message.
+                Place::Forward(shard) => self.forward[shard].push(Segment {
+                    param: info.name.clone(),
+                    offset: e as u64,
+                    data: Bytes::copy_from_slice(bytes),
+                }),
+                Place::Refused => {
+                    return Err(format!(
+                        "parameter '{}': elements {}..{} are not held by this shard",
+                        info.name,
+                        chunk.offset,
+                        chunk.offset + chunk.len
+                    ));
+                }
+            }
+            done += k;
+        }
+        Ok(())
+    }
+
+    /// Accepts the values if every expected parameter is covered whole.
+    pub fn finish(self) -> Result<Filled> {
+        for (p, info) in self.params.iter().enumerate() {
+            let expected: u64 = self
+                .layout
+                .chunks_of(p)
+                .filter(|&c| !matches!(self.place[c], Place::Refused))
+                .map(|c| self.layout.chunks[c].len as u64 * 4)
+                .sum();
+            // No element twice and none outside: the sizes agree only if
+            // every element is there.
+            if self.got[p] != expected {
+                return Err(if self.got[p] == 0 {
+                    invalid!(
+                        "initial values: parameter '{}' is missing: expected {expected} bytes",
+                        info.name
+                    )
+                } else {
+                    invalid!(
+                        "initial values: parameter '{}' {:?}: expected {expected} bytes, got {}",
+                        info.name,
+                        info.shape,
+                        self.got[p]
+                    )
+                });
+            }
+        }
+        Ok(Filled {
+            layout: self.layout,
+            owners: self.owners,
+            chunks: self.chunks,
+            forward: self.forward,
+        })
+    }
 }
 
-/// One step of `mean_into`: copies the pieces of one push of a chunk into
-/// `acc` (the first push of the mean) or adds them to it (the next ones,
-/// in rank order).
+/// Sets bits `a..b`; returns the first that was already set (the bits up to
+/// it are then set: the caller refuses the whole set).
+fn claim(bits: &mut [u64], a: usize, b: usize) -> Option<usize> {
+    let mut i = a;
+    while i < b {
+        let (w, lo) = (i / 64, i % 64);
+        let hi = (b - w * 64).min(64);
+        let mask = if hi - lo == 64 {
+            !0
+        } else {
+            ((1u64 << (hi - lo)) - 1) << lo
+        };
+        let clash = bits[w] & mask;
+        if clash != 0 {
+            return Some(w * 64 + clash.trailing_zeros() as usize);
+        }
+        bits[w] |= mask;
+        i = w * 64 + hi;
+    }
+    None
+}
+
+/// One step of a rank-order mean: copies the pieces of one push of a chunk
+/// into `acc` (the first push of the mean) or adds them to it (the next
+/// ones, in rank order, never arrival order, so the sum is deterministic).
 pub fn fold_into(pieces: &[Piece], acc: &mut [f32], first: bool) {
     for piece in pieces {
         let dst = &mut acc[piece.start..piece.start + piece.data.len() / 4];
@@ -247,7 +457,7 @@ pub fn fold_into(pieces: &[Piece], acc: &mut [f32], first: bool) {
     }
 }
 
-/// The last step of `mean_into`: divides a sum of `n` pushes by `n`.
+/// The last step of a rank-order mean: divides a sum of `n` pushes by `n`.
 pub fn divide(acc: &mut [f32], n: usize) {
     if n > 1 {
         let n = n as f32;
@@ -257,32 +467,137 @@ pub fn divide(acc: &mut [f32], n: usize) {
     }
 }
 
-/// Copies a chunk's pieces (initial values) into `dst`.
-pub fn copy_into(pieces: &[Piece], dst: &mut [f32]) {
-    mean_into(std::iter::once(pieces), dst);
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::JobConfig;
+    use paramd_proto::v1 as pb;
 
-impl Pieces {
-    /// The pieces as segments of their parameters, grouped by the shard
-    /// `owners` gives each chunk (pieces of every chunk, `Ownership::all`).
-    pub fn by_shard(
-        self,
-        layout: &Layout,
-        params: &[ParamInfo],
-        owners: &[u32],
-        shards: usize,
-    ) -> Vec<Vec<Segment>> {
-        let mut out = vec![Vec::new(); shards];
-        for (id, pieces) in self.by_chunk.into_iter().enumerate() {
-            let chunk = &layout.chunks[id];
-            for piece in pieces {
-                out[owners[id] as usize].push(Segment {
-                    param: params[chunk.param].name.clone(),
-                    offset: (chunk.offset + piece.start) as u64,
-                    data: piece.data,
-                });
-            }
+    #[test]
+    fn claim_finds_the_first_element_already_set_across_words() {
+        let mut bits = vec![0u64; 4];
+        assert_eq!(claim(&mut bits, 3, 130), None);
+        assert_eq!(claim(&mut bits, 0, 3), None);
+        assert_eq!(claim(&mut bits, 130, 256), None);
+        assert_eq!(claim(&mut bits, 200, 201), Some(200));
+        let mut bits = vec![0u64; 2];
+        assert_eq!(claim(&mut bits, 64, 128), None);
+        assert_eq!(claim(&mut bits, 10, 70), Some(64));
+    }
+
+    fn config(shapes: &[&[u64]]) -> JobConfig {
+        let spec = pb::JobSpec {
+            params: shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| pb::ParamSpec {
+                    name: format!("p{i}"),
+                    shape: s.to_vec(),
+                })
+                .collect(),
+            optimizer: Some(pb::Optimizer {
+                kind: pb::OptimizerKind::Sgd as i32,
+                hyper: Some(pb::Hyperparameters {
+                    lr: Some(0.1),
+                    ..Default::default()
+                }),
+            }),
+            workers: 1,
+            ..Default::default()
+        };
+        JobConfig::try_from(&spec).expect("a valid spec")
+    }
+
+    fn seg(p: usize, offset: u64, values: &[f32]) -> Segment {
+        Segment {
+            param: format!("p{p}"),
+            offset,
+            data: to_le_bytes(values),
         }
-        out
+    }
+
+    #[test]
+    fn values_land_in_their_chunks_and_the_others_are_forwarded() {
+        let c = config(&[&[5], &[3]]);
+        // Chunks of 2 elements: p0 is 0..2, 2..4, 4..5; p1 is 0..2, 2..3.
+        let layout = Layout::with_chunk_elems(&c.params, 2);
+        let owners = vec![0, 1, 0, 1, 0];
+        let mut f = Filling::new(&c, layout, owners, 0, 2, true).expect("filling");
+        f.feed(vec![seg(0, 3, &[3.0, 4.0]), seg(1, 0, &[5.0, 6.0, 7.0])])
+            .expect("feed");
+        f.feed(vec![seg(0, 0, &[0.0, 1.0, 2.0])]).expect("feed");
+        let filled = f.finish().expect("complete");
+        assert_eq!(filled.chunks, vec![vec![0.0, 1.0], vec![4.0], vec![7.0]]);
+        let forwarded: Vec<(String, u64, usize)> = filled.forward[1]
+            .iter()
+            .map(|s| (s.param.clone(), s.offset, s.data.len() / 4))
+            .collect();
+        assert_eq!(
+            forwarded,
+            vec![
+                ("p0".into(), 3, 1),
+                ("p1".into(), 0, 2),
+                ("p0".into(), 2, 1)
+            ]
+        );
+        assert!(filled.forward[0].is_empty());
+    }
+
+    fn refused(f: Result<Filled>, naming: &str) {
+        let e = f.expect_err("refused").to_string();
+        assert!(e.contains(naming), "{naming:?} not in: {e}");
+    }
+
+    #[test]
+    fn twice_missing_short_outside_and_elsewhere_are_refused() {
+        let c = config(&[&[4], &[2]]);
+        let fill = |owners: Vec<u32>, segments: Vec<Segment>| {
+            let layout = Layout::with_chunk_elems(&c.params, 2);
+            let mut f = Filling::new(&c, layout, owners, 0, 2, false)?;
+            f.feed(segments)?;
+            f.finish()
+        };
+        let all = || vec![0, 0, 0];
+        refused(
+            fill(
+                all(),
+                vec![
+                    seg(0, 0, &[0.0; 4]),
+                    seg(0, 1, &[1.0]),
+                    seg(1, 0, &[0.0; 2]),
+                ],
+            ),
+            "'p0' is sent twice: elements 1..2 overlap",
+        );
+        refused(
+            fill(all(), vec![seg(0, 0, &[0.0; 4])]),
+            "'p1' is missing: expected 8 bytes",
+        );
+        refused(
+            fill(all(), vec![seg(0, 0, &[0.0; 3]), seg(1, 0, &[0.0; 2])]),
+            "'p0' [4]: expected 16 bytes, got 12",
+        );
+        refused(
+            fill(all(), vec![seg(0, 3, &[0.0; 2])]),
+            "'p0' [4]: expected 16 bytes, got 8 bytes at element 3",
+        );
+        refused(
+            fill(all(), vec![seg(0, u64::MAX, &[0.0])]),
+            "at element 18446744073709551615",
+        );
+        refused(
+            fill(all(), vec![seg(2, 0, &[0.0])]),
+            "unknown parameter 'p2'",
+        );
+        refused(
+            fill(vec![0, 1, 0], vec![seg(0, 0, &[0.0; 4])]),
+            "'p0': elements 2..4 are not held by this shard",
+        );
+        refused(
+            fill(vec![0, 2, 0], vec![]),
+            "layout.owners must name one of 2 shards",
+        );
+        // Only the chunks held here are expected.
+        assert!(fill(vec![1, 1, 0], vec![seg(1, 0, &[1.0, 2.0])]).is_ok());
     }
 }

@@ -7,7 +7,7 @@ use paramd::limits::Limits;
 use paramd::node::NodeConfig;
 use paramd_client::v1 as pb;
 use paramd_client::{Client, ClientError};
-use paramd_tests::{TestServer, one_param_spec};
+use paramd_tests::{Daemon, TestServer, one_param_spec};
 use tonic::Code;
 
 fn refused(r: Result<pb::InitResponse, ClientError>, code: Code, naming: &str) {
@@ -161,4 +161,63 @@ async fn a_huge_job_name_is_refused_for_what_it_is_with_a_bounded_message() {
     let r = c.init(&name, spec, &[("w", &[0.0; 2])]).await;
     refused(r, Code::InvalidArgument, "job name");
     server.shutdown().await;
+}
+
+/// Initial values are written into the job's chunks as they arrive: an
+/// Init grows the daemon (a real process, its peak RSS) by about the job's
+/// size, never by a buffered copy of the values on top of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_values_are_written_into_place() {
+    let addr = format!("127.0.0.1:{}", paramd_tests::reserve_ports(1)[0]);
+    let _daemon = Daemon::start(&[
+        "--listen",
+        &addr,
+        "--http-listen",
+        "127.0.0.1:0",
+        "--chunk-bytes",
+        "33554432",
+    ])
+    .await
+    .expect("paramd starts");
+    let mut c = Client::connect(&format!("http://{addr}"))
+        .await
+        .expect("connect");
+    // The runtime's first allocations are not the job's.
+    c.init("small", sgd(&[4], 1), &[("w", &[1.0; 4])])
+        .await
+        .expect("init");
+    let before = c.status(None).await.expect("status").peak_rss_bytes;
+
+    const N: usize = 32 << 20; // 128 MiB of values
+    let values: Vec<f32> = (0..N).map(|i| i as f32).collect();
+    c.init("big", sgd(&[N as u64], 1), &[("w", &values)])
+        .await
+        .expect("init");
+    let status = c.status(None).await.expect("status");
+    let job = status
+        .jobs
+        .iter()
+        .find(|j| j.job == "big")
+        .expect("the job");
+    let held = job.parameter_bytes + job.optimizer_state_bytes;
+    let grew = status.peak_rss_bytes.saturating_sub(before);
+    eprintln!(
+        "job of {:.0} MiB: peak RSS grew by {:.0} MiB",
+        held as f64 / 1048576.0,
+        grew as f64 / 1048576.0
+    );
+    // Beyond the job: the HTTP/2 windows (8 MiB per stream, 32 MiB per
+    // connection), a few 4 MiB messages being decoded and what the
+    // allocator keeps of them. A buffered copy of the values would add
+    // another 128 MiB.
+    assert!(
+        grew < held + (96 << 20),
+        "peak RSS grew by {grew} bytes for a job holding {held}"
+    );
+    let pulled = c.pull("big", 0).await.expect("pull");
+    let w = &pulled.params["w"];
+    assert_eq!(w.len(), N);
+    for i in [0, 1, N / 2, N - 1] {
+        assert_eq!(w[i].to_bits(), (i as f32).to_bits(), "element {i}");
+    }
 }

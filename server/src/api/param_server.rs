@@ -59,27 +59,27 @@ pub(crate) async fn next_message<M>(stream: &mut Streaming<M>) -> Result<Option<
 /// Reads the segments of a stream's remaining messages after `first`,
 /// refusing once they exceed `budget` bytes.
 pub(crate) async fn read_segments<M>(
-    mut segments: Vec<pb::Segment>,
+    first: Vec<pb::Segment>,
     stream: &mut Streaming<M>,
     budget: usize,
     what: &str,
     take: impl Fn(M) -> Vec<pb::Segment>,
-) -> Result<Vec<pb::Segment>, Status> {
-    let mut bytes: usize = segments.iter().map(|s| s.data.len()).sum();
-    loop {
+    mut sink: impl FnMut(Vec<pb::Segment>) -> crate::error::Result<()>,
+) -> Result<(), Status> {
+    let mut bytes = 0usize;
+    let mut next = Some(first);
+    while let Some(segments) = next {
+        bytes = bytes.saturating_add(segments.iter().map(|s| s.data.len()).sum::<usize>());
         if bytes > budget {
             return Err(Error::TooLarge(format!(
                 "{what}: more than {budget} bytes sent, more than the job can hold"
             ))
             .into());
         }
-        let Some(msg) = next_message(stream).await? else {
-            return Ok(segments);
-        };
-        let more = take(msg);
-        bytes += more.iter().map(|s| s.data.len()).sum::<usize>();
-        segments.extend(more);
+        sink(segments)?;
+        next = next_message(stream).await?.map(&take);
     }
+    Ok(())
 }
 
 /// The deadline a client set with `grpc-timeout`, if any.
@@ -137,9 +137,19 @@ impl ParamServer for Service {
         // Before a byte of the values is read: the limits bound the job's
         // size, and its place is reserved until it is created (or not).
         let _admitted = self.node.admit(&config)?;
+        // Written into place as they arrive: never more than the job.
+        let mut values = self.node.begin_create(&first.job, &config)?;
         let budget = (config.numel() * 4).saturating_add(PAYLOAD_SLACK);
         let what = format!("initial values of job '{}'", first.job);
-        let values = read_segments(first.values, &mut stream, budget, &what, |m| m.values).await?;
+        read_segments(
+            first.values,
+            &mut stream,
+            budget,
+            &what,
+            |m| m.values,
+            |s| values.feed(s),
+        )
+        .await?;
         let created = self.node.create(&first.job, &spec, config, values).await?;
         Ok(Response::new(pb::InitResponse {
             round: created.job.round(),
@@ -208,7 +218,19 @@ impl ParamServer for Service {
             .saturating_mul(2)
             .saturating_add(PAYLOAD_SLACK);
         let what = format!("push of worker {} for round {}", first.worker, first.round);
-        let grads = read_segments(first.grads, &mut stream, budget, &what, |m| m.grads).await?;
+        let mut grads = Vec::new();
+        read_segments(
+            first.grads,
+            &mut stream,
+            budget,
+            &what,
+            |m| m.grads,
+            |s| {
+                grads.extend(s);
+                Ok(())
+            },
+        )
+        .await?;
         let (admission, count) = job
             .push(first.worker, first.round, grads)
             .map_err(refused)?;

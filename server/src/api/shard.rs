@@ -70,14 +70,20 @@ impl Shard for ShardService {
         let config = JobConfig::try_from(spec)?;
         // The same limits as Init: a shard's part is never more than that.
         let _admitted = self.node.admit(&config)?;
+        let mut values = self.node.begin_create_shard(&first.job, &config, &layout)?;
         let budget = (config.numel() * 4).saturating_add(PAYLOAD_SLACK);
         let what = format!("initial values of job '{}'", first.job);
         let job = first.job.clone();
-        let values = read_segments(first.values, &mut stream, budget, &what, |m| m.values).await?;
-        let created = self
-            .node
-            .create_shard(&job, spec, config, &layout, values)
-            .await?;
+        read_segments(
+            first.values,
+            &mut stream,
+            budget,
+            &what,
+            |m| m.values,
+            |s| values.feed(s),
+        )
+        .await?;
+        let created = self.node.create_shard(&job, spec, config, values)?;
         Ok(Response::new(pb::CreateShardResponse {
             round: created.job.round(),
             created: created.created,

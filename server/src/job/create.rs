@@ -5,20 +5,17 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use paramd_proto::v1 as pb;
-use paramd_proto::v1::Segment;
 use parking_lot::{Mutex, RwLock};
-use rayon::prelude::*;
 use tokio::sync::watch;
 
 use crate::checkpoint::Loaded;
 use crate::cluster::Cluster;
-use crate::compute;
 use crate::coordinator::{Coordinator, Policy};
 use crate::error::Result;
 use crate::invalid;
 use crate::layout::Layout;
 use crate::metrics::JobMetrics;
-use crate::pieces::{Ownership, copy_into, initial_values};
+use crate::pieces::Ownership;
 use crate::spec::JobConfig;
 use crate::store::ChunkState;
 
@@ -47,35 +44,35 @@ fn check_owners(layout: &Layout, owners: &[u32], cluster: &Cluster) -> Result<()
 
 impl Job {
     /// Creates this shard's part of job `name`: the chunks `owners` gives
-    /// it, with their initial `values`.
-    pub async fn create(
+    /// it, with their initial `values` (in canonical order, from a
+    /// `Filling`).
+    pub fn create(
         name: String,
         spec: pb::JobSpec,
         config: JobConfig,
         layout: Layout,
         owners: Vec<u32>,
         cluster: Arc<Cluster>,
-        values: Vec<Segment>,
+        values: Vec<Vec<f32>>,
     ) -> Result<Job> {
         check_owners(&layout, &owners, &cluster)?;
         let own = Ownership::of(&owners, cluster.shard as u32);
-        let pieces = initial_values(&config, &layout, &own, values)?;
-        let chunks = {
-            let (layout, own, config) = (layout.clone(), own.clone(), config.clone());
-            compute::run(move || {
-                own.chunks
-                    .par_iter()
-                    .zip(&pieces.by_chunk)
-                    .map(|(&id, pieces)| {
-                        let chunk = &layout.chunks[id];
-                        let mut values = vec![0.0; chunk.len];
-                        copy_into(pieces, &mut values);
-                        ChunkState::new(values, &config.groups[config.params[chunk.param].group])
-                    })
-                    .collect::<Vec<ChunkState>>()
+        if values.len() != own.chunks.len() {
+            return Err(crate::error::Error::Internal(format!(
+                "{} chunks of initial values for {} chunks",
+                values.len(),
+                own.chunks.len()
+            )));
+        }
+        let chunks = own
+            .chunks
+            .iter()
+            .zip(values)
+            .map(|(&id, values)| {
+                let chunk = &layout.chunks[id];
+                ChunkState::new(values, &config.groups[config.params[chunk.param].group])
             })
-            .await?
-        };
+            .collect();
         Ok(Job::assemble(
             name,
             spec,
