@@ -380,8 +380,14 @@ impl Client {
     /// Checks that `tensors` (name, element count) are exactly the
     /// parameters of `job`, as a push must give them; the error names the
     /// first that is unknown, of the wrong size or missing.
-    pub async fn check_push(&self, job: &str, what: &str, tensors: &[(&str, usize)]) -> Result<()> {
-        self.route(job).await?.check(what, tensors)
+    pub async fn check_push(
+        &self,
+        job: &str,
+        what: &str,
+        tensors: &[(&str, usize)],
+        no_grad: &[&str],
+    ) -> Result<()> {
+        self.route(job).await?.check(what, tensors, no_grad)
     }
 
     /// Pushes worker `worker`'s gradients for `round`, each chunk straight
@@ -398,17 +404,21 @@ impl Client {
             .iter()
             .map(|(n, v)| (Arc::from(*n), Payload::Owned(to_le_bytes(v))))
             .collect();
-        self.push_payloads(job, worker, round, &grads).await
+        self.push_payloads(job, worker, round, &grads, &[]).await
     }
 
     /// [`Client::push`] of tensors given as wire bytes: owned, or lent by
     /// the caller (see [`memory`]) and encoded straight from its memory.
+    /// `no_grad` names the parameters this worker has no gradient for
+    /// (torch's `grad is None`), sent instead of values: a parameter no
+    /// worker of the round has a gradient for is not stepped.
     pub async fn push_payloads(
         &self,
         job: &str,
         worker: u32,
         round: u64,
         grads: &[(Arc<str>, Payload)],
+        no_grad: &[Arc<str>],
     ) -> Result<pb::PushResponse> {
         let route = self.route(job).await?;
         let n = route.shards.len();
@@ -421,6 +431,7 @@ impl Client {
                 worker,
                 round,
                 grads: Vec::new(),
+                no_grad: no_grad.iter().map(|n| n.to_string()).collect(),
             });
             let messages: Vec<PushMessage> =
                 std::iter::once(header).chain(pack_refs(segs)).collect();

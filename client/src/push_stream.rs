@@ -28,6 +28,8 @@ pub struct PushStream {
     /// Every tensor given, kept until the end: a push cut by a failure is
     /// sent again whole from them.
     given: Vec<(Arc<str>, Payload)>,
+    /// The parameters said to have no gradient.
+    no_grad: Vec<Arc<str>>,
 }
 
 impl Client {
@@ -47,6 +49,7 @@ impl Client {
                 worker,
                 round,
                 grads: Vec::new(),
+                no_grad: Vec::new(),
             }));
             let channel = shard.channel.clone();
             let timeout = self.timeout;
@@ -71,6 +74,7 @@ impl Client {
             senders,
             calls,
             given: Vec::new(),
+            no_grad: Vec::new(),
         })
     }
 }
@@ -89,7 +93,7 @@ impl PushStream {
     pub fn send(&mut self, name: Arc<str>, payload: Payload) -> Result<()> {
         let what = self.what();
         self.route.check_tensor(&what, &name, payload.len() / 4)?;
-        if self.given.iter().any(|(n, _)| *n == name) {
+        if self.given.iter().any(|(n, _)| *n == name) || self.no_grad.contains(&name) {
             return Err(ClientError::Invalid(format!(
                 "{what}: '{name}' is given twice"
             )));
@@ -110,14 +114,37 @@ impl PushStream {
         Ok(())
     }
 
+    /// Says that this worker has no gradient for parameter `name` (torch's
+    /// `grad is None`): every shard is told, instead of values.
+    pub fn no_grad(&mut self, name: Arc<str>) -> Result<()> {
+        let what = self.what();
+        let given = self.given.iter().map(|(n, _)| n.as_ref());
+        self.route.check_no_grad(&what, &name, given)?;
+        if self.no_grad.contains(&name) {
+            return Err(ClientError::Invalid(format!(
+                "{what}: '{name}' is given twice"
+            )));
+        }
+        for sender in &self.senders {
+            let _ = sender.send(PushMessage::Header(pb::PushRequest {
+                no_grad: vec![name.to_string()],
+                ..Default::default()
+            }));
+        }
+        self.no_grad.push(name);
+        Ok(())
+    }
+
     /// Ends the push on every shard and returns what they answered, as
     /// [`Client::push_payloads`] does. A call cut for a reason worth a
     /// retry (a shard unreachable, a copy of the push in flight) is made
     /// again whole, with the client's retry policy, from the tensors given.
     pub async fn finish(mut self) -> Result<pb::PushResponse> {
-        let complete = self
-            .route
-            .check_complete(&self.what(), self.given.iter().map(|(n, _)| n.as_ref()));
+        let named = self.given.iter().map(|(n, _)| n.as_ref());
+        let complete = self.route.check_complete(
+            &self.what(),
+            named.chain(self.no_grad.iter().map(|n| n.as_ref())),
+        );
         if let Err(e) = complete {
             // Cut, not ended: no shard counts a push that lacks a tensor.
             for call in &self.calls {
@@ -156,7 +183,13 @@ impl PushStream {
             None => Ok(out),
             Some(_) if retry => {
                 self.client
-                    .push_payloads(&self.job, self.worker, self.round, &self.given)
+                    .push_payloads(
+                        &self.job,
+                        self.worker,
+                        self.round,
+                        &self.given,
+                        &self.no_grad,
+                    )
                     .await
             }
             Some(e) => Err(e),

@@ -42,11 +42,43 @@ impl Route {
     /// (unknown names, wrong sizes, missing ones), before anything is sent.
     /// On a cluster each shard only sees its own chunks, so this is where a
     /// malformed push is refused whole, before any shard counts part of it.
-    pub fn check(&self, what: &str, tensors: &[(&str, usize)]) -> Result<()> {
+    /// `no_grad` names the parameters sent without a gradient instead.
+    pub fn check(&self, what: &str, tensors: &[(&str, usize)], no_grad: &[&str]) -> Result<()> {
         for &(name, len) in tensors {
             self.check_tensor(what, name, len)?;
         }
-        self.check_complete(what, tensors.iter().map(|(n, _)| *n))
+        for &name in no_grad {
+            self.check_no_grad(what, name, tensors.iter().map(|(n, _)| *n))?;
+        }
+        self.check_complete(
+            what,
+            tensors
+                .iter()
+                .map(|(n, _)| *n)
+                .chain(no_grad.iter().copied()),
+        )
+    }
+
+    /// Refuses a parameter said to have no gradient that the job does not
+    /// have, or that `given` sends.
+    pub fn check_no_grad<'a>(
+        &self,
+        what: &str,
+        name: &str,
+        mut given: impl Iterator<Item = &'a str>,
+    ) -> Result<()> {
+        if !self.index.contains_key(name) {
+            return Err(ClientError::Invalid(format!(
+                "{what}: no_grad names unknown parameter '{name}' of job '{}'",
+                self.job
+            )));
+        }
+        if given.any(|n| n == name) {
+            return Err(ClientError::Invalid(format!(
+                "{what}: '{name}' is given and also said to have no gradient"
+            )));
+        }
+        Ok(())
     }
 
     /// Refuses one tensor of a push: an unknown name, or a wrong size.

@@ -74,7 +74,7 @@ pub fn push(data: &[u8]) -> bool {
         own: &t.own,
         finite_only: true,
     };
-    target.split(req.grads).is_ok()
+    target.split(req.grads, &req.no_grad).is_ok()
 }
 
 /// Loads `data` as shard 0's file of a one-shard checkpoint whose manifest

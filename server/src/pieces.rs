@@ -71,14 +71,30 @@ pub struct Target<'a> {
 }
 
 impl Target<'_> {
-    /// Validates `segments` and cuts them along chunk boundaries.
-    pub fn split(&self, segments: Vec<Segment>) -> Result<Pieces> {
+    /// Validates `segments` and cuts them along chunk boundaries. The
+    /// parameters named in `no_grad` have no gradient in this set: they
+    /// must not be sent, and their chunks get no pieces.
+    pub fn split(&self, segments: Vec<Segment>, no_grad: &[String]) -> Result<Pieces> {
+        let mut absent = vec![false; self.params.len()];
+        for name in no_grad {
+            let &p = self
+                .index
+                .get(name)
+                .ok_or_else(|| invalid!("no_grad names unknown parameter '{name}'"))?;
+            absent[p] = true;
+        }
         let mut by_param: Vec<(usize, u64, Bytes)> = Vec::with_capacity(segments.len());
         for s in segments {
             let &p = self
                 .index
                 .get(&s.param)
                 .ok_or_else(|| invalid!("unknown parameter '{}'", s.param))?;
+            if absent[p] {
+                return Err(invalid!(
+                    "parameter '{}' is sent and also listed in no_grad",
+                    s.param
+                ));
+            }
             if !s.data.len().is_multiple_of(4) {
                 return Err(invalid!(
                     "parameter '{}': {} bytes at element {} is not a multiple of 4 (f32)",
@@ -143,6 +159,9 @@ impl Target<'_> {
 
         for (local, pieces) in by_chunk.iter().enumerate() {
             let chunk = &self.layout.chunks[self.own.chunks[local]];
+            if absent[chunk.param] {
+                continue;
+            }
             let covered: usize = pieces.iter().map(|x| x.data.len() / 4).sum();
             if covered != chunk.len {
                 let info = &self.params[chunk.param];
@@ -439,12 +458,50 @@ fn claim(bits: &mut [u64], a: usize, b: usize) -> Option<usize> {
     None
 }
 
+/// A chunk's sum of a round's pushes, in rank order, and how many of them
+/// had a gradient for it.
+#[derive(Debug)]
+pub struct Accumulator {
+    pub sum: Vec<f32>,
+    pub gradients: u32,
+}
+
+impl Accumulator {
+    pub fn new(len: usize) -> Accumulator {
+        Accumulator {
+            sum: vec![0.0; len],
+            gradients: 0,
+        }
+    }
+
+    /// Whether a step may touch the chunk: a parameter no push of the
+    /// round has a gradient for is skipped, as torch skips `grad is None`.
+    pub fn has_gradient(&self) -> bool {
+        self.gradients > 0
+    }
+}
+
 /// One step of a rank-order mean: copies the pieces of one push of a chunk
 /// into `acc` (the first push of the mean) or adds them to it (the next
 /// ones, in rank order, never arrival order, so the sum is deterministic).
-pub fn fold_into(pieces: &[Piece], acc: &mut [f32], first: bool) {
+/// A push without a gradient for the chunk (no pieces) counts as zeros.
+pub fn fold_into(pieces: &[Piece], acc: &mut Accumulator, first: bool) {
+    if first {
+        acc.gradients = 0;
+    }
+    if pieces.is_empty() {
+        if first {
+            acc.sum.fill(0.0);
+        } else {
+            // Adding a zero still turns a sum of -0.0 into +0.0, as the
+            // all-reduce of a zero bucket does.
+            acc.sum.iter_mut().for_each(|d| *d += 0.0);
+        }
+        return;
+    }
+    acc.gradients += 1;
     for piece in pieces {
-        let dst = &mut acc[piece.start..piece.start + piece.data.len() / 4];
+        let dst = &mut acc.sum[piece.start..piece.start + piece.data.len() / 4];
         let src = piece
             .data
             .chunks_exact(4)
@@ -458,10 +515,10 @@ pub fn fold_into(pieces: &[Piece], acc: &mut [f32], first: bool) {
 }
 
 /// The last step of a rank-order mean: divides a sum of `n` pushes by `n`.
-pub fn divide(acc: &mut [f32], n: usize) {
+pub fn divide(acc: &mut Accumulator, n: usize) {
     if n > 1 {
         let n = n as f32;
-        for d in acc.iter_mut() {
+        for d in acc.sum.iter_mut() {
             *d /= n;
         }
     }

@@ -365,6 +365,7 @@ async fn raw_push(
         worker,
         round,
         grads,
+        no_grad: Vec::new(),
     };
     raw.push(tokio_stream::iter(vec![req]))
         .await

@@ -112,6 +112,7 @@ async fn cancelled_pushes_inits_and_pulls_leave_training_going() {
         worker: 0,
         round: 0,
         grads: Vec::new(),
+        no_grad: Vec::new(),
     };
     let mut r = raw(&url).await;
     cut_stream(header, move |s| async move { r.push(s).await }).await;

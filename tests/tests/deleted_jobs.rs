@@ -36,6 +36,7 @@ async fn a_push_admitted_before_the_delete_is_refused_not_acknowledged() {
         worker: 0,
         round: 0,
         grads: Vec::new(),
+        no_grad: Vec::new(),
     };
     tx.send(header).await.expect("header");
     c.delete_job("run").await.expect("delete");

@@ -37,6 +37,7 @@ fn valid_push() -> Vec<u8> {
             segment("b", 0, 5),
             segment("s", 0, 1),
         ],
+        no_grad: Vec::new(),
     }
     .encode_to_vec()
 }

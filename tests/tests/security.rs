@@ -435,6 +435,7 @@ async fn an_oversized_message_is_refused_before_it_is_buffered() {
             offset: 0,
             data: bytes::Bytes::from(vec![0u8; SIZE]),
         }],
+        no_grad: Vec::new(),
     };
     let mut req = tonic::Request::new(futures::stream::iter(vec![msg]));
     req.set_timeout(Duration::from_secs(30));

@@ -53,6 +53,7 @@ async fn sigterm_with_idle_streams_exits_0_within_grace_after_a_checkpoint() {
         worker: 0,
         round: 1,
         grads: Vec::new(),
+        no_grad: Vec::new(),
     };
     tx.send(header.clone()).await.expect("queue");
     let channel = tonic::transport::Endpoint::from_shared(url.clone())

@@ -359,6 +359,7 @@ async fn on_three_shards_a_push_that_reached_some_shards_only_is_dropped_on_all(
         worker: 3,
         round: 0,
         grads: part,
+        no_grad: Vec::new(),
     }]);
     raw.push(req).await.expect("shard 0 takes worker 3's part");
     for w in 0..3 {

@@ -260,12 +260,18 @@ class Client:
         the job's chunks still gets the push, without payload, since a round
         completes on a shard once every worker has pushed there. Every
         parameter of the job must be given, with its number of elements
-        (refused here, before any shard counts part of it). Contiguous
-        float32 arrays are sent from their own memory; others are converted
-        once first. Safe to retry."""
-        names = list(grads)
+        (refused here, before any shard counts part of it), or as None:
+        this worker has no gradient for it (torch's `grad is None`). A
+        parameter no worker of the round has a gradient for is not stepped
+        (no weight decay, no momentum, its step count unchanged); one that
+        only some workers have a gradient for is averaged over all of them,
+        the others counting as zeros, as DistributedDataParallel does.
+        Contiguous float32 arrays are sent from their own memory; others are
+        converted once first. Safe to retry."""
+        names = [n for n in grads if grads[n] is not None]
+        no_grad = [n for n in grads if grads[n] is None]
         flat = [as_f32(n, grads[n]) for n in names]
-        duplicate, pushed = self._call("push", job, int(worker), int(round), names, flat)
+        duplicate, pushed = self._call("push", job, int(worker), int(round), names, flat, no_grad)
         return PushResult(duplicate=bool(duplicate), pushed=int(pushed))
 
     def push_stream(self, job: str, worker: int, round: int) -> "PushStream":
@@ -368,8 +374,13 @@ class PushStream:
     def send(self, name: str, grad: Any) -> None:
         """Sends gradient `name`. A contiguous float32 array is read where
         it is, up to `finish`: do not change it before. Refuses an unknown
-        name, a wrong size or a gradient given twice, before sending it."""
-        _rpc(self._native.send, name, as_f32(name, grad))
+        name, a wrong size or a gradient given twice, before sending it.
+        None says that this worker has no gradient for it (see
+        `Client.push`)."""
+        if grad is None:
+            _rpc(self._native.no_grad, name)
+        else:
+            _rpc(self._native.send, name, as_f32(name, grad))
 
     def finish(self) -> PushResult:
         """Ends the push on every shard (a push that lacks a parameter is

@@ -192,7 +192,6 @@ class _Remote:
             backup_workers=backup_workers,
         )
         self.last = None
-        self._warned_no_grad: set = set()
         if self.rank == 0:
             values = {n: p.detach().to("cpu").numpy() for n, p in named}
             r = client.init(job, values, spec=spec)
@@ -264,20 +263,16 @@ class _Remote:
         if last is not None:
             self.last = last
 
-    def _grads(self) -> Dict[str, np.ndarray]:
+    def _grads(self) -> Dict[str, Optional[np.ndarray]]:
         return {n: self._grad_array(n, p) for n, p in zip(self._names, self._params)}
 
-    def _grad_array(self, n: str, p: torch.Tensor) -> np.ndarray:
+    def _grad_array(self, n: str, p: torch.Tensor) -> Optional[np.ndarray]:
+        """The gradient to push, or None for none (`grad is None`): the
+        server then skips the parameter as torch.optim does, unless another
+        worker has a gradient for it."""
         g = p.grad
         if g is None:
-            if n not in self._warned_no_grad:
-                self._warned_no_grad.add(n)
-                warnings.warn(
-                    "parameter %r has no gradient; paramd pushes zeros for it (its weight decay "
-                    "and momentum still apply, unlike torch.optim which skips it)" % n,
-                    stacklevel=4,
-                )
-            return np.zeros(tuple(p.shape), dtype=np.float32)
+            return None
         if g.is_sparse:
             raise errors.InvalidArgument("parameter %r has a sparse gradient: not supported by paramd" % n)
         # A CPU float32 gradient is read where it is; a CUDA one is

@@ -225,7 +225,10 @@ impl Client {
 
     /// Pushes worker `worker`'s gradients for `round`, read straight from
     /// the arrays; returns (duplicate, pushed). Every parameter of the job
-    /// must be given, with its size: checked before anything is sent.
+    /// must be given, with its size, or named in `no_grad` (no gradient,
+    /// torch's `grad is None`): checked before anything is sent.
+    #[pyo3(signature = (job, worker, round, names, grads, no_grad = Vec::new()))]
+    #[allow(clippy::too_many_arguments)]
     fn push(
         &self,
         py: Python<'_>,
@@ -234,6 +237,7 @@ impl Client {
         round: u64,
         names: Vec<String>,
         grads: Vec<Bound<'_, PyAny>>,
+        no_grad: Vec<String>,
     ) -> PyResult<(bool, u32)> {
         let mut bufs = Vec::with_capacity(names.len());
         for (name, g) in pairs(&names, &grads)? {
@@ -253,8 +257,11 @@ impl Client {
         let what = format!("push of worker {worker} for round {round}");
         let r = self.run(py, |c| async move {
             let sizes: Vec<(&str, usize)> = sizes.iter().map(|(n, s)| (n.as_str(), *s)).collect();
-            c.check_push(&job, &what, &sizes).await?;
-            c.push_payloads(&job, worker, round, &payloads).await
+            let absent: Vec<&str> = no_grad.iter().map(String::as_str).collect();
+            c.check_push(&job, &what, &sizes, &absent).await?;
+            let no_grad: Vec<Arc<str>> = no_grad.iter().map(|n| Arc::from(n.as_str())).collect();
+            c.push_payloads(&job, worker, round, &payloads, &no_grad)
+                .await
         });
         // The lease ends before the buffers are released.
         drop(guard);
@@ -409,6 +416,19 @@ impl PushStream {
         open.stream.send(Arc::from(name), payload).map_err(error)?;
         open.buffers.push(buf);
         Ok(())
+    }
+
+    /// Says that this worker has no gradient for parameter `name` (torch's
+    /// `grad is None`) instead of sending one.
+    fn no_grad(&self, name: &str) -> PyResult<()> {
+        let mut open = self
+            .open
+            .lock()
+            .map_err(|_| PyException::new_err("the push is broken"))?;
+        let open = open
+            .as_mut()
+            .ok_or_else(|| PyValueError::new_err("the push is finished already"))?;
+        open.stream.no_grad(Arc::from(name)).map_err(error)
     }
 
     /// Ends the push on every shard; returns (duplicate, workers pushed),

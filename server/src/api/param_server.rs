@@ -56,30 +56,35 @@ pub(crate) async fn next_message<M>(stream: &mut Streaming<M>) -> Result<Option<
     })
 }
 
-/// Reads the segments of a stream's remaining messages after `first`,
-/// refusing once they exceed `budget` bytes.
-pub(crate) async fn read_segments<M>(
-    first: Vec<pb::Segment>,
+/// Hands `first` and then each message of the stream to `sink`, refusing
+/// once their payloads (`size`) exceed `budget` bytes together.
+pub(crate) async fn read_messages<M>(
+    first: M,
     stream: &mut Streaming<M>,
     budget: usize,
     what: &str,
-    take: impl Fn(M) -> Vec<pb::Segment>,
-    mut sink: impl FnMut(Vec<pb::Segment>) -> crate::error::Result<()>,
+    size: impl Fn(&M) -> usize,
+    mut sink: impl FnMut(M) -> crate::error::Result<()>,
 ) -> Result<(), Status> {
     let mut bytes = 0usize;
     let mut next = Some(first);
-    while let Some(segments) = next {
-        bytes = bytes.saturating_add(segments.iter().map(|s| s.data.len()).sum::<usize>());
+    while let Some(message) = next {
+        bytes = bytes.saturating_add(size(&message));
         if bytes > budget {
             return Err(Error::TooLarge(format!(
                 "{what}: more than {budget} bytes sent, more than the job can hold"
             ))
             .into());
         }
-        sink(segments)?;
-        next = next_message(stream).await?.map(&take);
+        sink(message)?;
+        next = next_message(stream).await?;
     }
     Ok(())
+}
+
+/// Bytes of values in `segments`.
+pub(crate) fn payload(segments: &[pb::Segment]) -> usize {
+    segments.iter().map(|s| s.data.len()).sum()
 }
 
 /// The deadline a client set with `grpc-timeout`, if any.
@@ -138,19 +143,16 @@ impl ParamServer for Service {
         // size, and its place is reserved until it is created (or not).
         let _admitted = self.node.admit(&config)?;
         // Written into place as they arrive: never more than the job.
-        let mut values = self.node.begin_create(&first.job, &config)?;
+        let name = first.job.clone();
+        let mut values = self.node.begin_create(&name, &config)?;
         let budget = (config.numel() * 4).saturating_add(PAYLOAD_SLACK);
-        let what = format!("initial values of job '{}'", first.job);
-        read_segments(
-            first.values,
-            &mut stream,
-            budget,
-            &what,
-            |m| m.values,
-            |s| values.feed(s),
-        )
+        let what = format!("initial values of job '{name}'");
+        let size = |m: &pb::InitRequest| payload(&m.values);
+        read_messages(first, &mut stream, budget, &what, size, |m| {
+            values.feed(m.values)
+        })
         .await?;
-        let created = self.node.create(&first.job, &spec, config, values).await?;
+        let created = self.node.create(&name, &spec, config, values).await?;
         Ok(Response::new(pb::InitResponse {
             round: created.job.round(),
             created: created.created,
@@ -173,12 +175,13 @@ impl ParamServer for Service {
         span.record("worker", first.worker);
         span.record("round", first.round);
         let job = self.node.job(&first.job)?;
+        let (worker, round) = (first.worker, first.round);
         let refused = |e: Error| {
             job.metrics.refused(e.reason());
             if matches!(e, Error::Stale { .. }) {
                 job.metrics.stale.increment(1);
             }
-            tracing::debug!(job = %job.name, worker = first.worker, round = first.round, error = %e, "push refused");
+            tracing::debug!(job = %job.name, worker, round, error = %e, "push refused");
             Status::from(e)
         };
         // Refuse a stale, early or duplicate push before reading its payload.
@@ -218,22 +221,24 @@ impl ParamServer for Service {
             .saturating_mul(2)
             .saturating_add(PAYLOAD_SLACK);
         let what = format!("push of worker {} for round {}", first.worker, first.round);
-        let mut grads = Vec::new();
-        read_segments(
-            first.grads,
-            &mut stream,
-            budget,
-            &what,
-            |m| m.grads,
-            |s| {
-                grads.extend(s);
-                Ok(())
-            },
-        )
+        let (mut grads, mut no_grad) = (Vec::new(), Vec::new());
+        let size = |m: &pb::PushRequest| {
+            payload(&m.grads) + m.no_grad.iter().map(String::len).sum::<usize>()
+        };
+        let params = job.config.params.len();
+        read_messages(first, &mut stream, budget, &what, size, |m| {
+            grads.extend(m.grads);
+            no_grad.extend(m.no_grad);
+            if no_grad.len() > params {
+                return Err(Error::Invalid(format!(
+                    "{what}: no_grad lists {} names, the job has {params} parameters",
+                    no_grad.len()
+                )));
+            }
+            Ok(())
+        })
         .await?;
-        let (admission, count) = job
-            .push(first.worker, first.round, grads)
-            .map_err(refused)?;
+        let (admission, count) = job.push(worker, round, grads, &no_grad).map_err(refused)?;
         job.metrics
             .push_duration
             .record(started.elapsed().as_secs_f64());

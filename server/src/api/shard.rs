@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::checkpoint::{self, Manifest};
 use crate::coordinator::Report;
 use crate::node::Node;
-use crate::service::{PAYLOAD_SLACK, outcome_pb, read_segments};
+use crate::service::{PAYLOAD_SLACK, outcome_pb, payload, read_messages};
 use crate::spec::{JobConfig, validate_job_name};
 
 /// Bytes of a checkpoint file per message sent to another shard.
@@ -74,16 +74,13 @@ impl Shard for ShardService {
         let budget = (config.numel() * 4).saturating_add(PAYLOAD_SLACK);
         let what = format!("initial values of job '{}'", first.job);
         let job = first.job.clone();
-        read_segments(
-            first.values,
-            &mut stream,
-            budget,
-            &what,
-            |m| m.values,
-            |s| values.feed(s),
-        )
+        let spec = spec.clone();
+        let size = |m: &pb::CreateShardRequest| payload(&m.values);
+        read_messages(first, &mut stream, budget, &what, size, |m| {
+            values.feed(m.values)
+        })
         .await?;
-        let created = self.node.create_shard(&job, spec, config, values)?;
+        let created = self.node.create_shard(&job, &spec, config, values)?;
         Ok(Response::new(pb::CreateShardResponse {
             round: created.job.round(),
             created: created.created,

@@ -15,7 +15,7 @@ use crate::error::Result;
 use crate::invalid;
 use crate::layout::Layout;
 use crate::metrics::JobMetrics;
-use crate::pieces::Ownership;
+use crate::pieces::{Accumulator, Ownership};
 use crate::spec::JobConfig;
 use crate::store::ChunkState;
 
@@ -128,7 +128,10 @@ impl Job {
     ) -> Job {
         let own = Ownership::of(&owners, cluster.shard as u32);
         let index = config.index();
-        let grads = chunks.iter().map(|c| vec![0.0; c.values.len()]).collect();
+        let grads = chunks
+            .iter()
+            .map(|c| Accumulator::new(c.values.len()))
+            .collect();
         let policy = Policy {
             base_lrs: config.groups.iter().map(|g| g.lr()).collect(),
             schedule: config.schedule.clone(),

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::invalid;
 use crate::layout::Layout;
 use crate::metrics::JobMetrics;
-use crate::pieces::{Ownership, Pieces, Target, divide, fold_into};
+use crate::pieces::{Accumulator, Ownership, Pieces, Target, divide, fold_into};
 use crate::spec::{JobConfig, NonFinite};
 use crate::store::ChunkState;
 
@@ -105,7 +105,7 @@ pub struct Job {
     index: HashMap<String, usize>,
     store: RwLock<Store>,
     /// One accumulation buffer per chunk, touched only while completing.
-    grads: Mutex<Vec<Vec<f32>>>,
+    grads: Mutex<Vec<Accumulator>>,
     collect: Mutex<Collect>,
     completed: watch::Sender<u64>,
     /// Pushes accepted so far, so that the round's gatherer reports anew.
@@ -270,6 +270,7 @@ impl Job {
         worker: u32,
         round: u64,
         grads: Vec<Segment>,
+        no_grad: &[String],
     ) -> Result<(Admission, u32)> {
         let target = Target {
             params: &self.config.params,
@@ -279,7 +280,7 @@ impl Job {
             finite_only: self.config.non_finite == NonFinite::Error,
         };
         self.check_serving()?;
-        let pieces = target.split(grads)?;
+        let pieces = target.split(grads, no_grad)?;
         let bytes = pieces.bytes;
         let mut c = self.collect.lock();
         if self.admit_locked(&c, worker, round)? == Admission::Duplicate {
@@ -495,7 +496,7 @@ impl Job {
                     fold_into(&push.by_chunk[local], acc, folded + i == 0);
                 }
                 divide(acc, n);
-                let (sum, non_finite) = sum_squares(acc);
+                let (sum, non_finite) = sum_squares(&acc.sum);
                 (self.own.chunks[local], sum, non_finite)
             })
             .collect();
@@ -516,9 +517,10 @@ impl Job {
                 .par_iter_mut()
                 .zip(grads.par_iter())
                 .zip(self.own.chunks.par_iter())
+                .filter(|((_, grad), _)| grad.has_gradient())
                 .for_each(|((chunk, grad), &id)| {
                     let group = self.config.params[self.layout.chunks[id].param].group;
-                    chunk.apply(&self.config.groups[group], d.lrs[group], d.coef, grad);
+                    chunk.apply(&self.config.groups[group], d.lrs[group], d.coef, &grad.sum);
                 });
         } else {
             store.skipped += 1;
