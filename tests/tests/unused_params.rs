@@ -228,7 +228,8 @@ async fn a_wrong_no_grad_is_refused_whole() {
             .map(|&(n, len)| (n, values(n, len, s)))
             .collect()
     };
-    let cases: Vec<(Vec<(&str, Vec<f32>)>, Vec<&str>, &str)> = vec![
+    type Grads = Vec<(&'static str, Vec<f32>)>;
+    let cases: Vec<(Grads, Vec<&str>, &str)> = vec![
         (all(1.0), vec!["nope"], "nope"),
         (all(1.0), vec!["used"], "'used'"),
         (all(1.0)[1..].to_vec(), vec![], "'used'"),

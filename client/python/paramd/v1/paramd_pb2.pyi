@@ -160,16 +160,18 @@ class InitResponse(_message.Message):
     def __init__(self, round: _Optional[int] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("job", "worker", "round", "grads")
+    __slots__ = ("job", "worker", "round", "grads", "no_grad")
     JOB_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
+    NO_GRAD_FIELD_NUMBER: _ClassVar[int]
     job: str
     worker: int
     round: int
     grads: _containers.RepeatedCompositeFieldContainer[Segment]
-    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., round: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...) -> None: ...
+    no_grad: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., round: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., no_grad: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PushResponse(_message.Message):
     __slots__ = ("duplicate", "pushed")
