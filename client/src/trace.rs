@@ -206,6 +206,7 @@ fn job_spec(
                 "nesterov" => h.nesterov = Some(flag(key)?),
                 "eps" => h.eps = Some(num(key)?),
                 "amsgrad" => h.amsgrad = Some(flag(key)?),
+                "maximize" => h.maximize = Some(flag(key)?),
                 "betas" => {
                     let b = obj[key]
                         .as_array()
@@ -222,7 +223,6 @@ fn job_spec(
                 // Implementation switches of torch that do not change the
                 // numerics paramd reproduces.
                 "foreach" | "fused" | "capturable" | "differentiable" => {}
-                "maximize" if obj[key] == Value::Bool(false) => {}
                 other => anyhow::bail!("{field}.{other} is not supported by paramd"),
             }
         }

@@ -98,6 +98,7 @@ fn main() {
         dampening: 0.0,
         weight_decay: 0.0,
         nesterov: false,
+        maximize: false,
     });
     let adam = |decoupled: bool| {
         Hyper::Adam(AdamHyper {
@@ -108,6 +109,7 @@ fn main() {
             weight_decay: 0.01,
             amsgrad: false,
             decoupled,
+            maximize: false,
         })
     };
     let kernel = |name, hyper: &Hyper, clip| Kernel {
@@ -186,5 +188,6 @@ fn sgd_like() -> Hyper {
         dampening: 0.0,
         weight_decay: 0.0,
         nesterov: false,
+        maximize: false,
     })
 }

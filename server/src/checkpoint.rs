@@ -852,6 +852,7 @@ mod tests {
             weight_decay: 0.0,
             amsgrad: false,
             decoupled: true,
+            maximize: false,
         })
     }
 

@@ -314,6 +314,7 @@ fn defaults(kind: pb::OptimizerKind) -> Result<Hyper> {
             weight_decay: if decoupled { 1e-2 } else { 0.0 },
             amsgrad: false,
             decoupled,
+            maximize: false,
         })
     };
     Ok(match kind {
@@ -326,6 +327,7 @@ fn defaults(kind: pb::OptimizerKind) -> Result<Hyper> {
             dampening: 0.0,
             weight_decay: 0.0,
             nesterov: false,
+            maximize: false,
         }),
         pb::OptimizerKind::Adam => adam(false),
         pb::OptimizerKind::Adamw => adam(true),
@@ -356,6 +358,7 @@ fn apply_overrides(mut base: Hyper, h: Option<&pb::Hyperparameters>, field: &str
             s.momentum = h.momentum.unwrap_or(s.momentum);
             s.dampening = h.dampening.unwrap_or(s.dampening);
             s.nesterov = h.nesterov.unwrap_or(s.nesterov);
+            s.maximize = h.maximize.unwrap_or(s.maximize);
             non_negative(field, "lr", s.lr)?;
             non_negative(field, "weight_decay", s.weight_decay)?;
             non_negative(field, "momentum", s.momentum)?;
@@ -385,6 +388,7 @@ fn apply_overrides(mut base: Hyper, h: Option<&pb::Hyperparameters>, field: &str
             a.beta2 = h.beta2.unwrap_or(a.beta2);
             a.eps = h.eps.unwrap_or(a.eps);
             a.amsgrad = h.amsgrad.unwrap_or(a.amsgrad);
+            a.maximize = h.maximize.unwrap_or(a.maximize);
             non_negative(field, "lr", a.lr)?;
             non_negative(field, "eps", a.eps)?;
             non_negative(field, "weight_decay", a.weight_decay)?;

@@ -51,6 +51,7 @@ fn valid_checkpoint() -> Vec<u8> {
         dampening: 0.0,
         weight_decay: 0.0,
         nesterov: false,
+        maximize: false,
     });
     let sizes = [
         ("w", 0, 4),

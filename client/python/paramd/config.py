@@ -119,11 +119,11 @@ class Optimizer:
 
 class SGD(Optimizer):
     """torch.optim.SGD: weight decay added to the gradient, momentum buffer
-    created from the first gradient, dampening, nesterov."""
+    created from the first gradient, dampening, nesterov, maximize."""
 
     kind = "sgd"
     torch_name = "SGD"
-    options = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+    options = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
     _pb_kind = pb.OPTIMIZER_KIND_SGD
 
     def __init__(
@@ -133,6 +133,7 @@ class SGD(Optimizer):
         dampening: float = 0.0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
+        maximize: bool = False,
     ):
         super().__init__(
             lr=lr,
@@ -140,12 +141,13 @@ class SGD(Optimizer):
             dampening=dampening,
             weight_decay=weight_decay,
             nesterov=nesterov,
+            maximize=maximize,
         )
         self.check_group(self.hyper, "SGD")
 
     @classmethod
     def _check(cls, key: str, value: Any, field: str) -> Any:
-        if key == "nesterov":
+        if key in ("nesterov", "maximize"):
             return _flag(field, value)
         if key == "dampening":
             return _number(field, value)
@@ -162,11 +164,12 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
-    """torch.optim.Adam: coupled L2 decay, bias-corrected moments, amsgrad."""
+    """torch.optim.Adam: coupled L2 decay, bias-corrected moments, amsgrad,
+    maximize."""
 
     kind = "adam"
     torch_name = "Adam"
-    options = ("lr", "betas", "eps", "weight_decay", "amsgrad")
+    options = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
     _pb_kind = pb.OPTIMIZER_KIND_ADAM
     _default_weight_decay = 0.0
 
@@ -177,14 +180,17 @@ class Adam(Optimizer):
         eps: float = 1e-8,
         weight_decay: Optional[float] = None,
         amsgrad: bool = False,
+        maximize: bool = False,
     ):
         if weight_decay is None:
             weight_decay = self._default_weight_decay
-        super().__init__(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+        super().__init__(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize
+        )
 
     @classmethod
     def _check(cls, key: str, value: Any, field: str) -> Any:
-        if key == "amsgrad":
+        if key in ("amsgrad", "maximize"):
             return _flag(field, value)
         if key == "betas":
             try:

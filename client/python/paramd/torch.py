@@ -81,9 +81,9 @@ def _scalar(field: str, v: Any) -> Any:
 def translate(optimizer: "torch.optim.Optimizer") -> Tuple[Optimizer, List[Tuple[List[torch.Tensor], Dict[str, Any]]]]:
     """The paramd optimizer and param groups equivalent to a torch optimizer:
     `torch.optim.SGD`, `Adam` or `AdamW`, every hyperparameter and group
-    carried over. Anything paramd would not reproduce exactly (another
-    class, `maximize=True`, an attached LR scheduler, existing state) is
-    refused with `paramd.InvalidArgument` rather than changed."""
+    carried over (`maximize` included). Anything paramd would not
+    reproduce exactly (another class, an attached LR scheduler, existing
+    state) is refused with `paramd.InvalidArgument` rather than changed."""
     cls = type(optimizer)
     where = "%s.%s" % (cls.__module__, cls.__qualname__)
     defaults = dict(getattr(optimizer, "defaults", {}))
@@ -112,9 +112,6 @@ def translate(optimizer: "torch.optim.Optimizer") -> Tuple[Optimizer, List[Tuple
                 continue
             if key in kind.options:
                 out[key] = _scalar("%s.%s" % (field, key), value)
-            elif key == "maximize":
-                if value:
-                    raise errors.InvalidArgument("%s.maximize=True is not supported by paramd" % field)
             elif key == "decoupled_weight_decay":
                 if bool(value) != (kind is AdamW):
                     raise errors.InvalidArgument(

@@ -29,14 +29,13 @@ def load_trace(path):
 
 OPTIMIZERS = {"sgd": paramd.SGD, "adam": paramd.Adam, "adamw": paramd.AdamW}
 # Implementation switches of torch that do not change the numbers.
-IGNORED = {"kind", "params", "foreach", "fused", "capturable", "differentiable", "maximize"}
+IGNORED = {"kind", "params", "foreach", "fused", "capturable", "differentiable"}
 
 
 def hyper(obj):
     out = {k: v for k, v in obj.items() if k not in IGNORED}
     if "betas" in out:
         out["betas"] = tuple(out["betas"])
-    assert not obj.get("maximize", False)
     return out
 
 

@@ -42,6 +42,8 @@ def test_sgd_and_adam_are_translated():
     assert isinstance(base, paramd.SGD) and base.hyper["momentum"] == 0.9 and base.hyper["nesterov"] is True
     base, _ = pt.translate(torch.optim.Adam(m.parameters(), lr=torch.tensor(0.01), weight_decay=0.1))
     assert type(base) is paramd.Adam and base.hyper["lr"] == pytest.approx(0.01) and base.hyper["weight_decay"] == 0.1
+    base, _ = pt.translate(torch.optim.AdamW(m.parameters(), maximize=True))
+    assert base.hyper["maximize"] is True and base.to_pb().hyper.maximize
     # Adam with decoupled weight decay is AdamW.
     base, _ = pt.translate(torch.optim.Adam(m.parameters(), decoupled_weight_decay=True, weight_decay=0.1))
     assert type(base) is paramd.AdamW
@@ -54,7 +56,6 @@ def test_sgd_and_adam_are_translated():
             lambda ps: torch.optim.RMSprop(ps),
             r"torch\.optim\.rmsprop\.RMSprop cannot run on paramd: only torch\.optim\.SGD",
         ),
-        (lambda ps: torch.optim.AdamW(ps, maximize=True), r"maximize=True is not supported"),
         (lambda ps: torch.optim.Adagrad(ps), r"Adagrad cannot run"),
     ],
 )

@@ -14,6 +14,8 @@ pub struct SgdHyper {
     pub dampening: f64,
     pub weight_decay: f64,
     pub nesterov: bool,
+    /// Step along the gradient (torch's `maximize`).
+    pub maximize: bool,
 }
 
 /// Hyperparameters of Adam and AdamW, resolved.
@@ -28,6 +30,8 @@ pub struct AdamHyper {
     pub amsgrad: bool,
     /// AdamW: `p *= 1 - lr * wd` instead of adding `wd * p` to the gradient.
     pub decoupled: bool,
+    /// Step along the gradient (torch's `maximize`).
+    pub maximize: bool,
 }
 
 /// The optimizer of one param group.
@@ -65,7 +69,9 @@ pub fn le_f32(bytes: &[u8], i: usize) -> f32 {
 /// One SGD step, `torch.optim.SGD` with `foreach=False`.
 ///
 /// `grad` is the round's gradient before clipping and `coef` the clip
-/// coefficient (1 without clipping: multiplying by 1 is exact).
+/// coefficient (1 without clipping: multiplying by 1 is exact). With
+/// `maximize` the gradient is negated, as torch negates it before anything
+/// else: `g * -coef` is exactly `-(g * coef)`.
 /// `buf` is the momentum buffer (empty when momentum is 0); `buf_init` says
 /// whether it holds a value yet (torch creates it from the first gradient).
 pub fn sgd(
@@ -77,6 +83,7 @@ pub fn sgd(
     buf: &mut [f32],
     buf_init: bool,
 ) {
+    let coef = if h.maximize { -coef } else { coef };
     // The multiply-adds are one instruction, and vectorized, only where the
     // CPU has FMA; elsewhere `mul_add` is computed (exactly, slowly) in
     // software.
@@ -173,6 +180,8 @@ pub fn adam(
     param: &mut [f32],
     s: AdamState<'_>,
 ) {
+    // torch negates the gradient first; `g * -coef` is exactly `-(g * coef)`.
+    let coef = if h.maximize { -coef } else { coef };
     let step = step as f64;
     let bias_correction1 = 1.0 - h.beta1.powf(step);
     let bias_correction2 = 1.0 - h.beta2.powf(step);
@@ -306,6 +315,7 @@ mod tests {
             dampening,
             weight_decay,
             nesterov,
+            maximize: false,
         }
     }
 
@@ -318,6 +328,7 @@ mod tests {
             weight_decay,
             amsgrad,
             decoupled,
+            maximize: false,
         }
     }
 
@@ -437,5 +448,64 @@ mod tests {
         adam(&h, 0.0, 1, 1.0, &[1.0], &mut p, s);
         assert_eq!(p[0], 0.5);
         assert!(close(m[0], 0.1) && close(v[0], 0.001));
+    }
+
+    /// torch negates the gradient first: maximizing a gradient is exactly
+    /// minimizing its negation, clipped or not, in every kernel.
+    #[test]
+    fn maximize_steps_exactly_as_the_negated_gradient() {
+        let grad = [0.3f32, -1.7, 2.5e-3, 0.0];
+        let neg: Vec<f32> = grad.iter().map(|g| -g).collect();
+        let p0 = [1.0f32, -0.25, 3.0, 0.5];
+        for coef in [1.0f32, 0.37] {
+            for (momentum, nesterov) in [(0.0, false), (0.9, false), (0.9, true)] {
+                let h = sgd_hyper(momentum, 0.0, 0.01, nesterov);
+                let up = SgdHyper {
+                    maximize: true,
+                    ..h.clone()
+                };
+                let (mut a, mut b) = (p0, p0);
+                let (mut ba, mut bb) = ([0.0f32; 4], [0.0f32; 4]);
+                let nb = if momentum == 0.0 { 0 } else { 4 };
+                for step in 0..3 {
+                    sgd(&up, 0.1, coef, &grad, &mut a, &mut ba[..nb], step > 0);
+                    sgd(&h, 0.1, coef, &neg, &mut b, &mut bb[..nb], step > 0);
+                }
+                assert_eq!(
+                    a.map(f32::to_bits),
+                    b.map(f32::to_bits),
+                    "SGD {momentum} {nesterov}"
+                );
+            }
+            for (decoupled, amsgrad) in [(false, false), (true, false), (true, true)] {
+                let h = adam_hyper(0.01, amsgrad, decoupled);
+                let up = AdamHyper {
+                    maximize: true,
+                    ..h.clone()
+                };
+                let (mut a, mut b) = (p0, p0);
+                let mut sa = [[0.0f32; 4]; 3];
+                let mut sb = [[0.0f32; 4]; 3];
+                for step in 1..4 {
+                    for (h, g, p, s) in [
+                        (&up, &grad[..], &mut a, &mut sa),
+                        (&h, &neg[..], &mut b, &mut sb),
+                    ] {
+                        let [m, v, vmax] = s;
+                        let state = AdamState {
+                            exp_avg: m,
+                            exp_avg_sq: v,
+                            max_exp_avg_sq: if amsgrad { vmax } else { &mut [] },
+                        };
+                        adam(h, 0.01, step, coef, g, p, state);
+                    }
+                }
+                assert_eq!(
+                    a.map(f32::to_bits),
+                    b.map(f32::to_bits),
+                    "Adam {decoupled} {amsgrad}"
+                );
+            }
+        }
     }
 }
