@@ -1,0 +1,378 @@
+//! Checkpoint files: a shard's chunks and optimizer state as safetensors,
+//! and the manifest that makes a checkpoint exist.
+//!
+//! `DIR/<job>/<round>/shard-<i>-of-<n>.safetensors` holds shard i's chunks
+//! (`<param>@<offset>/param`, `.../exp_avg`, `.../exp_avg_sq`,
+//! `.../max_exp_avg_sq`, `.../momentum_buffer`, `.../step`) with the job's
+//! spec, layout, round and schedule position in the metadata.
+//! `MANIFEST.json` beside it, written last, lists every shard's file with
+//! its SHA-256: a directory without it is not a checkpoint. Every file is
+//! written under a temporary name, fsynced, renamed, and its directory
+//! fsynced.
+
+use std::path::{Path, PathBuf};
+
+use paramd_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+
+use crate::coordinator::Decision;
+use crate::error::{Error, Result};
+use crate::optim::Hyper;
+use crate::store::ChunkState;
+
+mod failpoint;
+mod read;
+mod receive;
+mod retention;
+mod write;
+
+pub use failpoint::failpoint;
+pub use read::{load_latest, load_round, missing_files, newest_round, read_manifest, restorable};
+pub use receive::{Receiving, file_path};
+pub use retention::{jobs, set_aside_deleted, set_aside_newer};
+pub use write::{ChunkRef, commit, write_shard, write_test_manifest};
+
+/// The format this build writes and reads.
+pub const FORMAT: &str = "paramd-checkpoint/1";
+/// The name of a checkpoint's manifest.
+pub const MANIFEST: &str = "MANIFEST.json";
+
+/// Where and how often checkpoints are taken.
+#[derive(Clone, Debug)]
+pub struct CheckpointSettings {
+    pub dir: PathBuf,
+    /// Take one after every this many rounds; 0: only on request.
+    pub every: u64,
+    /// Checkpoints kept per job.
+    pub keep: usize,
+}
+
+/// The manifest of one checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format: String,
+    pub job: String,
+    pub round: u64,
+    pub shards: usize,
+    pub files: Vec<ManifestFile>,
+}
+
+/// The most shards a manifest may name: far beyond any cluster, and small
+/// enough that reading one is cheap whatever it says.
+pub const MAX_SHARDS: usize = 4096;
+
+impl Manifest {
+    /// Checks what a manifest says before anything is done with it: this
+    /// build's format, a shard count within `MAX_SHARDS`, and exactly one
+    /// file per shard under the name that shard writes, with a SHA-256.
+    pub fn check(&self) -> Result<()> {
+        if self.format != FORMAT {
+            return Err(Error::Invalid(format!(
+                "manifest format {:?} is not this build's ({FORMAT})",
+                self.format
+            )));
+        }
+        if self.shards == 0 || self.shards > MAX_SHARDS {
+            return Err(Error::Invalid(format!(
+                "manifest shards must be 1 to {MAX_SHARDS}, got {}",
+                self.shards
+            )));
+        }
+        if self.files.len() != self.shards {
+            return Err(Error::Invalid(format!(
+                "manifest lists {} files for {} shards",
+                self.files.len(),
+                self.shards
+            )));
+        }
+        for (i, f) in self.files.iter().enumerate() {
+            let want = shard_file(i, self.shards);
+            if f.name != want {
+                return Err(Error::Invalid(format!(
+                    "manifest files[{i}] is {:?}, not {want:?}",
+                    f.name
+                )));
+            }
+            if f.sha256.len() != 64 || !f.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(Error::Invalid(format!(
+                    "manifest files[{i}].sha256 is not a SHA-256 in hex"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One shard's file in a manifest.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ManifestFile {
+    pub name: String,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// What a shard's file holds besides the chunks.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ShardMeta {
+    pub job: String,
+    pub round: u64,
+    pub skipped: u64,
+    pub last: Option<Decision>,
+    pub shard: usize,
+    pub shards: usize,
+}
+
+/// A shard's part of a checkpoint, read back.
+#[derive(Debug)]
+pub struct Loaded {
+    pub meta: ShardMeta,
+    pub spec: pb::JobSpec,
+    pub layout: pb::LayoutResponse,
+    /// Local chunks, in canonical order.
+    pub chunks: Vec<ChunkState>,
+}
+
+/// The directory of `round` of `job`.
+pub fn round_dir(root: &Path, job: &str, round: u64) -> PathBuf {
+    root.join(job).join(format!("{round:020}"))
+}
+
+/// The name of shard `shard`'s file in a cluster of `shards`.
+pub fn shard_file(shard: usize, shards: usize) -> String {
+    format!("shard-{shard}-of-{shards}.safetensors")
+}
+
+fn io<'a>(what: &str, path: &'a Path) -> impl Fn(std::io::Error) -> Error + 'a {
+    let what = what.to_owned();
+    move |e| Error::Internal(format!("cannot {what} {}: {e}", path.display()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect()
+}
+
+/// The names of a chunk's state buffers, as torch names its state.
+fn buffer_names(hyper: &Hyper) -> &'static [&'static str] {
+    match hyper {
+        Hyper::Sgd(_) => &["momentum_buffer"],
+        Hyper::Adam(_) => &["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::retention::complete_rounds;
+    use super::*;
+    use crate::optim::AdamHyper;
+
+    #[test]
+    fn hex_round_trips() {
+        let b = [0u8, 1, 0xab, 0xff];
+        assert_eq!(unhex(&hex(&b)), Some(b.to_vec()));
+        assert_eq!(unhex("zz"), None);
+    }
+
+    fn hyper() -> Hyper {
+        Hyper::Adam(AdamHyper {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            amsgrad: false,
+            decoupled: true,
+            maximize: false,
+        })
+    }
+
+    fn spec() -> pb::JobSpec {
+        pb::JobSpec {
+            params: vec![pb::ParamSpec {
+                name: "w".into(),
+                shape: vec![5],
+            }],
+            optimizer: Some(pb::Optimizer {
+                kind: pb::OptimizerKind::Adamw as i32,
+                hyper: None,
+            }),
+            workers: 1,
+            ..Default::default()
+        }
+    }
+
+    /// Writes and commits checkpoint `round` of job "j" on one shard whose
+    /// values are all `round`.
+    fn take(root: &Path, round: u64, shards: usize) {
+        let state = ChunkState {
+            values: crate::store::Values::new(vec![round as f32; 5]),
+            buffers: vec![vec![1.0; 5], vec![2.0; 5]],
+            step: round,
+        };
+        let h = hyper();
+        let meta = ShardMeta {
+            job: "j".into(),
+            round,
+            skipped: 0,
+            last: None,
+            shard: 0,
+            shards,
+        };
+        let layout = pb::LayoutResponse {
+            chunk_elems: 8,
+            owners: vec![0],
+            ..Default::default()
+        };
+        let chunks = [ChunkRef {
+            key: "w@0".into(),
+            hyper: &h,
+            state: &state,
+        }];
+        let file = write_shard(root, &meta, &spec(), &layout, &chunks).expect("write");
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            job: "j".into(),
+            round,
+            shards,
+            files: vec![file],
+        };
+        commit(root, &manifest, 10).expect("commit");
+    }
+
+    fn load(root: &Path) -> Result<Option<Loaded>> {
+        load_latest(root, "j", 0, 1)
+    }
+
+    fn shard_path(root: &Path, round: u64) -> PathBuf {
+        round_dir(root, "j", round).join(shard_file(0, 1))
+    }
+
+    #[test]
+    fn the_newest_intact_checkpoint_is_loaded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        take(dir.path(), 3, 1);
+        take(dir.path(), 6, 1);
+        let l = load(dir.path()).expect("load").expect("a checkpoint");
+        assert_eq!(l.meta.round, 6);
+        assert_eq!(*l.chunks[0].values, [6.0; 5]);
+        assert_eq!(l.chunks[0].buffers, vec![vec![1.0; 5], vec![2.0; 5]]);
+        assert_eq!(l.chunks[0].step, 6);
+    }
+
+    #[test]
+    fn truncated_corrupt_or_unfinished_checkpoints_fall_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        take(root, 3, 1);
+        take(root, 6, 1);
+        take(root, 9, 1);
+        // 9: the shard file truncated.
+        let data = fs::read(shard_path(root, 9)).expect("read");
+        fs::write(shard_path(root, 9), &data[..data.len() / 2]).expect("truncate");
+        // 6: written but never committed (a crash before the manifest).
+        fs::remove_file(round_dir(root, "j", 6).join(MANIFEST)).expect("unfinished");
+        let l = load(root).expect("load").expect("a checkpoint");
+        assert_eq!(l.meta.round, 3, "9 is truncated, 6 has no manifest");
+        assert!(!round_dir(root, "j", 9).exists(), "9 set aside");
+        let aside = fs::read_dir(root.join("j"))
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("00000000000000000009.bad-")
+            });
+        assert!(aside, "renamed, not deleted");
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_cluster_shape_is_not_loaded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        take(dir.path(), 4, 3);
+        assert!(load(dir.path()).expect("load").is_none());
+    }
+
+    #[test]
+    fn a_newer_format_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        take(dir.path(), 2, 1);
+        let path = round_dir(dir.path(), "j", 2).join(MANIFEST);
+        let text = fs::read_to_string(&path)
+            .expect("manifest")
+            .replace(FORMAT, "paramd-checkpoint/2");
+        fs::write(&path, text).expect("write");
+        let err = load(dir.path()).expect_err("newer");
+        assert!(err.to_string().contains("newer format"), "{err}");
+    }
+
+    #[test]
+    fn only_the_newest_k_are_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for r in 1..=5 {
+            take(dir.path(), r, 1);
+        }
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            job: "j".into(),
+            round: 5,
+            shards: 1,
+            files: vec![],
+        };
+        commit(dir.path(), &manifest, 2).expect("commit");
+        let mut left = complete_rounds(&dir.path().join("j"));
+        left.sort_unstable();
+        assert_eq!(left, vec![4, 5]);
+    }
+
+    #[test]
+    fn set_aside_checkpoints_do_not_pile_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        for (round, why) in [(1, "bad-7"), (2, "bad-7"), (3, "newer-8"), (4, "bad-9")] {
+            let aside = round_dir(root, "run", round).with_extension(why);
+            fs::create_dir_all(&aside).expect("mkdir");
+        }
+        let manifest = Manifest {
+            format: FORMAT.to_owned(),
+            job: "run".to_owned(),
+            round: 5,
+            shards: 1,
+            files: Vec::new(),
+        };
+        commit(root, &manifest, 2).expect("commit");
+        let mut left: Vec<String> = fs::read_dir(root.join("run"))
+            .expect("the job's folder")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let name = |r: u64, why: &str| format!("{r:020}.{why}");
+        assert_eq!(
+            left,
+            [name(3, "newer-8"), name(4, "bad-9"), format!("{:020}", 5)]
+        );
+        for secs in [10, 20, 30] {
+            fs::create_dir_all(root.join(format!("gone@deleted-{secs}-1"))).expect("mkdir");
+        }
+        fs::create_dir_all(root.join("gone")).expect("mkdir");
+        set_aside_deleted(root, "gone", 2).expect("set aside");
+        let deleted = fs::read_dir(root)
+            .expect("root")
+            .filter(|e| {
+                e.as_ref()
+                    .expect("entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("gone@deleted-")
+            })
+            .count();
+        assert_eq!(deleted, 2);
+    }
+}
