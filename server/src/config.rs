@@ -11,10 +11,10 @@ use paramd_proto::transport::{self, Credentials};
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
-use crate::auth::AuthToken;
 use crate::checkpoint::CheckpointSettings;
 use crate::limits::Limits;
 use crate::node::NodeConfig;
+use crate::token::AuthToken;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

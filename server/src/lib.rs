@@ -23,6 +23,7 @@ pub mod pieces;
 pub mod server;
 pub mod spec;
 pub mod store;
+pub mod token;
 
 // The modules' former paths, kept while the layout moves to layers.
 pub use api::{auth, http, listen, param_server as service, shard as shard_service};

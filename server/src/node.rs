@@ -11,7 +11,6 @@ use paramd_proto::transport::Credentials;
 use paramd_proto::v1 as pb;
 use tonic::transport::ServerTlsConfig;
 
-use crate::auth::AuthToken;
 use crate::checkpoint::{self, CheckpointSettings};
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
@@ -21,6 +20,7 @@ use crate::layout::{DEFAULT_CHUNK_BYTES, Layout};
 use crate::limits::{Admitted, Limits, Pending, job_bytes};
 use crate::pieces::{Filled, Filling, pack};
 use crate::spec::{JobConfig, validate_job_name};
+use crate::token::AuthToken;
 
 mod restore;
 
