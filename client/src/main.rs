@@ -226,7 +226,10 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             let mut client = Client::connect_with(&args.server, credentials.clone()).await?;
             let status = client.status(job.as_deref()).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&status_json(&status))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&paramd_proto::json::status(&status))?
+                );
             } else if status.jobs.is_empty() {
                 println!("no jobs");
             } else {
@@ -438,44 +441,4 @@ fn print_status(j: &pb::JobStatus) {
             println!("  clip coefficient {:.6}", l.clip_coefficient);
         }
     }
-}
-
-fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
-    let jobs: Vec<serde_json::Value> = s
-        .jobs
-        .iter()
-        .map(|j| {
-            json!({
-                "job": j.job,
-                "optimizer": j.optimizer,
-                "round": j.round,
-                "step": j.step,
-                "workers_expected": j.workers_expected,
-                "workers_pushed": j.workers_pushed,
-                "rounds_skipped": j.rounds_skipped,
-                "parameters": j.parameters,
-                "parameter_bytes": j.parameter_bytes,
-                "optimizer_state_bytes": j.optimizer_state_bytes,
-                "shards": j.shards.iter().map(|sh| json!({
-                    "index": sh.index,
-                    "address": sh.address,
-                    "up": sh.up,
-                    "chunks": sh.chunks,
-                    "parameter_bytes": sh.parameter_bytes,
-                    "optimizer_state_bytes": sh.optimizer_state_bytes,
-                    "round": sh.round,
-                    "error": sh.error,
-                })).collect::<Vec<_>>(),
-                "last": j.last.as_ref().map(|l| json!({
-                    "round": l.round,
-                    "step": l.step,
-                    "skipped": l.skipped,
-                    "grad_norm": l.grad_norm,
-                    "clip_coefficient": l.clip_coefficient,
-                    "lr": l.lr,
-                })),
-            })
-        })
-        .collect();
-    json!({ "jobs": jobs })
 }

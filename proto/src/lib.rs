@@ -11,6 +11,7 @@ pub mod v1 {
         include_bytes!(concat!(env!("OUT_DIR"), "/paramd_descriptor.bin"));
 }
 
+pub mod json;
 pub mod transport;
 
 /// Helpers of the wire format shared by the server and the client.

@@ -27,6 +27,8 @@ pub struct Cluster {
     pub round_timeout: Duration,
     /// Where checkpoints go, when they are taken.
     pub checkpoints: Option<CheckpointSettings>,
+    /// Rounds of history each job keeps for the status page.
+    pub history_rounds: usize,
 }
 
 impl Cluster {
@@ -64,6 +66,7 @@ impl Cluster {
             peer_timeout,
             round_timeout,
             checkpoints: None,
+            history_rounds: 0,
         })
     }
 

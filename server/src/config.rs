@@ -42,6 +42,8 @@ pub struct Config {
     pub max_concurrent_requests: usize,
     /// Connections open at once on each gRPC address; more wait to be accepted.
     pub max_connections: usize,
+    /// Rounds of history each job keeps for the status page (0: none).
+    pub history_rounds: usize,
     /// Longest a pull waits for its round without a client deadline, in seconds.
     pub max_pull_wait: f64,
     /// This shard's index in `cluster`; 0 is the coordinator.
@@ -106,6 +108,7 @@ impl Default for Config {
             max_message_bytes: node.max_message_bytes,
             max_concurrent_requests: node.max_concurrent_requests,
             max_connections: node.max_connections,
+            history_rounds: node.history_rounds,
             max_pull_wait: node.max_pull_wait.as_secs_f64(),
             shard_index: 0,
             cluster: Vec::new(),
@@ -188,6 +191,9 @@ pub struct Overrides {
     /// Connections open at once on each gRPC address [default: 4096].
     #[arg(long, env = "PARAMD_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Rounds of history each job keeps for the status page, 0 for none [default: 10000].
+    #[arg(long, env = "PARAMD_HISTORY_ROUNDS")]
+    pub history_rounds: Option<usize>,
     /// Longest a pull waits for its round without a deadline, in seconds [default: 300].
     #[arg(long, env = "PARAMD_MAX_PULL_WAIT")]
     pub max_pull_wait: Option<f64>,
@@ -281,7 +287,7 @@ impl Config {
         let o = args.overrides;
         overlay!(config, o;
             listen, http_listen, chunk_bytes, max_message_bytes, max_concurrent_requests,
-            max_connections,
+            max_connections, history_rounds,
             max_pull_wait, shard_index, cluster, peers, peer_timeout, round_timeout, checkpoint_every,
             keep_checkpoints, shutdown_grace, log_format, max_jobs, max_job_bytes,
             max_total_bytes, max_workers, max_params, max_name_bytes;
@@ -394,6 +400,7 @@ impl Config {
             max_message_bytes: self.max_message_bytes,
             max_concurrent_requests: self.max_concurrent_requests,
             max_connections: self.max_connections,
+            history_rounds: self.history_rounds,
             max_pull_wait: seconds("max_pull_wait", self.max_pull_wait)?,
             shard_index: self.shard_index,
             cluster: self.cluster.clone(),

@@ -124,9 +124,10 @@ impl Error {
 /// The result type of the core.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-impl From<Error> for Status {
-    fn from(e: Error) -> Status {
-        let code = match &e {
+impl Error {
+    /// The gRPC code this error is refused with.
+    pub fn code(&self) -> Code {
+        match self {
             Error::Invalid(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
             Error::JobMismatch { .. } | Error::Stale { .. } | Error::Early { .. } => {
@@ -139,8 +140,13 @@ impl From<Error> for Status {
             Error::WrongShard(_) => Code::FailedPrecondition,
             Error::Aborted(_) => Code::Aborted,
             Error::Unavailable(_) => Code::Unavailable,
-        };
-        let mut status = Status::new(code, bounded(e.to_string()));
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let mut status = Status::new(e.code(), bounded(e.to_string()));
         status.metadata_mut().insert(
             paramd_proto::transport::REASON,
             tonic::metadata::MetadataValue::from_static(e.reason()),

@@ -60,6 +60,8 @@ pub struct NodeConfig {
     pub max_concurrent_requests: usize,
     /// Connections open at once on each gRPC address.
     pub max_connections: usize,
+    /// Rounds of history each job keeps for the status page (0: none).
+    pub history_rounds: usize,
     /// The token every call must carry; none: no access control.
     pub auth_token: Option<AuthToken>,
     /// This server's TLS identity and client CA; none: plaintext.
@@ -85,6 +87,7 @@ impl Default for NodeConfig {
             peer_credentials: Credentials::none(),
             max_concurrent_requests: 256,
             max_connections: 4096,
+            history_rounds: 10_000,
             auth_token: None,
             tls: None,
             limits: Limits::default(),
@@ -162,6 +165,7 @@ impl Node {
             &config.peer_credentials,
         )?;
         cluster.checkpoints = config.checkpoints.clone();
+        cluster.history_rounds = config.history_rounds;
         let node = Node {
             jobs: DashMap::new(),
             restoring: DashMap::new(),

@@ -114,6 +114,45 @@ pub(crate) fn outcome_pb(d: &Outcome) -> pb::RoundOutcome {
     }
 }
 
+/// The status of job `job` (every job when empty), with its shards as far
+/// as they answer: what the Status call and the status page's API serve.
+pub(crate) async fn status(node: &Node, job: &str) -> crate::error::Result<pb::StatusResponse> {
+    node.check_ready()?;
+    let jobs = if job.is_empty() {
+        node.jobs()
+    } else {
+        vec![node.job(job)?]
+    };
+    let mut out = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        let shards = node.shard_infos(job).await;
+        let s = job.status();
+        // The job's sizes over the whole cluster, as far as it answers.
+        let parameter_bytes: u64 = shards.iter().map(|x| x.parameter_bytes).sum();
+        let state_bytes: u64 = shards.iter().map(|x| x.optimizer_state_bytes).sum();
+        out.push(pb::JobStatus {
+            job: job.name.clone(),
+            round: s.round,
+            step: s.step,
+            workers_expected: job.config.workers,
+            workers_pushed: s.workers_pushed,
+            rounds_skipped: s.rounds_skipped,
+            last: s.last.as_ref().map(outcome_pb),
+            parameters: job.config.numel() as u64,
+            parameter_bytes,
+            optimizer_state_bytes: state_bytes,
+            optimizer: job.config.optimizer_name().to_owned(),
+            shards,
+        });
+    }
+    let (rss_bytes, peak_rss_bytes) = metrics::process_memory();
+    Ok(pb::StatusResponse {
+        jobs: out,
+        rss_bytes,
+        peak_rss_bytes,
+    })
+}
+
 type PullStream = Pin<Box<dyn Stream<Item = Result<pb::PullResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -305,41 +344,8 @@ impl ParamServer for Service {
         &self,
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        self.node.check_ready()?;
         let req = request.into_inner();
-        let jobs = if req.job.is_empty() {
-            self.node.jobs()
-        } else {
-            vec![self.node.job(&req.job)?]
-        };
-        let mut out = Vec::with_capacity(jobs.len());
-        for job in &jobs {
-            let shards = self.node.shard_infos(job).await;
-            let s = job.status();
-            // The job's sizes over the whole cluster, as far as it answers.
-            let parameter_bytes: u64 = shards.iter().map(|x| x.parameter_bytes).sum();
-            let state_bytes: u64 = shards.iter().map(|x| x.optimizer_state_bytes).sum();
-            out.push(pb::JobStatus {
-                job: job.name.clone(),
-                round: s.round,
-                step: s.step,
-                workers_expected: job.config.workers,
-                workers_pushed: s.workers_pushed,
-                rounds_skipped: s.rounds_skipped,
-                last: s.last.as_ref().map(outcome_pb),
-                parameters: job.config.numel() as u64,
-                parameter_bytes,
-                optimizer_state_bytes: state_bytes,
-                optimizer: job.config.optimizer_name().to_owned(),
-                shards,
-            });
-        }
-        let (rss_bytes, peak_rss_bytes) = metrics::process_memory();
-        Ok(Response::new(pb::StatusResponse {
-            jobs: out,
-            rss_bytes,
-            peak_rss_bytes,
-        }))
+        Ok(Response::new(status(&self.node, &req.job).await?))
     }
 
     async fn delete_job(

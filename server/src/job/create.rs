@@ -19,6 +19,7 @@ use crate::pieces::{Accumulator, Ownership};
 use crate::spec::JobConfig;
 use crate::store::ChunkState;
 
+use super::history::History;
 use super::{Collect, Job, Outcome, Store};
 
 /// Where a job starts: from scratch, or where a checkpoint left it.
@@ -144,6 +145,7 @@ impl Job {
         let workers = config.workers as usize;
         let every = cluster.checkpoints.as_ref().map_or(0, |c| c.every);
         let cluster_size = cluster.size();
+        let cluster_history = cluster.history_rounds;
         let coordinator = (cluster.shard == 0).then(|| {
             Coordinator::new(
                 policy,
@@ -193,6 +195,7 @@ impl Job {
             committed: watch::channel((!resume.restorable.is_empty()).then_some(resume.round)).0,
             draining: AtomicBool::new(false),
             checkpointing: tokio::sync::Mutex::new(()),
+            history: Mutex::new(History::new(cluster_history, config.groups.len())),
             restorable: Mutex::new(resume.restorable),
             name,
             config,

@@ -4,6 +4,7 @@
 
 mod checkpointing;
 mod create;
+pub mod history;
 mod members;
 
 use std::collections::HashMap;
@@ -17,6 +18,7 @@ use parking_lot::{Mutex, RwLock};
 use rayon::prelude::*;
 use tokio::sync::watch;
 
+use self::history::History;
 use crate::clip::sum_squares;
 use crate::cluster::Cluster;
 use crate::compute;
@@ -137,6 +139,8 @@ pub struct Job {
     draining: AtomicBool,
     /// Held while a checkpoint of the job is taken: one at a time.
     checkpointing: tokio::sync::Mutex<()>,
+    /// The newest rounds, for the status page.
+    history: Mutex<History>,
     pub metrics: JobMetrics,
 }
 
@@ -529,7 +533,14 @@ impl Job {
         store.last = Some(d);
     }
 
+    /// The rounds of the history from `since` on (one in `every`, and the
+    /// newest), oldest first.
+    pub fn history(&self, since: u64, every: usize) -> Vec<history::Entry> {
+        self.history.lock().since(since, every)
+    }
+
     fn record(&self, d: &Decision, took: Duration) {
+        self.history.lock().record(d);
         // A deleted job's series may already be a re-created job's.
         if self.deleted.load(Ordering::Acquire) {
             return;
