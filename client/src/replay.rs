@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use safetensors::{Dtype, tensor::TensorView};
 
+use crate::codec::Payload;
 use crate::trace::Trace;
-use crate::{Client, Credentials};
+use crate::{Client, Credentials, to_le_bytes};
 
 /// What a replay pulled from the server.
 #[derive(Debug, Default)]
@@ -129,8 +130,17 @@ async fn run_worker(
     let mut out = ReplayResult::default();
     for t in 0..trace.steps {
         let grads = trace.grads(t, w)?;
-        let named = trace.named(&grads);
-        client.push(job, w, start + t, &named).await?;
+        let (mut given, mut no_grad) = (Vec::new(), Vec::new());
+        for (p, g) in trace.params.iter().zip(grads) {
+            let name: Arc<str> = Arc::from(p.as_str());
+            match g {
+                Some(g) => given.push((name, Payload::Owned(to_le_bytes(&g)))),
+                None => no_grad.push(name),
+            }
+        }
+        client
+            .push_payloads(job, w, start + t, &given, &no_grad)
+            .await?;
         let mut pulled = client.pull(job, start + t + 1).await?;
         let last = pulled
             .last

@@ -136,11 +136,20 @@ impl Trace {
             .collect()
     }
 
-    /// The gradients worker `w` pushes at step `t`, in parameter order.
-    pub fn grads(&self, t: u64, w: u32) -> anyhow::Result<Vec<Vec<f32>>> {
+    /// The gradients worker `w` pushes at step `t`, in parameter order;
+    /// `None` where the trace has none (torch's `grad is None`: the worker
+    /// pushes the parameter as having no gradient).
+    pub fn grads(&self, t: u64, w: u32) -> anyhow::Result<Vec<Option<Vec<f32>>>> {
         self.params
             .iter()
-            .map(|p| self.f32s(&format!("grad/{t}/{w}/{p}")))
+            .map(|p| {
+                let name = format!("grad/{t}/{w}/{p}");
+                if self.tensors.contains_key(&name) {
+                    self.f32s(&name).map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
             .collect()
     }
 }
@@ -175,12 +184,29 @@ fn job_spec(
         ],
     )?;
     let opt = &config["optimizer"];
-    let kind = match opt["kind"].as_str() {
+    let mut kind = match opt["kind"].as_str() {
         Some("sgd") => pb::OptimizerKind::Sgd,
         Some("adam") => pb::OptimizerKind::Adam,
         Some("adamw") => pb::OptimizerKind::Adamw,
         other => anyhow::bail!("optimizer.kind {other:?} is not sgd, adam or adamw"),
     };
+    // torch's Adam(decoupled_weight_decay=True) is AdamW, with Adam's
+    // default weight decay (0, where AdamW's is 0.01).
+    let decoupled = match &opt["decoupled_weight_decay"] {
+        Value::Null => None,
+        Value::Bool(b) => Some(*b),
+        v => anyhow::bail!("optimizer.decoupled_weight_decay is not a boolean: {v}"),
+    };
+    let adam_as_adamw = kind == pb::OptimizerKind::Adam && decoupled == Some(true);
+    if adam_as_adamw {
+        kind = pb::OptimizerKind::Adamw;
+    }
+    if decoupled.is_some() && !matches!(opt["kind"].as_str(), Some("adam" | "adamw")) {
+        anyhow::bail!("optimizer.decoupled_weight_decay is an option of adam and adamw only");
+    }
+    if opt["kind"].as_str() == Some("adamw") && decoupled == Some(false) {
+        anyhow::bail!("optimizer.decoupled_weight_decay = false is not AdamW: use kind adam");
+    }
     let hyper = |v: &Value, field: &str| -> anyhow::Result<pb::Hyperparameters> {
         let mut h = pb::Hyperparameters::default();
         let Some(obj) = v.as_object() else {
@@ -198,7 +224,7 @@ fn job_spec(
         };
         for key in obj.keys() {
             match key.as_str() {
-                "kind" | "params" => {}
+                "kind" | "params" | "decoupled_weight_decay" => {}
                 "lr" => h.lr = Some(num(key)?),
                 "weight_decay" => h.weight_decay = Some(num(key)?),
                 "momentum" => h.momentum = Some(num(key)?),
@@ -228,9 +254,13 @@ fn job_spec(
         }
         Ok(h)
     };
+    let mut base = hyper(opt, "optimizer")?;
+    if adam_as_adamw {
+        base.weight_decay.get_or_insert(0.0);
+    }
     let optimizer = pb::Optimizer {
         kind: kind as i32,
-        hyper: Some(hyper(opt, "optimizer")?),
+        hyper: Some(base),
     };
     let mut param_groups = Vec::new();
     if let Some(groups) = config["param_groups"].as_array() {
@@ -527,5 +557,28 @@ mod tests {
             |c| c["schedule"] = json!({"kind": "cosine_annealing", "t_max": 3, "eta_min": "0"}),
             "eta_min",
         );
+        refused(
+            |c| c["optimizer"]["decoupled_weight_decay"] = json!(false),
+            "decoupled_weight_decay = false is not AdamW",
+        );
+        refused(
+            |c| c["optimizer"] = json!({"kind": "sgd", "decoupled_weight_decay": true}),
+            "an option of adam and adamw only",
+        );
+        refused(
+            |c| c["optimizer"]["maximize"] = json!(1),
+            "optimizer.maximize is not a boolean",
+        );
+    }
+
+    #[test]
+    fn adam_with_decoupled_weight_decay_is_adamw_with_adams_default_decay() {
+        let mut c = base();
+        c["optimizer"] = json!({"kind": "adam", "decoupled_weight_decay": true, "maximize": true});
+        let s = spec(c).expect("a spec");
+        let opt = s.optimizer.expect("optimizer");
+        assert_eq!(opt.kind, pb::OptimizerKind::Adamw as i32);
+        let h = opt.hyper.expect("hyper");
+        assert_eq!((h.weight_decay, h.maximize), (Some(0.0), Some(true)));
     }
 }

@@ -27,7 +27,10 @@ fn bit_identical(
     (same, all)
 }
 
-async fn check(server: &TestServer, trace: &Path, every_step: bool) -> (usize, usize) {
+/// Replays `trace`, checks it against torch within the golden tolerance and
+/// returns how many final values are bit-identical (of how many), and
+/// whether every step's clip coefficient is.
+async fn check(server: &TestServer, trace: &Path, every_step: bool) -> ((usize, usize), bool) {
     let opts = ReplayOptions {
         credentials: Default::default(),
         server: server.url(),
@@ -39,10 +42,24 @@ async fn check(server: &TestServer, trace: &Path, every_step: bool) -> (usize, u
     let out = dir.path().join("result.safetensors");
     result.write(&out).expect("write result");
 
-    let (want, _) = read_tensors(&std::fs::read(trace).expect("trace")).expect("read trace");
+    let (want, meta) = read_tensors(&std::fs::read(trace).expect("trace")).expect("read trace");
     let (got, _) = read_tensors(&std::fs::read(&out).expect("result")).expect("read result");
     let c = compare(&want, &got, Tolerance::default());
     let share = bit_identical(&want, &got);
+    // The clip coefficient is torch's wherever the norms are equal or
+    // neither clips.
+    let config: serde_json::Value =
+        serde_json::from_str(meta.get("config").map_or("{}", String::as_str)).expect("config");
+    let max_norm = config["clip"]["max_norm"].as_f64();
+    let clips = |n: f64| max_norm.is_some_and(|m| m / (n + 1e-6) < 1.0);
+    let coefs_same = want
+        .iter()
+        .filter(|(k, _)| k.starts_with("grad_norm/"))
+        .all(|(k, w)| {
+            got.get(k).is_some_and(|g| {
+                g.values == w.values || (!clips(g.values[0]) && !clips(w.values[0]))
+            })
+        });
     assert!(
         c.failures.is_empty() && c.passed > 0,
         "{}: {} passed, failures: {:#?}",
@@ -67,23 +84,33 @@ async fn check(server: &TestServer, trace: &Path, every_step: bool) -> (usize, u
             trace.display()
         );
     }
-    share
+    (share, coefs_same)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_golden_trace_matches_torch() {
     let server = TestServer::start().await;
     for trace in golden_traces() {
-        let (same, all) = check(&server, &trace, false).await;
+        let ((same, all), coefs_same) = check(&server, &trace, false).await;
         let name = trace.file_name().map(|n| n.to_string_lossy().into_owned());
         let name = name.unwrap_or_default();
         eprintln!("{name}: {same} of {all} final values bit-identical to torch");
         assert!(all > 0, "{name}: no final values compared");
         // SGD's kernels are torch's to the bit (multiply-adds rounded once,
         // as torch's CPU kernels do); Adam's are within the tolerance only
-        // (README, "Numerics and torch").
+        // (README, "Numerics and torch"). The bits hold where the clip
+        // coefficient is torch's, that is where the grad norm is: paramd
+        // sums squares in f64 in a fixed order (the same on any number of
+        // shards), torch in f32 in its own order, and the two can round
+        // to neighbouring f32 values.
         if name.starts_with("sgd_") {
-            assert_eq!(same, all, "{name}: SGD is bit-identical to torch");
+            if coefs_same {
+                assert_eq!(same, all, "{name}: SGD is bit-identical to torch");
+            } else {
+                eprintln!(
+                    "{name}: a clipping step's grad norm differs from torch's in its last bit, and so does the clipped gradient"
+                );
+            }
         }
     }
     server.shutdown().await;

@@ -39,6 +39,17 @@ def hyper(obj):
     return out
 
 
+def optimizer(opt):
+    h = hyper(opt)
+    kind = opt["kind"]
+    # torch's Adam(decoupled_weight_decay=True) is AdamW with Adam's
+    # default weight decay.
+    if h.pop("decoupled_weight_decay", False):
+        kind = "adamw"
+        h.setdefault("weight_decay", 0.0)
+    return OPTIMIZERS[kind](**h)
+
+
 def schedule(cfg):
     s = cfg.get("schedule") or {"kind": "constant"}
     kind = s["kind"]
@@ -85,7 +96,7 @@ def replay(trace, job, make_client):
     start = c.init(
         job,
         init,
-        OPTIMIZERS[opt["kind"]](**hyper(opt)),
+        optimizer(opt),
         workers=workers,
         param_groups=groups,
         schedule=schedule(cfg),
@@ -101,7 +112,8 @@ def replay(trace, job, make_client):
         try:
             client = make_client()
             for s in range(steps):
-                client.push(job, w, s, {p: t["grad/%d/%d/%s" % (s, w, p)] for p in params})
+                # A gradient the trace lacks is torch's `grad is None`.
+                client.push(job, w, s, {p: t.get("grad/%d/%d/%s" % (s, w, p)) for p in params})
                 pulled = client.pull(job, s + 1)
                 if w == 0:
                     after[s] = pulled.params
