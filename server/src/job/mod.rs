@@ -6,28 +6,27 @@ mod checkpointing;
 mod create;
 pub mod history;
 mod members;
+mod pull;
+mod round;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use paramd_proto::v1 as pb;
 use paramd_proto::v1::Segment;
 use parking_lot::{Mutex, RwLock};
-use rayon::prelude::*;
 use tokio::sync::watch;
 
 use self::history::History;
-use crate::clip::sum_squares;
 use crate::cluster::Cluster;
-use crate::compute;
-use crate::coordinator::{Coordinator, Decision, Report};
+use crate::coordinator::{Coordinator, Decision};
 use crate::error::{Error, Result};
 use crate::invalid;
 use crate::layout::Layout;
 use crate::metrics::JobMetrics;
-use crate::pieces::{Accumulator, Ownership, Pieces, Target, divide, fold_into};
+use crate::pieces::{Accumulator, Ownership, Pieces, Target};
 use crate::spec::{JobConfig, NonFinite};
 use crate::store::ChunkState;
 
@@ -309,149 +308,6 @@ impl Job {
         Ok((Admission::Accept, count))
     }
 
-    /// Runs round `round` on this shard from its first push to its end:
-    /// members, reduce, report, decide, apply, record. Failures a retry can
-    /// cure (a coordinator that refuses or cannot be reached) are retried
-    /// with backoff and shown meanwhile (`trouble`, Status, the pull's
-    /// error, `paramd_round_failures_total`). One that cannot be cured (a
-    /// broken invariant, a panic) holds the job with its reason, so that
-    /// pushes and pulls fail at once naming it instead of timing out.
-    async fn drive(self: Arc<Self>, round: u64) {
-        let job = Arc::clone(&self);
-        // Its own task, so that a panic anywhere in it is caught here.
-        let why = match tokio::spawn(job.run_round(round)).await {
-            Ok(Ok(())) => return,
-            Ok(Err(e)) => e.to_string(),
-            Err(e) => format!("the task running it panicked: {e}"),
-        };
-        if self.deleted.load(Ordering::Acquire) {
-            return;
-        }
-        self.metrics.round_failures.increment(1);
-        tracing::error!(job = %self.name, round, shard = self.cluster.shard, error = %why, "round failed; the job is held");
-        self.hold(format!(
-            "job '{}' is held on shard {}: round {round} failed: {why}; restart the shard to \
-             restore the job from its last checkpoint",
-            self.name, self.cluster.shard
-        ));
-        // Pulls waiting for the round end now, with the reason.
-        self.completed.send_modify(|_| {});
-    }
-
-    async fn run_round(self: Arc<Self>, round: u64) -> Result<()> {
-        match Arc::clone(&self).gather(round).await? {
-            Some(closed) => self.complete(round, closed).await,
-            None => Ok(()),
-        }
-    }
-
-    /// After a call to the coordinator failed while `doing` something for
-    /// the round: logs it, shows it as the job's trouble and waits
-    /// `backoff` (doubled for the next time, up to 2 s) before the caller
-    /// tries again.
-    async fn pause_after(&self, doing: &str, e: &Error, backoff: &mut Duration) {
-        if e.retryable() {
-            tracing::warn!(job = %self.name, error = %e, "{doing}: cannot reach the coordinator; trying again");
-        } else {
-            tracing::error!(job = %self.name, error = %e, "{doing}: the coordinator refused; trying again");
-        }
-        self.trouble(Some(format!("{doing}: {e}")));
-        // Pacing the retries of a peer that is unreachable or refuses, not
-        // waiting for an event.
-        tokio::time::sleep(*backoff).await;
-        *backoff = (*backoff * 2).min(Duration::from_secs(2));
-    }
-
-    /// Shows (or clears, with `None`) why this shard's round does not
-    /// progress; each failure is counted.
-    fn trouble(&self, why: Option<String>) {
-        if why.is_some() {
-            self.metrics.round_failures.increment(1);
-        }
-        *self.trouble.lock() = why;
-    }
-
-    #[tracing::instrument(name = "round", skip_all, fields(job = %self.name, round = round, shard = self.cluster.shard))]
-    async fn complete(self: Arc<Self>, round: u64, closed: Closed) -> Result<()> {
-        let started = Instant::now();
-        let job = Arc::clone(&self);
-        let report = compute::run(move || job.reduce(closed.folded, &closed.rest)).await?;
-        let Some(decision) = self.decide(round, report).await else {
-            // Deleted meanwhile.
-            return Ok(());
-        };
-        self.trouble(None);
-        let job = Arc::clone(&self);
-        let d = decision.clone();
-        compute::run(move || job.apply(d)).await?;
-        {
-            let mut c = self.collect.lock();
-            c.round = round + 1;
-            c.pushed.iter_mut().for_each(|p| *p = false);
-            c.pushes.iter_mut().for_each(|p| *p = None);
-            c.count = 0;
-            c.closed = false;
-            c.folded = 0;
-        }
-        self.completed.send_replace(round + 1);
-        self.record(&decision, started.elapsed());
-        let every = self.cluster.checkpoints.as_ref().map_or(0, |c| c.every);
-        if self.coordinator.is_some() && every > 0 && (round + 1).is_multiple_of(every) {
-            // The coordinator froze after deciding this round; the
-            // checkpoint unfreezes it.
-            let job = Arc::clone(&self);
-            tokio::spawn(async move {
-                let _ = job.checkpoint(Some(round + 1)).await;
-            });
-        }
-        Ok(())
-    }
-
-    /// Reports a round to the coordinator (in-process on shard 0, over gRPC
-    /// elsewhere) until it answers with the decision, or the job is
-    /// deleted (none). A coordinator or shard that is down or refuses
-    /// delays the round, shown as `trouble`; it never decides without every
-    /// shard.
-    async fn decide(&self, round: u64, report: Report) -> Option<Decision> {
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            if self.deleted.load(Ordering::Acquire) {
-                return None;
-            }
-            let answer = match &self.coordinator {
-                Some(c) => {
-                    c.report(
-                        round,
-                        self.cluster.shard,
-                        report.clone(),
-                        self.cluster.round_timeout,
-                    )
-                    .await
-                }
-                None => self.cluster.report(&self.name, round, &report).await,
-            };
-            match answer {
-                Ok(d) => return Some(d),
-                Err(e) => {
-                    let doing = format!("reporting round {round} to the coordinator");
-                    self.pause_after(&doing, &e, &mut backoff).await;
-                }
-            }
-        }
-    }
-
-    /// The coordinator's answer to shard `shard`'s report of `round`.
-    pub async fn coordinate(&self, round: u64, shard: usize, report: Report) -> Result<Decision> {
-        let c = self.coordinator.as_ref().ok_or_else(|| {
-            Error::WrongShard(format!(
-                "shard {} is not the coordinator of job '{}'",
-                self.cluster.shard, self.name
-            ))
-        })?;
-        c.report(round, shard, report, self.cluster.round_timeout)
-            .await
-    }
-
     /// Where every chunk lives.
     pub fn layout(&self) -> pb::LayoutResponse {
         pb::LayoutResponse {
@@ -485,192 +341,10 @@ impl Job {
         }
     }
 
-    /// Averages every chunk's pushes in rank order and reports the sums of
-    /// squares. Runs on the compute pool.
-    fn reduce(&self, folded: usize, rest: &[Pieces]) -> Report {
-        let mut grads = self.grads.lock();
-        let n = folded + rest.len();
-        let sums: Vec<(usize, f64, bool)> = grads
-            .par_iter_mut()
-            .enumerate()
-            .map(|(local, acc)| {
-                // The members' sum in rank order: the first `folded` are in
-                // `acc` already, then the rest.
-                for (i, push) in rest.iter().enumerate() {
-                    fold_into(&push.by_chunk[local], acc, folded + i == 0);
-                }
-                divide(acc, n);
-                let (sum, non_finite) = sum_squares(&acc.sum);
-                (self.own.chunks[local], sum, non_finite)
-            })
-            .collect();
-        Report {
-            non_finite: sums.iter().any(|s| s.2),
-            sums: sums.into_iter().map(|(id, s, _)| (id, s)).collect(),
-        }
-    }
-
-    /// Applies a decision to every chunk and moves the store to the next
-    /// round, under the store's write lock. Runs on the compute pool.
-    fn apply(&self, d: Decision) {
-        let grads = self.grads.lock();
-        let mut store = self.store.write();
-        if !d.skip {
-            store
-                .chunks
-                .par_iter_mut()
-                .zip(grads.par_iter())
-                .zip(self.own.chunks.par_iter())
-                .filter(|((_, grad), _)| grad.has_gradient())
-                .for_each(|((chunk, grad), &id)| {
-                    let group = self.config.params[self.layout.chunks[id].param].group;
-                    chunk.apply(&self.config.groups[group], d.lrs[group], d.coef, &grad.sum);
-                });
-        } else {
-            store.skipped += 1;
-        }
-        store.round = d.round + 1;
-        store.last = Some(d);
-    }
-
-    /// The rounds of the history from `since` on (one in `every`, and the
-    /// newest), oldest first.
-    pub fn history(&self, since: u64, every: usize) -> Vec<history::Entry> {
-        self.history.lock().since(since, every)
-    }
-
-    fn record(&self, d: &Decision, took: Duration) {
-        self.history.lock().record(d);
-        // A deleted job's series may already be a re-created job's.
-        if self.deleted.load(Ordering::Acquire) {
-            return;
-        }
-        let m = &self.metrics;
-        m.apply_duration.record(took.as_secs_f64());
-        m.round.set((d.round + 1) as f64);
-        m.workers_pushed.set(0.0);
-        m.rounds.increment(1);
-        m.grad_norm.set(f64::from(d.grad_norm));
-        // What the update used: zero for a skipped round.
-        let applied = if d.skip {
-            0.0
-        } else {
-            f64::from(d.grad_norm) * f64::from(d.coef)
-        };
-        m.grad_norm_clipped.set(applied);
-        m.clip_coefficient.set(f64::from(d.coef));
-        m.step.set(d.step as f64);
-        for (g, lr) in m.lr.iter().zip(&d.lrs) {
-            g.set(*lr);
-        }
-        if d.skip {
-            m.skipped.increment(1);
-            tracing::warn!(job = %self.name, round = d.round, grad_norm = d.grad_norm, "round skipped: gradient not finite");
-        } else {
-            tracing::debug!(job = %self.name, round = d.round, step = d.step, grad_norm = d.grad_norm, coef = d.coef, "round applied");
-        }
-    }
-
     /// The slot a push of `worker` holds while it is read; `worker` was
     /// admitted, so it is in range.
     pub fn push_slot(&self, worker: u32) -> &tokio::sync::Semaphore {
         &self.push_slots[worker as usize]
-    }
-
-    /// Waits until `round` rounds have completed, at most `wait`.
-    pub async fn wait_round(&self, round: u64, wait: Duration) -> Result<()> {
-        self.check_serving()?;
-        let started = Instant::now();
-        let mut rx = self.completed.subscribe();
-        let ended = || self.deleted.load(Ordering::Acquire) || self.held.lock().is_some();
-        let reached = |&r: &u64| r >= round || ended();
-        let done = tokio::time::timeout(wait, rx.wait_for(reached)).await;
-        if !self.deleted.load(Ordering::Acquire) {
-            self.metrics
-                .pull_wait
-                .record(started.elapsed().as_secs_f64());
-        }
-        match done {
-            Ok(Ok(_)) if !ended() => Ok(()),
-            Ok(_) => Err(self.check_serving().err().unwrap_or_else(|| {
-                Error::Unavailable(format!(
-                    "job '{}' was reset while round {round} was awaited; pull again",
-                    self.name
-                ))
-            })),
-            Err(_) => {
-                let c = self.collect.lock();
-                let trouble = self
-                    .trouble
-                    .lock()
-                    .as_ref()
-                    .map(|t| format!("; this shard cannot complete it: {t}"))
-                    .unwrap_or_default();
-                Err(Error::Timeout(format!(
-                    "job '{}': round {round} not reached after {:.1}s: collecting round {} with {} of {} workers pushed{trouble}",
-                    self.name,
-                    wait.as_secs_f64(),
-                    c.round,
-                    c.count,
-                    self.config.workers
-                )))
-            }
-        }
-    }
-
-    /// What a pull of the parameters named (all when empty) will send: the
-    /// round they are at, its outcome, and the chunks. The values are read
-    /// chunk by chunk with `read_chunk`, so a pull never copies the whole
-    /// model at once.
-    pub fn pull_plan(&self, names: &[String]) -> Result<Snapshot> {
-        self.check_serving()?;
-        let wanted: Option<Vec<bool>> = if names.is_empty() {
-            None
-        } else {
-            let mut w = vec![false; self.config.params.len()];
-            for n in names {
-                let &i = self
-                    .index
-                    .get(n)
-                    .ok_or_else(|| invalid!("unknown parameter '{n}'"))?;
-                w[i] = true;
-            }
-            Some(w)
-        };
-        let chunks = (0..self.own.chunks.len())
-            .filter(|&local| {
-                let param = self.layout.chunks[self.own.chunks[local]].param;
-                wanted.as_ref().is_none_or(|w| w[param])
-            })
-            .collect();
-        let store = self.store.read();
-        Ok(Snapshot {
-            round: store.round,
-            last: store.last.clone(),
-            chunks,
-        })
-    }
-
-    /// The values of local chunk `local` as of `round`. If a round was
-    /// applied since the pull began, the pull is aborted rather than mixing
-    /// two rounds.
-    pub fn read_chunk(&self, local: usize, round: u64) -> Result<Segment> {
-        let store = self.store.read();
-        if store.round != round {
-            return Err(Error::Aborted(format!(
-                "job '{}' moved from round {round} to {} while it was being pulled; pull again",
-                self.name, store.round
-            )));
-        }
-        let meta = &self.layout.chunks[self.own.chunks[local]];
-        let data = store.chunks[local].values.to_le_bytes();
-        drop(store);
-        self.metrics.pull_bytes.increment(data.len() as u64);
-        Ok(Segment {
-            param: self.config.params[meta.param].name.clone(),
-            offset: meta.offset as u64,
-            data,
-        })
     }
 
     /// Round, step and sizes of the job.
