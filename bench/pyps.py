@@ -45,7 +45,7 @@ import torch
 
 SERVICE = "pyps.PS"
 MAX_MESSAGE = 2**31 - 1  # 2 GiB - 1
-WAIT_TIMEOUT_S = 300.0   # longest a Push/Pull waits for its round
+WAIT_TIMEOUT_S = 300.0  # longest a Push/Pull waits for its round
 
 
 class _Abort(Exception):
@@ -61,10 +61,9 @@ def _split_header(body):
         raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "message shorter than 4 bytes")
     hlen = int.from_bytes(body[:4], "little")
     if 4 + hlen > len(body):
-        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                     f"header length {hlen} exceeds message size {len(body)}")
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"header length {hlen} exceeds message size {len(body)}")
     try:
-        header = json.loads(body[4:4 + hlen])
+        header = json.loads(body[4 : 4 + hlen])
     except ValueError as e:
         raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad JSON header: {e}")
     if not isinstance(header, dict):
@@ -88,10 +87,8 @@ class _Model:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "'shapes' must be a non-empty list")
         sizes = []
         for s in shapes:
-            if not isinstance(s, list) or not all(
-                    isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in s):
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                             "each shape must be a list of non-negative integers")
+            if not isinstance(s, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in s):
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "each shape must be a list of non-negative integers")
             sizes.append(math.prod(s))
         self.workers = _int_field(header, "workers", lo=1)
         try:
@@ -104,24 +101,26 @@ class _Model:
         self.numel = sum(sizes)
         self.nbytes = self.numel * 4
         if len(body) - offset != self.nbytes:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"expected {self.nbytes} bytes of initial values, got {len(body) - offset}")
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"expected {self.nbytes} bytes of initial values, got {len(body) - offset}",
+            )
 
         init = np.frombuffer(body, dtype=np.float32, count=self.numel, offset=offset)
-        self.flat = torch.from_numpy(init.copy())        # all params, contiguous
+        self.flat = torch.from_numpy(init.copy())  # all params, contiguous
         self.flat_grad = torch.zeros(self.numel, dtype=torch.float32)
-        self.grad_np = self.flat_grad.numpy()            # shares memory
+        self.grad_np = self.flat_grad.numpy()  # shares memory
         self.params = []
         off = 0
         for shape, n in zip(shapes, sizes):
-            p = self.flat[off:off + n].view(shape)
-            p.grad = self.flat_grad[off:off + n].view(shape)
+            p = self.flat[off : off + n].view(shape)
+            p.grad = self.flat_grad[off : off + n].view(shape)
             self.params.append(p)
             off += n
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, fused=True)
-        self.snapshot = self.flat.numpy().tobytes()      # what Pull returns
-        self.round = 0                                   # completed rounds
-        self.pending = {}                                # worker -> float32 view
+        self.snapshot = self.flat.numpy().tobytes()  # what Pull returns
+        self.round = 0  # completed rounds
+        self.pending = {}  # worker -> float32 view
 
     def apply(self):
         """Average the pending gradients, clip, step. Caller holds the lock."""
@@ -166,8 +165,7 @@ class ParameterServer:
                 raise _Abort(grpc.StatusCode.CANCELLED, "client went away")
             left = deadline - time.monotonic()
             if left <= 0:
-                raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                             f"waited {WAIT_TIMEOUT_S:.0f} s for the round")
+                raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"waited {WAIT_TIMEOUT_S:.0f} s for the round")
             self.cond.wait(min(1.0, left))
 
     def _model(self):
@@ -191,20 +189,19 @@ class ParameterServer:
         with self.cond:
             m = self._model()
             if worker >= m.workers:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"worker {worker} out of range (workers={m.workers})")
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"worker {worker} out of range (workers={m.workers})")
             if len(body) - offset != m.nbytes:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"expected {m.nbytes} gradient bytes, got {len(body) - offset}")
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"expected {m.nbytes} gradient bytes, got {len(body) - offset}"
+                )
             self._wait(context, m, lambda: m.round >= rnd)
             if rnd < m.round:
-                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                             f"round {rnd} already complete (current round {m.round})")
+                raise _Abort(
+                    grpc.StatusCode.FAILED_PRECONDITION, f"round {rnd} already complete (current round {m.round})"
+                )
             if worker in m.pending:
-                raise _Abort(grpc.StatusCode.ALREADY_EXISTS,
-                             f"worker {worker} already pushed round {rnd}")
-            m.pending[worker] = np.frombuffer(body, dtype=np.float32,
-                                              count=m.numel, offset=offset)
+                raise _Abort(grpc.StatusCode.ALREADY_EXISTS, f"worker {worker} already pushed round {rnd}")
+            m.pending[worker] = np.frombuffer(body, dtype=np.float32, count=m.numel, offset=offset)
             if len(m.pending) == m.workers:
                 try:
                     m.apply()
@@ -234,6 +231,7 @@ def _handler(fn):
             return fn(request, context)
         except _Abort as e:
             context.abort(e.code, e.message)
+
     return grpc.unary_unary_rpc_method_handler(call)  # raw bytes in and out
 
 
@@ -241,10 +239,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Minimal Python/grpcio parameter server (pyps.PS).")
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     ap.add_argument("--port", type=int, default=0, help="0 = pick a free port")
-    ap.add_argument("--threads", type=int, default=32,
-                    help="gRPC handler threads; must exceed 2x workers (blocked Pull + Push)")
-    ap.add_argument("--torch-threads", type=int, default=0,
-                    help="torch.set_num_threads(N) for the update; 0 = torch's default")
+    ap.add_argument(
+        "--threads", type=int, default=32, help="gRPC handler threads; must exceed 2x workers (blocked Pull + Push)"
+    )
+    ap.add_argument(
+        "--torch-threads", type=int, default=0, help="torch.set_num_threads(N) for the update; 0 = torch's default"
+    )
     args = ap.parse_args(argv)
     if args.threads < 1 or args.torch_threads < 0:
         ap.error("--threads must be >= 1 and --torch-threads >= 0")
@@ -252,11 +252,14 @@ def main(argv=None):
         torch.set_num_threads(args.torch_threads)
 
     ps = ParameterServer()
-    generic = grpc.method_handlers_generic_handler(SERVICE, {
-        "Init": _handler(ps.init),
-        "Push": _handler(ps.push),
-        "Pull": _handler(ps.pull),
-    })
+    generic = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Init": _handler(ps.init),
+            "Push": _handler(ps.push),
+            "Pull": _handler(ps.pull),
+        },
+    )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=args.threads),
         handlers=[generic],

@@ -96,10 +96,13 @@ def main(argv=None):
     def worker(w):
         channel = None
         try:
-            channel = grpc.insecure_channel(args.server, options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE),
-                ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ])
+            channel = grpc.insecure_channel(
+                args.server,
+                options=[
+                    ("grpc.max_send_message_length", MAX_MESSAGE),
+                    ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ],
+            )
             connect_s = min(30.0, args.timeout)
             try:
                 grpc.channel_ready_future(channel).result(timeout=connect_s)
@@ -113,11 +116,19 @@ def main(argv=None):
             grads = rng.standard_normal(N, dtype=np.float32).tobytes()
 
             if w == 0:
-                values = (np.random.default_rng(args.seed).standard_normal(N, dtype=np.float32)
-                          * np.float32(0.02))
-                body = framed({"shapes": shapes, "workers": W, "lr": args.lr,
-                               "weight_decay": args.weight_decay,
-                               "max_norm": args.max_norm}) + values.tobytes()
+                values = np.random.default_rng(args.seed).standard_normal(N, dtype=np.float32) * np.float32(0.02)
+                body = (
+                    framed(
+                        {
+                            "shapes": shapes,
+                            "workers": W,
+                            "lr": args.lr,
+                            "weight_decay": args.weight_decay,
+                            "max_norm": args.max_norm,
+                        }
+                    )
+                    + values.tobytes()
+                )
                 del values
                 init(body, timeout=args.timeout)
                 del body
@@ -150,8 +161,7 @@ def main(argv=None):
             if channel is not None:
                 channel.close()
 
-    threads = [threading.Thread(target=worker, args=(w,), daemon=True, name=f"worker-{w}")
-               for w in range(W)]
+    threads = [threading.Thread(target=worker, args=(w,), daemon=True, name=f"worker-{w}") for w in range(W)]
     for th in threads:
         th.start()
     for th in threads:
@@ -163,15 +173,20 @@ def main(argv=None):
         return 1
 
     times = [max(ends[t]) - min(starts[t]) for t in range(1, R)]
-    print(json.dumps({
-        "rounds": R,
-        "workers": W,
-        "params": N,
-        "tensors": args.tensors,
-        "round_seconds_median": statistics.median(times),
-        "round_seconds_p99": percentile(times, 99),
-        "rounds_per_s": len(times) / sum(times),
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "rounds": R,
+                "workers": W,
+                "params": N,
+                "tensors": args.tensors,
+                "round_seconds_median": statistics.median(times),
+                "round_seconds_p99": percentile(times, 99),
+                "rounds_per_s": len(times) / sum(times),
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 

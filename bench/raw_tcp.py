@@ -87,12 +87,17 @@ def main(argv=None):
     th.join(TIMEOUT_S)
 
     gbps = [B / t / 1e9 for t in times]
-    print(json.dumps({
-        "bytes": B,
-        "repeat": args.repeat,
-        "gbps_median": statistics.median(gbps),
-        "gbps_max": max(gbps),
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "bytes": B,
+                "repeat": args.repeat,
+                "gbps_median": statistics.median(gbps),
+                "gbps_max": max(gbps),
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 

@@ -36,18 +36,17 @@ def split_sizes(n, k):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", type=int, default=16777216,
-                    help="total float32 elements (default 16777216)")
-    ap.add_argument("--tensors", type=int, default=1,
-                    help="number of tensors to split --params into (default 1)")
+    ap.add_argument("--params", type=int, default=16777216, help="total float32 elements (default 16777216)")
+    ap.add_argument("--tensors", type=int, default=1, help="number of tensors to split --params into (default 1)")
     ap.add_argument("--mode", choices=("fused", "default"), default="fused")
     ap.add_argument("--repeat", type=int, default=20, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    ap.add_argument("--clip", action="store_true",
-                    help="also run clip_grad_norm_(params, 1.0, foreach=True) "
-                         "before each step (timed together)")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch.set_num_threads(N) first; 0 = torch's default")
+    ap.add_argument(
+        "--clip",
+        action="store_true",
+        help="also run clip_grad_norm_(params, 1.0, foreach=True) before each step (timed together)",
+    )
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads(N) first; 0 = torch's default")
     args = ap.parse_args(argv)
 
     if args.params < 1:
@@ -96,17 +95,22 @@ def main(argv=None):
 
     median = statistics.median(times)
     bytes_per_step = args.params * 4 * 7
-    print(json.dumps({
-        "mode": args.mode,
-        "params": args.params,
-        "tensors": args.tensors,
-        "clip": args.clip,
-        "threads": torch.get_num_threads(),
-        "step_seconds_median": median,
-        "step_seconds_min": min(times),
-        "bytes_per_step": bytes_per_step,
-        "gbps": bytes_per_step / median / 1e9,
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "mode": args.mode,
+                "params": args.params,
+                "tensors": args.tensors,
+                "clip": args.clip,
+                "threads": torch.get_num_threads(),
+                "step_seconds_median": median,
+                "step_seconds_min": min(times),
+                "bytes_per_step": bytes_per_step,
+                "gbps": bytes_per_step / median / 1e9,
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 

@@ -30,6 +30,7 @@ from .v1 import paramd_pb2 as pb
 
 __all__ = ["Client", "InitResult", "PushResult", "PushStream", "Pulled", "Exported"]
 
+
 class InitResult(NamedTuple):
     #: The round workers push next.
     round: int
@@ -293,12 +294,7 @@ class Client:
         flat = []
         for n in names:
             a = out[n]
-            if not (
-                isinstance(a, np.ndarray)
-                and a.dtype == np.float32
-                and a.flags.c_contiguous
-                and a.flags.writeable
-            ):
+            if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable):
                 raise errors.InvalidArgument(
                     "pull_into: %r must be a contiguous, writable float32 numpy array, got %s"
                     % (n, "%s %s" % (a.dtype, a.shape) if isinstance(a, np.ndarray) else type(a).__name__)

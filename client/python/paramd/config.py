@@ -184,9 +184,7 @@ class Adam(Optimizer):
     ):
         if weight_decay is None:
             weight_decay = self._default_weight_decay
-        super().__init__(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize
-        )
+        super().__init__(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
 
     @classmethod
     def _check(cls, key: str, value: Any, field: str) -> Any:

@@ -128,9 +128,7 @@ def test_a_push_refused_while_another_copy_is_received_is_sent_again(one_shard, 
     np.testing.assert_array_equal(c.pull(job_name, 1).params["w"], w0 - (g0 + g1) / np.float32(2))
 
 
-def test_a_client_waits_for_a_restarted_cluster_to_agree_on_its_checkpoint(
-    paramd_bin, one_shard, tmp_path, job_name
-):
+def test_a_client_waits_for_a_restarted_cluster_to_agree_on_its_checkpoint(paramd_bin, one_shard, tmp_path, job_name):
     init = {"w": np.random.default_rng(5).standard_normal((30, 20)).astype(np.float32)}
     grads = [_grads(600, 10 + t)["w"].reshape(30, 20) for t in range(5)]
     opt = paramd.SGD(lr=0.1, momentum=0.9)

@@ -35,9 +35,17 @@ def test_defaults_are_torchs():
         "eps": 1e-8,
         "weight_decay": 0.01,
         "amsgrad": False,
+        "maximize": False,
     }
     assert paramd.Adam().hyper["weight_decay"] == 0.0
-    assert paramd.SGD().hyper == {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False}
+    assert paramd.SGD().hyper == {
+        "lr": 1e-3,
+        "momentum": 0.0,
+        "dampening": 0.0,
+        "weight_decay": 0.0,
+        "nesterov": False,
+        "maximize": False,
+    }
 
 
 @pytest.mark.parametrize(

@@ -39,13 +39,25 @@ from paramd.errors import StatusCode, from_status
             paramd.FailedPrecondition,
         ),
         # The class comes from the reason, never from the message's text.
-        (grpc.StatusCode.FAILED_PRECONDITION, "stale push: looks like one", None, paramd.FailedPrecondition, paramd.Error),
+        (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "stale push: looks like one",
+            None,
+            paramd.FailedPrecondition,
+            paramd.Error,
+        ),
         (grpc.StatusCode.FAILED_PRECONDITION, "a refusal", "stale", paramd.StalePush, paramd.FailedPrecondition),
         # A reason that does not fit the code does not change the class.
         (grpc.StatusCode.NOT_FOUND, "job 'j' does not exist", "stale", paramd.NotFound, LookupError),
         (grpc.StatusCode.DEADLINE_EXCEEDED, "round 9 not complete", "timeout", paramd.DeadlineExceeded, TimeoutError),
         (grpc.StatusCode.UNAVAILABLE, "restoring checkpoints", "unavailable", paramd.Unavailable, ConnectionError),
-        (grpc.StatusCode.RESOURCE_EXHAUSTED, "push: more than 10 bytes", "too_large", paramd.ResourceExhausted, paramd.Error),
+        (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "push: more than 10 bytes",
+            "too_large",
+            paramd.ResourceExhausted,
+            paramd.Error,
+        ),
         (grpc.StatusCode.UNAUTHENTICATED, "bad token", None, paramd.Unauthenticated, PermissionError),
         (grpc.StatusCode.INTERNAL, "disk full", "internal", paramd.Internal, paramd.Error),
         (grpc.StatusCode.UNKNOWN, "what", None, paramd.Error, RuntimeError),
