@@ -5,14 +5,15 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::harness::{Docker, docker_or_skip};
-use crate::{CALL, CHUNK_BYTES, FAIL_WITHIN, HEALTHY_WITHIN, TRACE, golden};
 use paramd::NodeConfig;
 use paramd_client::replay::ReplayResult;
 use paramd_client::trace::{Tolerance, Trace, compare, read_tensors};
 use paramd_client::{Client, ClientError, Pulled};
 use paramd_tests::{TestServer, binary};
 use tonic::Code;
+
+use crate::harness::{Docker, docker_or_skip};
+use crate::{CALL, CHUNK_BYTES, FAIL_WITHIN, HEALTHY_WITHIN, TRACE, golden};
 
 /// One round of the trace: every worker pushes step `t`, then the
 /// parameters after it are pulled.
@@ -160,8 +161,7 @@ pub(crate) async fn status(c: &mut Client, job: &str) -> paramd_client::v1::JobS
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_shard_containers_replay_survive_a_kill_and_a_partition_and_stop_cleanly()
-{
+async fn three_shard_containers_replay_survive_a_kill_and_a_partition_and_stop_cleanly() {
     if !docker_or_skip() {
         return;
     }

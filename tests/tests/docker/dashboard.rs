@@ -4,12 +4,13 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use crate::harness::{install_promtool, run_bounded};
-use crate::{TRACE, golden, repo};
 use paramd_client::Client;
 use paramd_client::replay::ReplayOptions;
 use paramd_tests::{Daemon, http_get, reserve_ports};
 use tonic::Code;
+
+use crate::harness::{install_promtool, run_bounded};
+use crate::{TRACE, golden, repo};
 
 /// The metric names a PromQL expression selects: identifiers that are not
 /// functions, aggregation clauses, keywords, label matchers, ranges or

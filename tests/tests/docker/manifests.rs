@@ -4,11 +4,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::harness::{docker_or_skip, install_promtool, run_bounded};
-use crate::repo;
 use paramd_tests::binary;
 use serde::Deserialize;
 use serde_yaml::Value as Yaml;
+
+use crate::harness::{docker_or_skip, install_promtool, run_bounded};
+use crate::repo;
 
 fn yaml_file(rel: &str) -> Yaml {
     let path = repo().join(rel);
