@@ -2,7 +2,7 @@
 //! loopback ports the OS picked, the golden traces, and a tiny HTTP GET.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use paramd::NodeConfig;
@@ -476,4 +476,24 @@ pub async fn wait_serving(c: &mut paramd_client::Client, job: &str) -> paramd_cl
             Err(e) => panic!("pull of job '{job}' failed: {e}"),
         }
     }
+}
+
+/// Runs `tests/scripts/<script>`, the project's installer of a tool a
+/// test needs (Debian's package, when it is not on PATH yet); fails the
+/// test with the script's output if it fails.
+pub fn install(script: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(script);
+    let out = std::process::Command::new("bash")
+        .arg(&path)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()));
+    assert!(
+        out.status.success(),
+        "{} failed:\n{}\n{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -10,23 +10,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use paramd_client::replay::{ReplayOptions, replay};
-use paramd_tests::{Daemon, binary, http_get, reserve_ports};
-
-/// Runs the project's install script for Prometheus and promtool.
-fn install_prometheus() {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-prometheus.sh");
-    let out = std::process::Command::new("bash")
-        .arg(&script)
-        .output()
-        .expect("run install-prometheus.sh");
-    assert!(
-        out.status.success(),
-        "{} failed:\n{}\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use paramd_tests::{Daemon, binary, http_get, install, reserve_ports};
 
 /// A Prometheus server scraping `target` every second, on a loopback port,
 /// with its storage in a temporary directory; killed when dropped.
@@ -124,7 +108,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_the_values_paramctl_reports() {
-    install_prometheus();
+    install("install-prometheus.sh");
     let ports = reserve_ports(2);
     let grpc = format!("127.0.0.1:{}", ports[0]);
     let http: SocketAddr = format!("127.0.0.1:{}", ports[1]).parse().expect("addr");

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use paramd_client::replay::{ReplayOptions, replay};
 use paramd_client::trace::Trace;
-use paramd_tests::{Daemon, binary, http_get, reserve_ports};
+use paramd_tests::{Daemon, binary, http_get, install, reserve_ports};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -21,20 +21,6 @@ fn golden(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("golden")
         .join(name)
-}
-
-fn install_chromium() {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-chromium.sh");
-    let out = std::process::Command::new("bash")
-        .arg(&script)
-        .output()
-        .expect("run install-chromium.sh");
-    assert!(
-        out.status.success(),
-        "install-chromium.sh failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 async fn paramctl_status(server: &str, job: Option<&str>) -> Value {
@@ -198,7 +184,7 @@ async fn the_status_page_shows_a_replayed_trace_in_a_real_browser() {
         "{head}"
     );
 
-    install_chromium();
+    install("install-chromium.sh");
     let profile = tempfile::tempdir().expect("profile dir");
     let url = format!("http://{http}/#param-groups");
     let dom = chromium(&url, &["--dump-dom".into()], profile.path()).await;

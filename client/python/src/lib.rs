@@ -389,6 +389,18 @@ struct PushStream {
 }
 
 impl PushStream {
+    /// Runs `f` on the open push, refusing if it is finished.
+    fn with_open<R>(&self, f: impl FnOnce(&mut Open) -> PyResult<R>) -> PyResult<R> {
+        let mut open = self
+            .open
+            .lock()
+            .map_err(|_| PyException::new_err("the push is broken"))?;
+        let open = open
+            .as_mut()
+            .ok_or_else(|| PyValueError::new_err("the push is finished already"))?;
+        f(open)
+    }
+
     fn take(&self) -> PyResult<Open> {
         self.open
             .lock()
@@ -405,30 +417,18 @@ impl PushStream {
     /// unknown name, a wrong size or a tensor given twice.
     fn send(&self, name: &str, grad: &Bound<'_, PyAny>) -> PyResult<()> {
         let buf = buffer(name, grad, false)?;
-        let mut open = self
-            .open
-            .lock()
-            .map_err(|_| PyException::new_err("the push is broken"))?;
-        let open = open
-            .as_mut()
-            .ok_or_else(|| PyValueError::new_err("the push is finished already"))?;
-        let payload = lend_source(&buf, &open.guard);
-        open.stream.send(Arc::from(name), payload).map_err(error)?;
-        open.buffers.push(buf);
-        Ok(())
+        self.with_open(|open| {
+            let payload = lend_source(&buf, &open.guard);
+            open.stream.send(Arc::from(name), payload).map_err(error)?;
+            open.buffers.push(buf);
+            Ok(())
+        })
     }
 
     /// Says that this worker has no gradient for parameter `name` (torch's
     /// `grad is None`) instead of sending one.
     fn no_grad(&self, name: &str) -> PyResult<()> {
-        let mut open = self
-            .open
-            .lock()
-            .map_err(|_| PyException::new_err("the push is broken"))?;
-        let open = open
-            .as_mut()
-            .ok_or_else(|| PyValueError::new_err("the push is finished already"))?;
-        open.stream.no_grad(Arc::from(name)).map_err(error)
+        self.with_open(|open| open.stream.no_grad(Arc::from(name)).map_err(error))
     }
 
     /// Ends the push on every shard; returns (duplicate, workers pushed),
