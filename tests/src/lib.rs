@@ -497,3 +497,23 @@ pub fn install(script: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// What `paramctl status --json` prints for `job` (every job with `None`)
+/// on `server`.
+pub async fn paramctl_status(server: &str, job: Option<&str>) -> serde_json::Value {
+    let mut args = vec!["--server", server, "status", "--json"];
+    if let Some(job) = job {
+        args.extend(["--job", job]);
+    }
+    let out = tokio::process::Command::new(binary("paramctl"))
+        .args(&args)
+        .output()
+        .await
+        .expect("paramctl status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}

@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use paramd_client::replay::{ReplayOptions, replay};
-use paramd_tests::{Daemon, binary, http_get, install, reserve_ports};
+use paramd_tests::{Daemon, http_get, install, paramctl_status, reserve_ports};
 
 /// A Prometheus server scraping `target` every second, on a loopback port,
 /// with its storage in a temporary directory; killed when dropped.
@@ -127,24 +127,7 @@ async fn prometheus_scrapes_the_values_paramctl_reports() {
     replay(&trace, &opts).await.expect("replay");
 
     // What paramctl status reports for the last round.
-    let out = tokio::process::Command::new(binary("paramctl"))
-        .args([
-            "--server",
-            &opts.server,
-            "status",
-            "--job",
-            "scraped",
-            "--json",
-        ])
-        .output()
-        .await
-        .expect("paramctl status");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let status = paramctl_status(&opts.server, Some("scraped")).await;
     let job = &status["jobs"][0];
     let last = &job["last"];
     let lrs: Vec<f64> = last["lr"]

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use paramd_client::replay::{ReplayOptions, replay};
 use paramd_client::trace::Trace;
-use paramd_tests::{Daemon, binary, http_get, install, reserve_ports};
+use paramd_tests::{Daemon, http_get, install, paramctl_status, reserve_ports};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -21,24 +21,6 @@ fn golden(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("golden")
         .join(name)
-}
-
-async fn paramctl_status(server: &str, job: Option<&str>) -> Value {
-    let mut args = vec!["--server", server, "status", "--json"];
-    if let Some(job) = job {
-        args.extend(["--job", job]);
-    }
-    let out = tokio::process::Command::new(binary("paramctl"))
-        .args(&args)
-        .output()
-        .await
-        .expect("paramctl status");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("json")
 }
 
 async fn get_json(http: SocketAddr, path: &str) -> (u16, Value) {
