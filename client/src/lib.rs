@@ -17,6 +17,7 @@ mod push_stream;
 pub mod replay;
 pub mod retry;
 mod route;
+mod state;
 pub mod trace;
 
 use std::collections::HashMap;
@@ -38,6 +39,7 @@ pub use paramd_proto::transport::Credentials;
 pub use paramd_proto::v1;
 pub use paramd_proto::wire::to_le_bytes;
 pub use push_stream::PushStream;
+pub use state::{OptimizerState, ParamState};
 
 /// Largest segment a tensor is cut into, and the payload packed into one
 /// message: far below the 64 MiB message limit whatever the model size.

@@ -52,6 +52,16 @@ impl AsRef<[u8]> for LittleEndian {
     }
 }
 
+/// The names of a chunk's state buffers, in `ChunkState::buffers` order, as
+/// torch names its state (the list is longer than the buffers an optimizer
+/// without amsgrad keeps).
+pub fn buffer_names(hyper: &Hyper) -> &'static [&'static str] {
+    match hyper {
+        Hyper::Sgd(_) => &["momentum_buffer"],
+        Hyper::Adam(_) => &["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
+    }
+}
+
 /// The values of one chunk and its optimizer state, named like torch's
 /// `state[p]` entries.
 #[derive(Debug)]

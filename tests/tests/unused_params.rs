@@ -200,6 +200,20 @@ async fn check(mut c: Client) -> Vec<HashMap<String, Vec<u32>>> {
     }
     let status = c.status(Some("main")).await.expect("status");
     assert_eq!(status.jobs[0].round, 3);
+    // Each parameter's own step count (torch's state['step']), read back
+    // with its moments from every shard.
+    let state = c.state("main", 3).await.expect("state");
+    let steps: Vec<u64> = ["used", "some", "never"]
+        .iter()
+        .map(|n| state.params[*n].step)
+        .collect();
+    assert_eq!(steps, [3, 3, 1]);
+    let moments = &state.params["never"].buffers;
+    assert_eq!(
+        moments.keys().collect::<Vec<_>>(),
+        ["exp_avg", "exp_avg_sq"]
+    );
+    assert!(moments["exp_avg"].iter().all(|m| *m != 0.0));
     main
 }
 

@@ -9,7 +9,7 @@
 PyTorch training loop uses in place of `torch.optim`.
 """
 
-from .client import Client, Exported, InitResult, Pulled, PushResult
+from .client import Client, Exported, InitResult, OptimizerState, ParamState, Pulled, PushResult
 from .credentials import TLS
 from .config import SGD, Adam, AdamW, ClipGradNorm, Constant, CosineAnnealing, Optimizer, Schedule, WarmupCosine
 from .errors import (
@@ -35,6 +35,8 @@ __all__ = [
     "Client",
     "Exported",
     "InitResult",
+    "OptimizerState",
+    "ParamState",
     "Pulled",
     "PushResult",
     "TLS",

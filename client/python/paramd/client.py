@@ -56,6 +56,21 @@ class Pulled(NamedTuple):
     params: Dict[str, np.ndarray]
 
 
+class ParamState(NamedTuple):
+    #: Updates applied to the parameter (torch's `state['step']`).
+    step: int
+    #: State buffers by torch's name (`momentum_buffer`, `exp_avg`,
+    #: `exp_avg_sq`, `max_exp_avg_sq`), shaped as the parameter.
+    buffers: Dict[str, np.ndarray]
+
+
+class OptimizerState(NamedTuple):
+    #: Rounds completed when the state was read.
+    round: int
+    #: The state of every parameter by name.
+    params: Dict[str, ParamState]
+
+
 class Exported(NamedTuple):
     job: str
     round: int
@@ -320,6 +335,19 @@ class Client:
             arrays[n] = np.empty(shape, dtype="<f4")
         got, last = self.pull_into(job, round, arrays)
         return Pulled(got, last, arrays)
+
+    def state(self, job: str, round: int = 0) -> OptimizerState:
+        """The optimizer state of every parameter once `round` rounds have
+        completed on every shard (waits as `pull` does), all from one
+        round."""
+        route = self.route(job)
+        got, params = self._call("state", job, int(round))
+        out = {}
+        for name, step, buffers in params:
+            shape = route.shapes[name]
+            arrays = {b: np.frombuffer(data, dtype="<f4").reshape(shape).copy() for b, data in buffers}
+            out[name] = ParamState(int(step), arrays)
+        return OptimizerState(int(got), out)
 
     def status(self, job: Optional[str] = None) -> "pb.StatusResponse":
         """Round, step, lr of every group, last grad norm and clip

@@ -169,6 +169,8 @@ class _Remote:
             client = Client(server, token=token, tls=tls, timeout=timeout)
         self.client = client
         self.job = job
+        self._schedule = schedule
+        self._base = optimizer
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
@@ -330,6 +332,69 @@ class _Remote:
                 p.grad.detach_()
                 p.grad.zero_()
 
+    # -- torch's state_dict --------------------------------------------------------
+
+    def _torch_groups(self) -> List[Tuple[Dict[str, Any], List[str]]]:
+        """The param groups as torch writes them in a state_dict (every
+        setting but `params`), each with the names of its parameters."""
+        raise NotImplementedError
+
+    def _next_lr(self, base_lr: float) -> float:
+        """The lr a group of base lr `base_lr` steps with next, as torch's
+        `group['lr']` holds it under LambdaLR."""
+        if self._schedule is None:
+            return base_lr
+        return self._schedule.lr(base_lr, self.optimizer_step)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The optimizer's state in torch's format, read from the server as
+        of the current round: `{"state": {index: {...}}, "param_groups":
+        [...]}`, parameters indexed as torch indexes them (in group order).
+        SGD's entries hold `momentum_buffer`; Adam's and AdamW's `step` (a
+        float32 scalar tensor, as torch keeps it), `exp_avg`, `exp_avg_sq`
+        and, with amsgrad, `max_exp_avg_sq`. A parameter never stepped has
+        no entry, as in torch. Each group's `lr` is the scheduled lr of the
+        next step. `torch.save` keeps it, and a torch optimizer of the same
+        parameters and groups continues from it with `load_state_dict`."""
+        state = self.client.state(self.job, self.round)
+        adam = isinstance(self._base, Adam)
+        out_state: Dict[int, Dict[str, Any]] = {}
+        out_groups = []
+        index = 0
+        for group, names in self._torch_groups():
+            ids = []
+            for n in names:
+                ps = state.params.get(n)
+                if ps is not None and ps.step > 0:
+                    entry: Dict[str, Any] = {k: torch.from_numpy(v) for k, v in ps.buffers.items()}
+                    if adam:
+                        entry = {"step": torch.tensor(float(ps.step)), **entry}
+                    if entry:
+                        out_state[index] = entry
+                ids.append(index)
+                index += 1
+            out_groups.append(dict(group, params=ids))
+        return {"state": out_state, "param_groups": out_groups}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Accepts the state the server holds already (resuming a run whose
+        daemon restored its checkpoint); any other state is refused with
+        `paramd.InvalidArgument`: paramd keeps the optimizer state on the
+        server, and setting it from a client is not supported yet."""
+        mine = self.state_dict()["state"]
+        theirs = dict(state_dict.get("state", {}))
+        same = mine.keys() == theirs.keys() and all(
+            mine[i].keys() == theirs[i].keys()
+            and all(torch.equal(torch.as_tensor(theirs[i][k]).cpu(), v) for k, v in mine[i].items())
+            for i in mine
+        )
+        if not same:
+            raise errors.InvalidArgument(
+                "load_state_dict: this state differs from the one job %r holds at round %d; paramd keeps the "
+                "optimizer state on the server and cannot set it from a client yet (restore the daemon's "
+                "checkpoint instead)" % (self.job, self.round)
+            )
+
     # -- for logging -----------------------------------------------------------
 
     @property
@@ -465,6 +530,15 @@ class RemoteOptimizer(_Remote):
             overlap=overlap,
         )
 
+    def _torch_groups(self) -> List[Tuple[Dict[str, Any], List[str]]]:
+        out = []
+        for g in self.param_groups:
+            hyper = dict(self.optimizer.hyper)
+            hyper.update({k: v for k, v in g.items() if k != "params"})
+            hyper["lr"] = self._next_lr(hyper["lr"])
+            out.append((hyper, list(g["params"])))
+        return out
+
     def __repr__(self) -> str:
         return "paramd.torch.RemoteOptimizer(job=%r, rank=%d/%d, %r, round=%d)" % (
             self.job,
@@ -530,6 +604,7 @@ class DistributedOptimizer(_Remote):
             groups.append(dict(hyper, params=names))
         # The job holds what the optimizer trains, in the model's order.
         job_params = [(n, p) for n, p in named if id(p) in held]
+        self._by_id = by_id
         self.optimizer = optimizer
         self.param_groups = optimizer.param_groups
         self._setup(
@@ -552,6 +627,14 @@ class DistributedOptimizer(_Remote):
             backup_workers=backup_workers,
             overlap=overlap,
         )
+
+    def _torch_groups(self) -> List[Tuple[Dict[str, Any], List[str]]]:
+        out = []
+        for g in self.optimizer.param_groups:
+            group = {k: v for k, v in g.items() if k != "params"}
+            group["lr"] = self._next_lr(float(g["lr"]))
+            out.append((group, [self._by_id[id(p)] for p in g["params"]]))
+        return out
 
     def __repr__(self) -> str:
         return "paramd.torch.DistributedOptimizer(%s, job=%r, rank=%d/%d, round=%d)" % (

@@ -313,6 +313,32 @@ impl Client {
         Ok(PyBytes::new(py, &r.encode_to_vec()))
     }
 
+    /// The optimizer state of every parameter of `job` once `round` rounds
+    /// are complete: (round, [(name, step, [(buffer, little-endian f32
+    /// bytes)])]).
+    #[allow(clippy::type_complexity)]
+    fn state<'py>(
+        &self,
+        py: Python<'py>,
+        job: String,
+        round: u64,
+    ) -> PyResult<(u64, Vec<(String, u64, Vec<(String, Bound<'py, PyBytes>)>)>)> {
+        let r = self.run(py, |c| async move { c.state(&job, round).await })?;
+        let params = r
+            .params
+            .into_iter()
+            .map(|(name, p)| {
+                let buffers = p
+                    .buffers
+                    .into_iter()
+                    .map(|(b, v)| (b, PyBytes::new(py, &paramd_client::to_le_bytes(&v))))
+                    .collect();
+                (name, p.step, buffers)
+            })
+            .collect();
+        Ok((r.round, params))
+    }
+
     /// Checkpoints `job` ("" for every job); returns [(job, round)].
     fn checkpoint(&self, py: Python<'_>, job: String) -> PyResult<Vec<(String, u64)>> {
         let r = self.run(py, |mut c| async move {

@@ -154,6 +154,19 @@ pub(crate) async fn status(node: &Node, job: &str) -> crate::error::Result<pb::S
 }
 
 type PullStream = Pin<Box<dyn Stream<Item = Result<pb::PullResponse, Status>> + Send>>;
+type StateStream = Pin<Box<dyn Stream<Item = Result<pb::StateResponse, Status>> + Send>>;
+
+impl Service {
+    /// How long a call waiting for a round may wait: until a little before
+    /// the client's deadline (to answer DEADLINE_EXCEEDED with the reason
+    /// rather than be cancelled), at most `max_pull_wait`.
+    fn wait(&self, metadata: &MetadataMap) -> Duration {
+        let max = self.node.config.max_pull_wait;
+        grpc_timeout(metadata).map_or(max, |t| {
+            t.saturating_sub((t / 10).min(DEADLINE_MARGIN)).min(max)
+        })
+    }
+}
 
 #[tonic::async_trait]
 impl ParamServer for Service {
@@ -292,12 +305,7 @@ impl ParamServer for Service {
         request: Request<pb::PullRequest>,
     ) -> Result<Response<PullStream>, Status> {
         self.node.check_ready()?;
-        // Answer DEADLINE_EXCEEDED with the reason a little before the
-        // client's deadline, rather than letting the call be cancelled.
-        let wait = grpc_timeout(request.metadata()).map_or(self.node.config.max_pull_wait, |t| {
-            t.saturating_sub((t / 10).min(DEADLINE_MARGIN))
-                .min(self.node.config.max_pull_wait)
-        });
+        let wait = self.wait(request.metadata());
         let req = request.into_inner();
         let span = tracing::Span::current();
         span.record("job", req.job.as_str());
@@ -337,6 +345,51 @@ impl ParamServer for Service {
             }
             Some((Ok(msg), (job, plan, next, None)))
         });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type StateStream = StateStream;
+
+    #[tracing::instrument(name = "state", skip_all, fields(shard = self.node.cluster.shard, job, round))]
+    async fn state(
+        &self,
+        request: Request<pb::StateRequest>,
+    ) -> Result<Response<StateStream>, Status> {
+        self.node.check_ready()?;
+        let wait = self.wait(request.metadata());
+        let req = request.into_inner();
+        let span = tracing::Span::current();
+        span.record("job", req.job.as_str());
+        span.record("round", req.round);
+        let job = self.node.job(&req.job)?;
+        job.wait_round(req.round, wait).await?;
+        let plan = job.pull_plan(&[])?;
+        // One message per chunk's buffer: a chunk is at most half a
+        // message, and copied only as the client reads.
+        let state = (job, plan, 0usize, Vec::<pb::StateSegment>::new(), true);
+        let stream = futures::stream::unfold(
+            state,
+            |(job, plan, mut next, mut queued, first)| async move {
+                if queued.is_empty() && next < plan.chunks.len() {
+                    match job.read_state(plan.chunks[next], plan.round) {
+                        Ok(segments) => queued = segments,
+                        Err(e) => {
+                            let done = (job, plan, usize::MAX, Vec::new(), false);
+                            return Some((Err(Status::from(e)), done));
+                        }
+                    }
+                    next += 1;
+                }
+                if queued.is_empty() && !first {
+                    return None;
+                }
+                let msg = pb::StateResponse {
+                    round: plan.round,
+                    state: queued.pop().into_iter().collect(),
+                };
+                Some((Ok(msg), (job, plan, next, queued, false)))
+            },
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 

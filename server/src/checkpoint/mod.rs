@@ -17,8 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::coordinator::Decision;
 use crate::error::{Error, Result};
-use crate::optim::Hyper;
-use crate::store::ChunkState;
+use crate::store::{ChunkState, buffer_names};
 
 mod failpoint;
 mod read;
@@ -158,21 +157,13 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// The names of a chunk's state buffers, as torch names its state.
-fn buffer_names(hyper: &Hyper) -> &'static [&'static str] {
-    match hyper {
-        Hyper::Sgd(_) => &["momentum_buffer"],
-        Hyper::Adam(_) => &["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::fs;
 
     use super::retention::complete_rounds;
     use super::*;
-    use crate::optim::AdamHyper;
+    use crate::optim::{AdamHyper, Hyper};
 
     #[test]
     fn hex_round_trips() {

@@ -4,11 +4,15 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use paramd_proto::v1 as pb;
 use paramd_proto::v1::Segment;
+use paramd_proto::wire::to_le_bytes;
 
 use super::{Job, Snapshot};
 use crate::error::{Error, Result};
 use crate::invalid;
+use crate::store::buffer_names;
 
 impl Job {
     /// Waits until `round` rounds have completed, at most `wait`.
@@ -105,5 +109,39 @@ impl Job {
             offset: meta.offset as u64,
             data,
         })
+    }
+
+    /// The optimizer state of local chunk `local` as of `round`: one
+    /// segment per state buffer (one without data when the optimizer keeps
+    /// none), each carrying the chunk's step. Copied under the read lock;
+    /// aborted, as a pull is, if a round was applied since the read began.
+    pub fn read_state(&self, local: usize, round: u64) -> Result<Vec<pb::StateSegment>> {
+        let store = self.store.read();
+        if store.round != round {
+            return Err(Error::Aborted(format!(
+                "job '{}' moved from round {round} to {} while its state was being read; read again",
+                self.name, store.round
+            )));
+        }
+        let meta = &self.layout.chunks[self.own.chunks[local]];
+        let param = &self.config.params[meta.param];
+        let chunk = &store.chunks[local];
+        let names = buffer_names(&self.config.groups[param.group]);
+        let segment = |buffer: &str, data: Bytes| pb::StateSegment {
+            param: param.name.clone(),
+            buffer: buffer.to_owned(),
+            offset: meta.offset as u64,
+            data,
+            step: chunk.step,
+        };
+        if chunk.buffers.is_empty() {
+            return Ok(vec![segment("", Bytes::new())]);
+        }
+        Ok(chunk
+            .buffers
+            .iter()
+            .zip(names)
+            .map(|(b, name)| segment(name, to_le_bytes(b)))
+            .collect())
     }
 }

@@ -484,3 +484,33 @@ class CheckpointFileChunk(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class StateRequest(_message.Message):
+    __slots__ = ("job", "round")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    round: int
+    def __init__(self, job: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+
+class StateResponse(_message.Message):
+    __slots__ = ("round", "state")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    state: _containers.RepeatedCompositeFieldContainer[StateSegment]
+    def __init__(self, round: _Optional[int] = ..., state: _Optional[_Iterable[_Union[StateSegment, _Mapping]]] = ...) -> None: ...
+
+class StateSegment(_message.Message):
+    __slots__ = ("param", "buffer", "offset", "data", "step")
+    PARAM_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    param: str
+    buffer: str
+    offset: int
+    data: bytes
+    step: int
+    def __init__(self, param: _Optional[str] = ..., buffer: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., step: _Optional[int] = ...) -> None: ...
