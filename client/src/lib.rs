@@ -11,8 +11,10 @@
 
 pub mod bench;
 pub mod codec;
+mod error;
 pub mod export;
 pub mod memory;
+mod pull;
 mod push_stream;
 pub mod replay;
 pub mod retry;
@@ -31,13 +33,16 @@ use paramd_proto::v1::param_server_client::ParamServerClient;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Endpoint;
 
-use crate::codec::{Payload, PullCodec, PullMessage, PullTargets, PushCodec, PushMessage, Target};
+use crate::codec::{Payload, PushCodec, PushMessage};
 use crate::retry::Retry;
 use crate::route::{Route, Shard, pack_refs};
 
+pub(crate) use error::shard_error;
+pub use error::{ClientError, Result};
 pub use paramd_proto::transport::Credentials;
 pub use paramd_proto::v1;
 pub use paramd_proto::wire::to_le_bytes;
+pub use pull::{PullInto, Pulled};
 pub use push_stream::PushStream;
 pub use state::{OptimizerState, ParamState};
 
@@ -51,76 +56,6 @@ const MAX_PULL_ATTEMPTS: usize = 5;
 
 /// Largest message the client decodes or encodes.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
-
-/// Errors of the client.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("cannot connect to {url}: {source}")]
-    Connect {
-        url: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
-    #[error("{}: {}", .0.code(), .0.message())]
-    Status(tonic::Status),
-    /// A shard of a cluster answered with an error, or could not be reached.
-    #[error("shard {shard} at {url}: {}: {}", .status.code(), .status.message())]
-    Shard {
-        shard: usize,
-        url: String,
-        status: tonic::Status,
-    },
-    #[error("{0}")]
-    Invalid(String),
-}
-
-impl From<tonic::Status> for ClientError {
-    fn from(status: tonic::Status) -> ClientError {
-        ClientError::Status(retry::normalize(status))
-    }
-}
-
-impl ClientError {
-    /// The gRPC status, when a server answered with an error.
-    pub fn status(&self) -> Option<&tonic::Status> {
-        match self {
-            ClientError::Status(s) | ClientError::Shard { status: s, .. } => Some(s),
-            _ => None,
-        }
-    }
-
-    /// The server's machine-readable reason for a refusal (`stale`,
-    /// `early`, `job_mismatch`, ...: see `paramd_proto::transport::REASON`),
-    /// when it gave one.
-    pub fn reason(&self) -> Option<&str> {
-        self.status()?
-            .metadata()
-            .get(paramd_proto::transport::REASON)?
-            .to_str()
-            .ok()
-    }
-}
-
-/// The result type of the client.
-pub type Result<T, E = ClientError> = std::result::Result<T, E>;
-
-/// Parameters pulled from the server.
-#[derive(Debug, Clone)]
-pub struct Pulled {
-    /// Rounds completed when the parameters were read.
-    pub round: u64,
-    /// The outcome of the last completed round.
-    pub last: Option<pb::RoundOutcome>,
-    /// Values by parameter name.
-    pub params: HashMap<String, Vec<f32>>,
-}
-
-/// Where the pulled values of one parameter go.
-#[derive(Debug, Clone)]
-pub struct PullInto {
-    pub name: Arc<str>,
-    pub target: Target,
-}
 
 /// A connection to a paramd server or cluster (through its coordinator).
 #[derive(Debug, Clone)]
@@ -473,191 +408,6 @@ impl Client {
         Ok(out)
     }
 
-    /// Pulls every parameter once `round` rounds have completed.
-    pub async fn pull(&mut self, job: &str, round: u64) -> Result<Pulled> {
-        self.pull_params(job, round, &[]).await
-    }
-
-    /// Pulls the named parameters (all when empty) from every shard once
-    /// `round` rounds have completed there.
-    pub async fn pull_params(
-        &mut self,
-        job: &str,
-        round: u64,
-        params: &[String],
-    ) -> Result<Pulled> {
-        let route = self.route(job).await?;
-        let names: Vec<Arc<str>> = if params.is_empty() {
-            route.order.iter().map(|(n, ..)| Arc::clone(n)).collect()
-        } else {
-            params.iter().map(|n| Arc::from(n.as_str())).collect()
-        };
-        let mut values = Vec::new();
-        let mut targets = Vec::new();
-        for name in names {
-            let numel = route.index.get(&name).map_or(0, |&i| route.numel(i));
-            let v = Arc::new(Mutex::new(vec![0f32; numel]));
-            values.push((name.to_string(), Arc::clone(&v)));
-            targets.push(PullInto {
-                name,
-                target: Target::Owned(v),
-            });
-        }
-        let (round, last) = self.pull_into(job, round, &targets).await?;
-        drop(targets);
-        let params = values
-            .into_iter()
-            .map(|(name, v)| {
-                let v = Arc::try_unwrap(v).map_or_else(
-                    |shared| shared.lock().map(|v| v.clone()).unwrap_or_default(),
-                    |m| m.into_inner().unwrap_or_else(|e| e.into_inner()),
-                );
-                (name, v)
-            })
-            .collect();
-        Ok(Pulled {
-            round,
-            last,
-            params,
-        })
-    }
-
-    /// Pulls the parameters `targets` name from every shard once `round`
-    /// rounds have completed there, writing each value straight into its
-    /// target; returns the round the values are from and its outcome. The
-    /// values all come from one round: if the shards answered from
-    /// different rounds (training moved on while they were read), the pull
-    /// is repeated at the newest. A pull that fails may have written part
-    /// of the targets.
-    pub async fn pull_into(
-        &self,
-        job: &str,
-        round: u64,
-        targets: &[PullInto],
-    ) -> Result<(u64, Option<pb::RoundOutcome>)> {
-        let route = self.route(job).await?;
-        let mut params = HashMap::new();
-        for (k, t) in targets.iter().enumerate() {
-            let Some(&i) = route.index.get(&t.name) else {
-                return Err(ClientError::Invalid(format!(
-                    "pull of job '{job}': unknown parameter '{}'",
-                    t.name
-                )));
-            };
-            let numel = route.numel(i);
-            let room = match &t.target {
-                Target::Lent(l) => l.memory.len() / 4,
-                Target::Owned(v) => v.lock().map_or(0, |v| v.len()),
-            };
-            if room != numel {
-                return Err(ClientError::Invalid(format!(
-                    "pull of job '{job}': '{}' has {numel} values, its destination holds {room}",
-                    t.name
-                )));
-            }
-            params.insert(
-                Arc::clone(&t.name),
-                (k, route.order[i].2, numel, t.target.clone()),
-            );
-        }
-        let all = params.len() == route.order.len();
-        let names: Vec<String> = if all {
-            Vec::new()
-        } else {
-            targets.iter().map(|t| t.name.to_string()).collect()
-        };
-        let pull = Arc::new(PullTargets {
-            params,
-            chunk_elems: route.chunk_elems,
-            owners: Arc::clone(&route.owners),
-        });
-        let policy = self.retry(true);
-        let mut want = round;
-        for _ in 0..MAX_PULL_ATTEMPTS {
-            let (got, newest, last) = self.pull_once(&route, &pull, want, &names, &policy).await?;
-            if got == newest {
-                return Ok((got, last));
-            }
-            want = newest;
-        }
-        Err(ClientError::Invalid(format!(
-            "job '{job}': the shards kept answering from different rounds over {MAX_PULL_ATTEMPTS} pulls; training moves faster than a pull"
-        )))
-    }
-
-    /// One pull from every shard, each writing into the targets: the
-    /// oldest round any shard answered from, the newest, and the outcome
-    /// shard 0 sent.
-    async fn pull_once(
-        &self,
-        route: &Route,
-        pull: &Arc<PullTargets>,
-        round: u64,
-        names: &[String],
-        policy: &Retry,
-    ) -> Result<(u64, u64, Option<pb::RoundOutcome>)> {
-        let n = route.shards.len();
-        let calls = route.shards.iter().enumerate().map(|(i, shard)| {
-            let msg = pb::PullRequest {
-                job: route.job.clone(),
-                round,
-                params: names.to_vec(),
-            };
-            let codec = PullCodec {
-                targets: Arc::clone(pull),
-                shard: i as u32,
-            };
-            async move {
-                policy
-                    .run(|left| {
-                        let (msg, codec) = (msg.clone(), codec.clone());
-                        async move {
-                            let mut grpc = raw_grpc(&shard.channel).await?;
-                            let mut req = tonic::Request::new(msg);
-                            req.set_timeout(left);
-                            let path = PathAndQuery::from_static("/paramd.v1.ParamServer/Pull");
-                            let mut stream =
-                                grpc.server_streaming(req, path, codec).await?.into_inner();
-                            let mut first: Option<PullMessage> = None;
-                            let mut written = vec![0usize; pull.params.len()];
-                            while let Some(m) = stream.message().await? {
-                                for &(k, n) in &m.written {
-                                    written[k] += n;
-                                }
-                                first.get_or_insert(m);
-                            }
-                            Ok((first.unwrap_or_default(), written))
-                        }
-                    })
-                    .await
-                    .map_err(|s| shard_error(i, &shard.url, s, n))
-            }
-        });
-        let (mut oldest, mut newest, mut last) = (u64::MAX, 0, None);
-        let mut written = vec![0usize; pull.params.len()];
-        for (i, (first, w)) in futures::future::try_join_all(calls)
-            .await?
-            .into_iter()
-            .enumerate()
-        {
-            oldest = oldest.min(first.round);
-            newest = newest.max(first.round);
-            if i == 0 {
-                last = first.last;
-            }
-            written.iter_mut().zip(w).for_each(|(a, b)| *a += b);
-        }
-        for (name, &(k, _, numel, _)) in &pull.params {
-            if written[k] != numel {
-                return Err(ClientError::Invalid(format!(
-                    "job '{}': pulled {} of the {numel} values of '{name}'",
-                    route.job, written[k]
-                )));
-            }
-        }
-        Ok((if oldest == u64::MAX { 0 } else { oldest }, newest, last))
-    }
-
     /// Status of job `job`, or of every job, with every shard's part.
     pub async fn status(&mut self, job: Option<&str>) -> Result<pb::StatusResponse> {
         let msg = pb::StatusRequest {
@@ -690,20 +440,6 @@ impl Client {
             m.remove(job);
         }
         Ok(())
-    }
-}
-
-/// An error of shard `i`; a one-shard cluster's errors stay plain.
-fn shard_error(i: usize, url: &str, status: tonic::Status, shards: usize) -> ClientError {
-    let status = retry::normalize(status);
-    if shards == 1 {
-        ClientError::Status(status)
-    } else {
-        ClientError::Shard {
-            shard: i,
-            url: url.to_owned(),
-            status,
-        }
     }
 }
 
