@@ -21,6 +21,7 @@ pub fn job(j: &pb::JobStatus) -> serde_json::Value {
         "workers_expected": j.workers_expected,
         "workers_pushed": j.workers_pushed,
         "rounds_skipped": j.rounds_skipped,
+        "waiting_for": j.waiting_for,
         "parameters": j.parameters,
         "parameter_bytes": j.parameter_bytes,
         "optimizer_state_bytes": j.optimizer_state_bytes,

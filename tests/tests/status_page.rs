@@ -158,6 +158,25 @@ async fn the_status_page_shows_a_replayed_trace_in_a_real_browser() {
     let (code, _) = get_json(http, "/api/v1/jobs/param-groups/history?since=-1").await;
     assert_eq!(code, 400);
 
+    // A round with one of its two workers in: the late one is named.
+    let c = paramd_client::Client::connect(&server)
+        .await
+        .expect("connect");
+    let grads: Vec<Vec<f32>> = trace
+        .grads(0, 0)
+        .expect("gradients")
+        .into_iter()
+        .map(|g| g.expect("every gradient"))
+        .collect();
+    let mut pusher = c.clone();
+    pusher
+        .push("param-groups", 0, trace.steps, &trace.named(&grads))
+        .await
+        .expect("push");
+    let (_, one) = get_json(http, "/api/v1/jobs/param-groups").await;
+    assert_eq!(one["waiting_for"], serde_json::json!([1]), "{one}");
+    assert_eq!(one["workers_pushed"], 1);
+
     // The page only runs its own script, whatever a value holds.
     let head = head_of(http, "/").await;
     assert!(head.contains("content-type: text/html"), "{head}");
@@ -196,8 +215,9 @@ async fn the_status_page_shows_a_replayed_trace_in_a_real_browser() {
         let points = attribute(&line, " points=", "points").expect("points");
         assert_eq!(points.split_whitespace().count() as u64, trace.steps);
     }
-    // Both jobs are listed.
+    // Both jobs are listed, and the late worker is named.
     assert!(dom.contains("data-job=\"warmup-cosine\""));
+    assert!(dom.contains("1 of 2 (waiting for 1)"), "{dom}");
 
     let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
     let _ = std::fs::remove_file(&shot);

@@ -143,6 +143,7 @@ pub(crate) async fn status(node: &Node, job: &str) -> crate::error::Result<pb::S
             optimizer_state_bytes: state_bytes,
             optimizer: job.config.optimizer_name().to_owned(),
             shards,
+            waiting_for: s.waiting_for,
         });
     }
     let (rss_bytes, peak_rss_bytes) = metrics::process_memory();

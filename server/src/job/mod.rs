@@ -61,7 +61,13 @@ pub struct JobStatus {
     pub last: Option<Outcome>,
     pub parameter_bytes: usize,
     pub state_bytes: usize,
+    /// Workers without a push of the open round (none before its first
+    /// push), at most `WAITING_SHOWN`.
+    pub waiting_for: Vec<u32>,
 }
+
+/// The most late workers a status lists.
+pub const WAITING_SHOWN: usize = 64;
 
 /// A pull about to be sent.
 #[derive(Debug)]
@@ -349,7 +355,18 @@ impl Job {
 
     /// Round, step and sizes of the job.
     pub fn status(&self) -> JobStatus {
-        let workers_pushed = self.collect.lock().count;
+        let (workers_pushed, waiting_for) = {
+            let c = self.collect.lock();
+            let waiting = if c.count > 0 {
+                (0..c.pushed.len() as u32)
+                    .filter(|&w| !c.pushed[w as usize])
+                    .take(WAITING_SHOWN)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            (c.count, waiting)
+        };
         let store = self.store.read();
         JobStatus {
             round: store.round,
@@ -359,6 +376,7 @@ impl Job {
             last: store.last.clone(),
             parameter_bytes: store.chunks.iter().map(|c| c.values.len() * 4).sum(),
             state_bytes: store.chunks.iter().map(ChunkState::state_bytes).sum(),
+            waiting_for,
         }
     }
 

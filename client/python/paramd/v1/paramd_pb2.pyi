@@ -226,7 +226,7 @@ class StatusRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job", "round", "step", "workers_expected", "workers_pushed", "rounds_skipped", "last", "parameters", "parameter_bytes", "optimizer_state_bytes", "optimizer", "shards")
+    __slots__ = ("job", "round", "step", "workers_expected", "workers_pushed", "rounds_skipped", "last", "parameters", "parameter_bytes", "optimizer_state_bytes", "optimizer", "shards", "waiting_for")
     JOB_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +239,7 @@ class JobStatus(_message.Message):
     OPTIMIZER_STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
     job: str
     round: int
     step: int
@@ -251,7 +252,8 @@ class JobStatus(_message.Message):
     optimizer_state_bytes: int
     optimizer: str
     shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
-    def __init__(self, job: _Optional[str] = ..., round: _Optional[int] = ..., step: _Optional[int] = ..., workers_expected: _Optional[int] = ..., workers_pushed: _Optional[int] = ..., rounds_skipped: _Optional[int] = ..., last: _Optional[_Union[RoundOutcome, _Mapping]] = ..., parameters: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., optimizer_state_bytes: _Optional[int] = ..., optimizer: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ...) -> None: ...
+    waiting_for: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, job: _Optional[str] = ..., round: _Optional[int] = ..., step: _Optional[int] = ..., workers_expected: _Optional[int] = ..., workers_pushed: _Optional[int] = ..., rounds_skipped: _Optional[int] = ..., last: _Optional[_Union[RoundOutcome, _Mapping]] = ..., parameters: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., optimizer_state_bytes: _Optional[int] = ..., optimizer: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., waiting_for: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
     __slots__ = ("index", "address", "up", "chunks", "parameter_bytes", "optimizer_state_bytes", "round", "error")

@@ -93,6 +93,15 @@
     return smooth;
   }
 
+  // Workers pushed of W, and the late ones while a round is open.
+  function workers(job) {
+    const late = job.waiting_for || [];
+    const text = job.workers_pushed + " of " + job.workers_expected;
+    if (late.length === 0) return text;
+    const more = job.workers_expected - job.workers_pushed > late.length ? ", …" : "";
+    return text + " (waiting for " + late.join(", ") + more + ")";
+  }
+
   function shardsSummary(job) {
     const up = job.shards.filter((s) => s.up).length;
     return up + " of " + job.shards.length + " up";
@@ -109,7 +118,7 @@
         el("td", {}, job.optimizer),
         el("td", { class: "num" }, job.round),
         el("td", { class: "num" }, job.step),
-        el("td", { class: "num" }, job.workers_pushed + " of " + job.workers_expected),
+        el("td", { class: "num" }, workers(job)),
         el("td", { class: "num" }, job.rounds_skipped),
         el("td", {}, (last.lr || []).map(fmt).join(", ") || "–"),
         el("td", { class: "num" }, fmt(last.grad_norm)),
@@ -207,7 +216,7 @@
       ["parameters", job.parameters + " (" + bytes(job.parameter_bytes) + ", state " + bytes(job.optimizer_state_bytes) + ")"],
       ["round", job.round],
       ["optimizer step", job.step],
-      ["workers pushed", job.workers_pushed + " of " + job.workers_expected],
+      ["workers pushed", workers(job)],
       ["rounds skipped", job.rounds_skipped],
       ["last lr per group", (last.lr || []).map(fmt).join(", ") || "–"],
       ["last grad norm", fmt(last.grad_norm) + (h.maxNorm ? " (max_norm " + fmt(h.maxNorm) + ")" : "")],
