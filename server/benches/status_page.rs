@@ -44,6 +44,7 @@ fn job_status(i: usize) -> pb::JobStatus {
         workers_expected: 16,
         workers_pushed: 7,
         rounds_skipped: 11,
+        waiting_for: (7..16).collect(),
         parameters: 124_439_808,
         parameter_bytes: 497_759_232,
         optimizer_state_bytes: 995_518_464,
