@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::Error;
 use crate::invalid;
-use crate::job::{Admission, Outcome};
+use crate::job::{Admission, Job, Outcome};
 use crate::metrics;
 use crate::node::Node;
 use crate::spec::JobConfig;
@@ -158,6 +158,18 @@ type PullStream = Pin<Box<dyn Stream<Item = Result<pb::PullResponse, Status>> + 
 type StateStream = Pin<Box<dyn Stream<Item = Result<pb::StateResponse, Status>> + Send>>;
 
 impl Service {
+    /// Job `job` once `round` rounds have completed on this shard, waiting
+    /// at most `wait`; the call's span records both.
+    async fn at_round(&self, job: &str, round: u64, wait: Duration) -> Result<Arc<Job>, Status> {
+        self.node.check_ready()?;
+        let span = tracing::Span::current();
+        span.record("job", job);
+        span.record("round", round);
+        let job = self.node.job(job)?;
+        job.wait_round(round, wait).await?;
+        Ok(job)
+    }
+
     /// How long a call waiting for a round may wait: until a little before
     /// the client's deadline (to answer DEADLINE_EXCEEDED with the reason
     /// rather than be cancelled), at most `max_pull_wait`.
@@ -305,14 +317,9 @@ impl ParamServer for Service {
         &self,
         request: Request<pb::PullRequest>,
     ) -> Result<Response<PullStream>, Status> {
-        self.node.check_ready()?;
         let wait = self.wait(request.metadata());
         let req = request.into_inner();
-        let span = tracing::Span::current();
-        span.record("job", req.job.as_str());
-        span.record("round", req.round);
-        let job = self.node.job(&req.job)?;
-        job.wait_round(req.round, wait).await?;
+        let job = self.at_round(&req.job, req.round, wait).await?;
         let plan = job.pull_plan(&req.params)?;
         // Messages are built as the client reads them: each holds chunks up
         // to PULL_MESSAGE_BYTES, referenced (not copied) under the store's
@@ -356,14 +363,9 @@ impl ParamServer for Service {
         &self,
         request: Request<pb::StateRequest>,
     ) -> Result<Response<StateStream>, Status> {
-        self.node.check_ready()?;
         let wait = self.wait(request.metadata());
         let req = request.into_inner();
-        let span = tracing::Span::current();
-        span.record("job", req.job.as_str());
-        span.record("round", req.round);
-        let job = self.node.job(&req.job)?;
-        job.wait_round(req.round, wait).await?;
+        let job = self.at_round(&req.job, req.round, wait).await?;
         let plan = job.pull_plan(&[])?;
         // One message per chunk's buffer: a chunk is at most half a
         // message, and copied only as the client reads.
