@@ -10,7 +10,7 @@ use prost::Message;
 
 use crate::checkpoint;
 use crate::layout::Layout;
-use crate::pieces::{Ownership, Target};
+use crate::pieces::{Ownership, Spare, Target};
 use crate::spec::JobConfig;
 
 /// The job pushes are checked against: three parameters, a scalar among
@@ -74,7 +74,14 @@ pub fn push(data: &[u8]) -> bool {
         own: &t.own,
         finite_only: true,
     };
-    target.split(req.grads, &req.no_grad).is_ok()
+    let lens = t
+        .own
+        .chunks
+        .iter()
+        .map(|&c| t.layout.chunks[c].len)
+        .collect();
+    let mut staging = target.stage(Spare::new(lens, 1).take());
+    staging.feed(req.grads, &req.no_grad).is_ok() && staging.finish().is_ok()
 }
 
 /// Loads `data` as shard 0's file of a one-shard checkpoint whose manifest

@@ -286,24 +286,29 @@ impl ParamServer for Service {
             .saturating_mul(2)
             .saturating_add(PAYLOAD_SLACK);
         let what = format!("push of worker {} for round {}", first.worker, first.round);
-        let (mut grads, mut no_grad) = (Vec::new(), Vec::new());
         let size = |m: &pb::PushRequest| {
             payload(&m.grads) + m.no_grad.iter().map(String::len).sum::<usize>()
         };
         let params = job.config.params.len();
-        read_messages(first, &mut stream, budget, &what, size, |m| {
-            grads.extend(m.grads);
-            no_grad.extend(m.no_grad);
-            if no_grad.len() > params {
+        // Each message is checked and written into the push's buffers as
+        // it arrives, and dropped.
+        let mut staging = job.staging();
+        let mut no_grad = 0;
+        let mut feed = |m: pb::PushRequest| {
+            no_grad += m.no_grad.len();
+            if no_grad > params {
                 return Err(Error::Invalid(format!(
-                    "{what}: no_grad lists {} names, the job has {params} parameters",
-                    no_grad.len()
+                    "{what}: no_grad lists {no_grad} names, the job has {params} parameters"
                 )));
             }
-            Ok(())
+            staging.feed(m.grads, &m.no_grad)
+        };
+        read_messages(first, &mut stream, budget, &what, size, |m| {
+            feed(m).inspect_err(|e| job.metrics.refused(e.reason()))
         })
         .await?;
-        let (admission, count) = job.push(worker, round, grads, &no_grad).map_err(refused)?;
+        let push = staging.finish().map_err(refused)?;
+        let (admission, count) = job.push(worker, round, push).map_err(refused)?;
         job.metrics
             .push_duration
             .record(started.elapsed().as_secs_f64());

@@ -15,7 +15,7 @@ use crate::error::Result;
 use crate::invalid;
 use crate::layout::Layout;
 use crate::metrics::JobMetrics;
-use crate::pieces::{Accumulator, Ownership};
+use crate::pieces::{Accumulator, Ownership, Spare};
 use crate::spec::JobConfig;
 use crate::store::ChunkState;
 
@@ -129,10 +129,8 @@ impl Job {
     ) -> Job {
         let own = Ownership::of(&owners, cluster.shard as u32);
         let index = config.index();
-        let grads = chunks
-            .iter()
-            .map(|c| Accumulator::new(c.values.len()))
-            .collect();
+        let lens: Vec<usize> = chunks.iter().map(|c| c.values.len()).collect();
+        let grads = lens.iter().map(|&n| Accumulator::new(n)).collect();
         let policy = Policy {
             base_lrs: config.groups.iter().map(|g| g.lr()).collect(),
             schedule: config.schedule.clone(),
@@ -168,6 +166,7 @@ impl Job {
                 skipped: resume.skipped,
             }),
             grads: Mutex::new(grads),
+            spare: Spare::new(lens, config.workers as usize),
             collect: Mutex::new(Collect {
                 round: resume.round,
                 pushed: vec![false; workers],

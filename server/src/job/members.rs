@@ -9,10 +9,8 @@ use std::time::Duration;
 
 use crate::coordinator::Members;
 use crate::error::{Error, Result};
-use rayon::prelude::*;
 
 use crate::compute;
-use crate::pieces::fold_into;
 
 use super::{Closed, Job};
 
@@ -106,7 +104,7 @@ impl Job {
             return Ok(());
         }
         loop {
-            let (rank, push) = {
+            let (rank, mut push) = {
                 let mut c = self.collect.lock();
                 let rank = c.folded as usize;
                 if c.round != round || c.closed || rank >= c.pushes.len() {
@@ -118,13 +116,7 @@ impl Job {
                 }
             };
             let job = Arc::clone(self);
-            compute::run(move || {
-                let mut grads = job.grads.lock();
-                grads.par_iter_mut().enumerate().for_each(|(local, acc)| {
-                    fold_into(&push.by_chunk[local], acc, rank == 0);
-                });
-            })
-            .await?;
+            compute::run(move || push.fold_all(&mut job.grads.lock(), rank == 0)).await?;
             self.collect.lock().folded += 1;
         }
     }

@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use paramd_proto::v1 as pb;
-use paramd_proto::v1::Segment;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
@@ -26,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::invalid;
 use crate::layout::Layout;
 use crate::metrics::JobMetrics;
-use crate::pieces::{Accumulator, Ownership, Pieces, Target};
+use crate::pieces::{Accumulator, Ownership, Spare, Staged, Staging, Target};
 use crate::spec::{JobConfig, NonFinite};
 use crate::store::ChunkState;
 
@@ -48,7 +47,7 @@ pub enum Admission {
 #[derive(Debug)]
 pub struct Closed {
     folded: usize,
-    rest: Vec<Pieces>,
+    rest: Vec<Staged>,
 }
 
 /// A snapshot of a job for Status.
@@ -92,7 +91,7 @@ struct Collect {
     round: u64,
     pushed: Vec<bool>,
     count: u32,
-    pushes: Vec<Option<Pieces>>,
+    pushes: Vec<Option<Staged>>,
     /// The round has its contributors and is being completed: a push from
     /// anyone else is too late.
     closed: bool,
@@ -113,6 +112,8 @@ pub struct Job {
     store: RwLock<Store>,
     /// One accumulation buffer per chunk, touched only while completing.
     grads: Mutex<Vec<Accumulator>>,
+    /// Buffers pushes are received into, kept across rounds.
+    spare: Arc<Spare>,
     collect: Mutex<Collect>,
     completed: watch::Sender<u64>,
     /// Pushes accepted so far, so that the round's gatherer reports anew.
@@ -271,33 +272,38 @@ impl Job {
         }
     }
 
-    /// Validates and records worker `worker`'s gradients for `round`. The
+    /// Receives a push into a set of this job's buffers: its messages are
+    /// checked and written as they arrive (`Staging::feed`), and `finish`
+    /// accepts it whole or refuses it.
+    pub fn staging(&self) -> Staging<'_> {
+        Target {
+            params: &self.config.params,
+            index: &self.index,
+            layout: &self.layout,
+            own: &self.own,
+            finite_only: self.config.non_finite == NonFinite::Error,
+        }
+        .stage(self.spare.take())
+    }
+
+    /// Records worker `worker`'s push for `round`, received whole. The
     /// round's first push starts the task that learns its members and
     /// completes it, so that a client going away cannot abandon it.
     pub fn push(
         self: &Arc<Self>,
         worker: u32,
         round: u64,
-        grads: Vec<Segment>,
-        no_grad: &[String],
+        push: Staged,
     ) -> Result<(Admission, u32)> {
-        let target = Target {
-            params: &self.config.params,
-            index: &self.index,
-            layout: &self.layout,
-            own: &self.own,
-            finite_only: self.config.non_finite == NonFinite::Error,
-        };
         self.check_serving()?;
-        let pieces = target.split(grads, no_grad)?;
-        let bytes = pieces.bytes;
+        let bytes = push.bytes;
         let mut c = self.collect.lock();
         if self.admit_locked(&c, worker, round)? == Admission::Duplicate {
             self.metrics.duplicates.increment(1);
             return Ok((Admission::Duplicate, c.count));
         }
         c.pushed[worker as usize] = true;
-        c.pushes[worker as usize] = Some(pieces);
+        c.pushes[worker as usize] = Some(push);
         c.count += 1;
         c.opened.get_or_insert_with(Instant::now);
         let count = c.count;

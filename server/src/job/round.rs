@@ -13,7 +13,7 @@ use crate::clip::sum_squares;
 use crate::compute;
 use crate::coordinator::{Decision, Report};
 use crate::error::{Error, Result};
-use crate::pieces::{Pieces, divide, fold_into};
+use crate::pieces::{Staged, divide, fold_into};
 
 impl Job {
     /// Runs round `round` on this shard from its first push to its end:
@@ -161,7 +161,7 @@ impl Job {
 
     /// Averages every chunk's pushes in rank order and reports the sums of
     /// squares. Runs on the compute pool.
-    fn reduce(&self, folded: usize, rest: &[Pieces]) -> Report {
+    fn reduce(&self, folded: usize, rest: &[Staged]) -> Report {
         let mut grads = self.grads.lock();
         let n = folded + rest.len();
         let sums: Vec<(usize, f64, bool)> = grads
@@ -171,7 +171,7 @@ impl Job {
                 // The members' sum in rank order: the first `folded` are in
                 // `acc` already, then the rest.
                 for (i, push) in rest.iter().enumerate() {
-                    fold_into(&push.by_chunk[local], acc, folded + i == 0);
+                    fold_into(push.chunk(local), acc, folded + i == 0);
                 }
                 divide(acc, n);
                 let (sum, non_finite) = sum_squares(&acc.sum);

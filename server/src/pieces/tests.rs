@@ -131,3 +131,190 @@ fn twice_missing_short_outside_and_elsewhere_are_refused() {
     // Only the chunks held here are expected.
     assert!(fill(vec![1, 1, 0], vec![seg(1, 0, &[1.0, 2.0])]).is_ok());
 }
+
+/// Stages `messages` (segments, no_grad names) of a push on the shard that
+/// holds the chunks `owners` gives to shard 0, with chunks of 2 elements.
+fn stage(
+    c: &JobConfig,
+    owners: &[u32],
+    spare: &Arc<Spare>,
+    messages: Vec<(Vec<Segment>, Vec<&str>)>,
+) -> Result<Staged> {
+    let layout = Layout::with_chunk_elems(&c.params, 2);
+    let own = Ownership::of(owners, 0);
+    let index = c.index();
+    let target = Target {
+        params: &c.params,
+        index: &index,
+        layout: &layout,
+        own: &own,
+        finite_only: true,
+    };
+    let mut staging = target.stage(spare.take());
+    for (segments, no_grad) in messages {
+        let names: Vec<String> = no_grad.into_iter().map(String::from).collect();
+        staging.feed(segments, &names)?;
+    }
+    staging.finish()
+}
+
+fn spare_for(c: &JobConfig, owners: &[u32], keep: usize) -> Arc<Spare> {
+    let layout = Layout::with_chunk_elems(&c.params, 2);
+    let own = Ownership::of(owners, 0);
+    Spare::new(
+        own.chunks.iter().map(|&id| layout.chunks[id].len).collect(),
+        keep,
+    )
+}
+
+#[test]
+fn a_push_lands_in_its_chunks_across_messages_and_its_buffers_are_kept() {
+    let c = config(&[&[5], &[3]]);
+    // Chunks of 2 elements: p0 is 0..2, 2..4, 4..5; p1 is 0..2, 2..3.
+    let owners = [0, 1, 0, 1, 0];
+    let spare = spare_for(&c, &owners, 1);
+    let push = stage(
+        &c,
+        &owners,
+        &spare,
+        vec![
+            (vec![seg(0, 0, &[0.0, 1.0])], vec![]),
+            (vec![seg(1, 2, &[7.0]), seg(0, 4, &[4.0])], vec![]),
+        ],
+    )
+    .expect("staged");
+    assert_eq!(push.bytes, 16);
+    let chunks: Vec<Option<Vec<f32>>> =
+        (0..3).map(|l| push.chunk(l).map(<[f32]>::to_vec)).collect();
+    assert_eq!(
+        chunks,
+        vec![Some(vec![0.0, 1.0]), Some(vec![4.0]), Some(vec![7.0])]
+    );
+    assert_eq!(spare.kept(), 0);
+    drop(push);
+    assert_eq!(
+        spare.kept(),
+        1,
+        "the push's buffers are kept for the next round"
+    );
+    // The next push reuses them; a third set beyond `keep` is dropped.
+    let again = stage(
+        &c,
+        &owners,
+        &spare,
+        vec![(
+            vec![seg(0, 0, &[2.0; 2]), seg(0, 4, &[3.0]), seg(1, 2, &[5.0])],
+            vec![],
+        )],
+    );
+    assert_eq!(spare.kept(), 0);
+    let other = spare.take();
+    drop(again);
+    drop(other);
+    assert_eq!(spare.kept(), 1);
+}
+
+#[test]
+fn no_grad_parameters_have_no_gradient_and_cannot_also_be_sent() {
+    let c = config(&[&[4], &[2]]);
+    let owners = [0, 0, 0];
+    let spare = spare_for(&c, &owners, 2);
+    let push = stage(
+        &c,
+        &owners,
+        &spare,
+        vec![(vec![seg(1, 0, &[1.0, 2.0])], vec!["p0"])],
+    )
+    .expect("staged");
+    assert_eq!(push.chunk(0), None);
+    assert_eq!(push.chunk(1), None);
+    assert_eq!(push.chunk(2), Some(&[1.0, 2.0][..]));
+    let sent_then_listed = stage(
+        &c,
+        &owners,
+        &spare,
+        vec![
+            (vec![seg(0, 0, &[0.0; 4]), seg(1, 0, &[0.0; 2])], vec![]),
+            (vec![], vec!["p0"]),
+        ],
+    );
+    let listed_then_sent = stage(
+        &c,
+        &owners,
+        &spare,
+        vec![(vec![], vec!["p0"]), (vec![seg(0, 0, &[0.0; 4])], vec![])],
+    );
+    for r in [sent_then_listed, listed_then_sent] {
+        let e = r.expect_err("refused").to_string();
+        assert!(e.contains("'p0' is sent and also listed in no_grad"), "{e}");
+    }
+}
+
+#[test]
+fn a_push_with_elements_twice_missing_outside_or_not_finite_is_refused() {
+    let c = config(&[&[4], &[2]]);
+    let all = [0, 0, 0];
+    let spare = spare_for(&c, &all, 2);
+    let refused = |owners: &[u32], segments: Vec<Segment>, naming: &str| {
+        let e = stage(&c, owners, &spare, vec![(segments, vec![])])
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains(naming), "{naming:?} not in: {e}");
+    };
+    let p1 = || seg(1, 0, &[0.0; 2]);
+    refused(
+        &all,
+        vec![seg(0, 0, &[0.0; 4]), seg(0, 1, &[1.0]), p1()],
+        "'p0' is sent twice: elements 1..2 overlap",
+    );
+    refused(
+        &all,
+        vec![seg(0, 0, &[0.0; 4])],
+        "'p1' is missing: expected 8 bytes",
+    );
+    refused(
+        &all,
+        vec![seg(0, 0, &[0.0; 3]), p1()],
+        "'p0' [4]: expected 16 bytes, got 12",
+    );
+    refused(
+        &all,
+        vec![seg(0, 3, &[0.0; 2])],
+        "'p0' [4]: expected 16 bytes, got 8 bytes at element 3",
+    );
+    refused(&all, vec![seg(2, 0, &[0.0])], "unknown parameter 'p2'");
+    refused(
+        &[0, 1, 0],
+        vec![seg(0, 0, &[0.0; 4])],
+        "'p0': elements 2..4 are not held by this shard",
+    );
+    refused(
+        &all,
+        vec![seg(0, 0, &[0.0, f32::NAN, 0.0, 0.0]), p1()],
+        "'p0': element 1 is NaN",
+    );
+    // Only the chunks held here are expected.
+    assert!(stage(&c, &[1, 1, 0], &spare, vec![(vec![p1()], vec![])]).is_ok());
+}
+
+#[test]
+fn the_first_push_of_a_mean_trades_buffers_and_the_next_ones_add() {
+    let c = config(&[&[3]]);
+    let owners = [0, 0];
+    let spare = spare_for(&c, &owners, 2);
+    let mut accs = vec![Accumulator::new(2), Accumulator::new(1)];
+    let mut a = stage(
+        &c,
+        &owners,
+        &spare,
+        vec![(vec![seg(0, 0, &[1.0, -0.0, 3.0])], vec![])],
+    )
+    .expect("a");
+    let mut b = stage(&c, &owners, &spare, vec![(vec![], vec!["p0"])]).expect("b");
+    a.fold_all(&mut accs, true);
+    b.fold_all(&mut accs, false);
+    assert_eq!(accs[0].sum, vec![1.0, 0.0]);
+    assert!(accs[0].sum[1].is_sign_positive(), "-0.0 + 0.0 is +0.0");
+    assert_eq!(accs[1].sum, vec![3.0]);
+    assert_eq!(accs[0].gradients, 1);
+}
