@@ -278,6 +278,8 @@ impl ParamServer for Service {
                 first.worker, first.round, job.name
             )))
         })?;
+        // Waits for its turn on a one-shard job (see `Job::staging`).
+        let (_reading, mut staging) = job.staging(worker, round).await;
         if !admit()? {
             return Ok(pushed(job.status().workers_pushed, true));
         }
@@ -292,7 +294,6 @@ impl ParamServer for Service {
         let params = job.config.params.len();
         // Each message is checked and written into the push's buffers as
         // it arrives, and dropped.
-        let mut staging = job.staging();
         let mut no_grad = 0;
         let mut feed = |m: pb::PushRequest| {
             no_grad += m.no_grad.len();

@@ -175,6 +175,7 @@ impl Job {
                 closed: false,
                 opened: None,
                 folded: 0,
+                reading: vec![None; workers],
             }),
             completed: watch::channel(resume.round).0,
             arrivals: watch::channel(0).0,

@@ -118,6 +118,8 @@ impl Job {
             let job = Arc::clone(self);
             compute::run(move || push.fold_all(&mut job.grads.lock(), rank == 0)).await?;
             self.collect.lock().folded += 1;
+            // The next rank's push may be read now.
+            self.spare.notify();
         }
     }
 
@@ -167,6 +169,8 @@ impl Job {
         }
         c.closed = true;
         c.count = (folded + rest.len()) as u32;
+        // Pushes waiting for their turn are not members: refuse them now.
+        self.spare.notify();
         if !m.dropped.is_empty() && self.coordinator.is_some() {
             self.metrics.dropped.increment(m.dropped.len() as u64);
             tracing::warn!(job = %self.name, round = m.round, dropped = ?m.dropped, timeout_secs = self.config.worker_timeout.as_secs_f64(), "workers dropped from the round");

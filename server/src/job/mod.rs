@@ -65,6 +65,10 @@ pub struct JobStatus {
     pub waiting_for: Vec<u32>,
 }
 
+/// How long a push waits for the next rank to sum to start: pushes that
+/// start within it of each other are read in rank order.
+const ARRIVAL_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The most late workers a status lists.
 pub const WAITING_SHOWN: usize = 64;
 
@@ -100,6 +104,22 @@ struct Collect {
     /// Workers of ranks `0..folded` are already summed into the
     /// accumulator, their pushes dropped (see `Job::fold_ready`).
     folded: u32,
+    /// The round each worker's push being received is for, if one is.
+    reading: Vec<Option<u64>>,
+}
+
+/// A push being received (see `Job::staging`); dropping it ends that and
+/// wakes the pushes waiting for their turn.
+pub struct Reading<'a> {
+    job: &'a Job,
+    worker: u32,
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        self.job.collect.lock().reading[self.worker as usize] = None;
+        self.job.spare.notify();
+    }
 }
 
 /// A job as held by one shard.
@@ -272,18 +292,86 @@ impl Job {
         }
     }
 
-    /// Receives a push into a set of this job's buffers: its messages are
-    /// checked and written as they arrive (`Staging::feed`), and `finish`
-    /// accepts it whole or refuses it.
-    pub fn staging(&self) -> Staging<'_> {
-        Target {
+    /// Receives worker `worker`'s push of `round` into a set of this job's
+    /// buffers: its messages are checked and written as they arrive
+    /// (`Staging::feed`), and `finish` accepts it whole or refuses it. The
+    /// push counts as being received until the `Reading` is dropped.
+    ///
+    /// On a one-shard job without backup workers, pushes that overlap are
+    /// read in rank order: a push waits until every lower rank's push is
+    /// summed into the accumulator (its own stream held back meanwhile by
+    /// HTTP/2 flow control) as long as the next rank to sum is being
+    /// received, and up to `ARRIVAL_GRACE` for it to start. Workers
+    /// pushing together then cost one push's buffers beside the
+    /// accumulator, not one each. A push is read at once, beside the
+    /// others, when the next rank has not started within the grace (a
+    /// late worker) or has not progressed for `turn_patience` (a stalled
+    /// stream): memory then grows as before, and latency does not. A
+    /// cluster reads pushes as they come: a shard sums none before the
+    /// coordinator chooses the round's members.
+    pub async fn staging(&self, worker: u32, round: u64) -> (Reading<'_>, Staging<'_>) {
+        self.collect.lock().reading[worker as usize] = Some(round);
+        let reading = Reading { job: self, worker };
+        if self.cluster.size() == 1 && self.config.backup_workers == 0 {
+            self.wait_turn(worker, round).await;
+        }
+        let staging = Target {
             params: &self.config.params,
             index: &self.index,
             layout: &self.layout,
             own: &self.own,
             finite_only: self.config.non_finite == NonFinite::Error,
         }
-        .stage(self.spare.take())
+        .stage(self.spare.take());
+        (reading, staging)
+    }
+
+    /// Waits, at most `turn_patience`, while a push of a lower rank than
+    /// `worker` is being received for `round` (or until the round is no
+    /// longer collected).
+    async fn wait_turn(&self, worker: u32, round: u64) {
+        let start = tokio::time::Instant::now();
+        let grace = start + ARRIVAL_GRACE;
+        let (mut deadline, mut seen) = (start + self.turn_patience(), None);
+        loop {
+            let changed = self.spare.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let wake = {
+                let c = self.collect.lock();
+                let next = c.folded as usize;
+                if c.round != round || c.closed || worker as usize <= next {
+                    return;
+                }
+                if seen != Some(next) {
+                    // The ranks before this one are progressing.
+                    (seen, deadline) = (
+                        Some(next),
+                        tokio::time::Instant::now() + self.turn_patience(),
+                    );
+                }
+                if c.reading[next] == Some(round) || c.pushed[next] {
+                    deadline
+                } else if tokio::time::Instant::now() < grace {
+                    // The next rank, pushing at about the same time, may
+                    // not have started yet.
+                    grace
+                } else {
+                    tracing::debug!(job = %self.name, worker, round, waiting_for = next, "a lower rank has not pushed; reading this push out of turn");
+                    return;
+                }
+            };
+            if tokio::time::timeout_at(wake, changed).await.is_err() && wake == deadline {
+                tracing::debug!(job = %self.name, worker, round, "a lower rank's push is not progressing; reading this one beside it");
+                return;
+            }
+        }
+    }
+
+    /// How long a push waits for its turn without the ranks before it
+    /// progressing: a quarter of the worker timeout, at most a second.
+    fn turn_patience(&self) -> std::time::Duration {
+        (self.config.worker_timeout / 4).min(std::time::Duration::from_secs(1))
     }
 
     /// Records worker `worker`'s push for `round`, received whole. The
@@ -312,6 +400,8 @@ impl Job {
         self.metrics.workers_pushed.set(f64::from(count));
         drop(c);
         self.arrivals.send_modify(|n| *n += 1);
+        // Higher ranks waiting for this push may be read now.
+        self.spare.notify();
         if count == 1 {
             // The round's driver: the coordinator chooses the round's
             // members once it may, then the round is completed.
@@ -397,3 +487,6 @@ impl Job {
         *self.completed.borrow()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -100,6 +100,9 @@ impl Job {
             c.closed = false;
             c.folded = 0;
         }
+        // Pushes held back for their turn in the round just completed are
+        // stale now: refuse them without reading.
+        self.spare.notify();
         self.completed.send_replace(round + 1);
         self.record(&decision, started.elapsed());
         let every = self.cluster.checkpoints.as_ref().map_or(0, |c| c.every);

@@ -84,6 +84,10 @@ pub struct Spare {
     sets: Mutex<Vec<Vec<Vec<f32>>>>,
     lens: Vec<usize>,
     keep: usize,
+    /// Told when a set comes back, or by `notify`.
+    changed: tokio::sync::Notify,
+    /// Sets allocated so far.
+    allocated: std::sync::atomic::AtomicUsize,
 }
 
 impl Spare {
@@ -93,17 +97,32 @@ impl Spare {
             sets: Mutex::new(Vec::new()),
             lens,
             keep,
+            changed: tokio::sync::Notify::new(),
+            allocated: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Resolves at the next `notify` or return of a set after it is
+    /// enabled (`Notified::enable`), so a check made in between misses
+    /// nothing.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    /// Wakes the pushes waiting for their turn to take a set.
+    pub fn notify(&self) {
+        self.changed.notify_waiters();
     }
 
     /// A set of buffers: a kept one, or a new one (zeroed pages, touched
     /// only when written).
     pub fn take(self: &Arc<Self>) -> Buffers {
-        let chunks = self
-            .sets
-            .lock()
-            .pop()
-            .unwrap_or_else(|| self.lens.iter().map(|&n| vec![0.0; n]).collect());
+        let kept = self.sets.lock().pop();
+        let chunks = kept.unwrap_or_else(|| {
+            self.allocated
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.lens.iter().map(|&n| vec![0.0; n]).collect()
+        });
         Buffers {
             chunks,
             home: Arc::clone(self),
@@ -113,6 +132,12 @@ impl Spare {
     /// Sets kept now.
     pub fn kept(&self) -> usize {
         self.sets.lock().len()
+    }
+
+    /// Sets allocated so far: the most pushes received or waiting to be
+    /// summed at once.
+    pub fn allocated(&self) -> usize {
+        self.allocated.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -127,10 +152,13 @@ pub struct Buffers {
 impl Drop for Buffers {
     fn drop(&mut self) {
         let chunks = std::mem::take(&mut self.chunks);
-        let mut sets = self.home.sets.lock();
-        if sets.len() < self.home.keep {
-            sets.push(chunks);
+        {
+            let mut sets = self.home.sets.lock();
+            if sets.len() < self.home.keep {
+                sets.push(chunks);
+            }
         }
+        self.home.notify();
     }
 }
 
