@@ -280,6 +280,7 @@ impl ParamServer for Service {
         })?;
         // Waits for its turn on a one-shard job (see `Job::staging`).
         let (_reading, mut staging) = job.staging(worker, round).await;
+        let read_started = Instant::now();
         if !admit()? {
             return Ok(pushed(job.status().workers_pushed, true));
         }
@@ -305,10 +306,12 @@ impl ParamServer for Service {
             staging.feed(m.grads, &m.no_grad)
         };
         read_messages(first, &mut stream, budget, &what, size, |m| {
+            job.received(size(&m));
             feed(m).inspect_err(|e| job.metrics.refused(e.reason()))
         })
         .await?;
         let push = staging.finish().map_err(refused)?;
+        job.read_took(read_started.elapsed());
         let (admission, count) = job.push(worker, round, push).map_err(refused)?;
         job.metrics
             .push_duration

@@ -167,6 +167,8 @@ impl Job {
             }),
             grads: Mutex::new(grads),
             spare: Spare::new(lens, config.workers as usize),
+            received: 0.into(),
+            read_nanos: 0.into(),
             collect: Mutex::new(Collect {
                 round: resume.round,
                 pushed: vec![false; workers],

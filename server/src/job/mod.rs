@@ -134,6 +134,10 @@ pub struct Job {
     grads: Mutex<Vec<Accumulator>>,
     /// Buffers pushes are received into, kept across rounds.
     spare: Arc<Spare>,
+    /// Bytes of pushes received so far (see `Job::wait_turn`).
+    received: std::sync::atomic::AtomicU64,
+    /// How long the last push took to receive once it was its turn.
+    read_nanos: std::sync::atomic::AtomicU64,
     collect: Mutex<Collect>,
     completed: watch::Sender<u64>,
     /// Pushes accepted so far, so that the round's gatherer reports anew.
@@ -299,14 +303,15 @@ impl Job {
     ///
     /// On a one-shard job without backup workers, pushes that overlap are
     /// read in rank order: a push waits until every lower rank's push is
-    /// summed into the accumulator (its own stream held back meanwhile by
-    /// HTTP/2 flow control) as long as the next rank to sum is being
-    /// received, and up to `ARRIVAL_GRACE` for it to start. Workers
-    /// pushing together then cost one push's buffers beside the
-    /// accumulator, not one each. A push is read at once, beside the
+    /// received whole (its own stream held back meanwhile by HTTP/2 flow
+    /// control) as long as the next of them is being received and
+    /// progressing, and up to `turn_grace` for it to start. Workers
+    /// pushing together then cost at most two sets of push buffers beside
+    /// the accumulator (one being received, one being summed; one for two
+    /// workers), not one each. A push is read at once, beside the
     /// others, when the next rank has not started within the grace (a
-    /// late worker) or has not progressed for `turn_patience` (a stalled
-    /// stream): memory then grows as before, and latency does not. A
+    /// late worker) or no push has progressed for `turn_patience` (a
+    /// stalled stream): memory then grows as before, and latency does not. A
     /// cluster reads pushes as they come: a shard sums none before the
     /// coordinator chooses the round's members.
     pub async fn staging(&self, worker: u32, round: u64) -> (Reading<'_>, Staging<'_>) {
@@ -326,33 +331,46 @@ impl Job {
         (reading, staging)
     }
 
-    /// Waits, at most `turn_patience`, while a push of a lower rank than
-    /// `worker` is being received for `round` (or until the round is no
-    /// longer collected).
+    /// Waits while a push of a lower rank than `worker` is being received
+    /// for `round` and progressing, or up to `turn_grace` for it to start
+    /// (or until the round is no longer collected).
     async fn wait_turn(&self, worker: u32, round: u64) {
-        let start = tokio::time::Instant::now();
-        let grace = start + ARRIVAL_GRACE;
-        let (mut deadline, mut seen) = (start + self.turn_patience(), None);
+        let now = tokio::time::Instant::now;
+        let grace = now() + self.turn_grace();
+        let (mut deadline, mut seen) = (now(), None);
         loop {
             let changed = self.spare.changed();
             tokio::pin!(changed);
             changed.as_mut().enable();
             let wake = {
                 let c = self.collect.lock();
-                let next = c.folded as usize;
-                if c.round != round || c.closed || worker as usize <= next {
+                if c.round != round || c.closed {
                     return;
                 }
-                if seen != Some(next) {
-                    // The ranks before this one are progressing.
-                    (seen, deadline) = (
-                        Some(next),
-                        tokio::time::Instant::now() + self.turn_patience(),
-                    );
+                // The lowest rank not received whole yet: a push is read
+                // once every lower rank's is, while they are summed.
+                let next = (c.folded as usize..worker as usize)
+                    .find(|&j| !c.pushed[j])
+                    .unwrap_or(worker as usize);
+                // Rank 0's push is summed by trading buffers, at once: the
+                // next push waits for that, so two workers cost one set.
+                let trading = c.folded == 0 && next > 0;
+                if worker as usize <= next && !trading {
+                    return;
                 }
-                if c.reading[next] == Some(round) || c.pushed[next] {
+                // Progress: a push received whole or summed, or bytes
+                // received.
+                let progress = (c.folded, next, self.received.load(Ordering::Relaxed));
+                if seen != Some(progress) {
+                    (seen, deadline) = (Some(progress), now() + self.turn_patience());
+                }
+                if trading || c.reading[next] == Some(round) {
+                    if now() >= deadline {
+                        tracing::debug!(job = %self.name, worker, round, waiting_for = next, "a lower rank's push is not progressing; reading this one beside it");
+                        return;
+                    }
                     deadline
-                } else if tokio::time::Instant::now() < grace {
+                } else if now() < grace {
                     // The next rank, pushing at about the same time, may
                     // not have started yet.
                     grace
@@ -361,14 +379,37 @@ impl Job {
                     return;
                 }
             };
-            if tokio::time::timeout_at(wake, changed).await.is_err() && wake == deadline {
-                tracing::debug!(job = %self.name, worker, round, "a lower rank's push is not progressing; reading this one beside it");
-                return;
-            }
+            // Woken by a change, or at `wake` to look again.
+            let _ = tokio::time::timeout_at(wake, changed).await;
         }
     }
 
-    /// How long a push waits for its turn without the ranks before it
+    /// Counts `bytes` of a push received, the progress a push waiting for
+    /// its turn looks for.
+    pub fn received(&self, bytes: usize) {
+        self.received.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Records how long a push took to receive once it was its turn.
+    pub fn read_took(&self, took: std::time::Duration) {
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.read_nanos.store(nanos, Ordering::Relaxed);
+    }
+
+    /// How long a push waits for the next rank to start: `ARRIVAL_GRACE`,
+    /// or half the time the last push took to receive if longer (a large
+    /// push takes its worker longer to start sending); before any push was
+    /// timed (the first round, when workers connect), `turn_patience`.
+    fn turn_grace(&self) -> std::time::Duration {
+        match self.read_nanos.load(Ordering::Relaxed) {
+            0 => self.turn_patience(),
+            last => ARRIVAL_GRACE
+                .max(std::time::Duration::from_nanos(last) / 2)
+                .min(self.turn_patience()),
+        }
+    }
+
+    /// How long a push waits for its turn without the push before it
     /// progressing: a quarter of the worker timeout, at most a second.
     fn turn_patience(&self) -> std::time::Duration {
         (self.config.worker_timeout / 4).min(std::time::Duration::from_secs(1))

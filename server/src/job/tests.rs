@@ -60,7 +60,7 @@ fn gradient(w: u32) -> Vec<pb::Segment> {
 }
 
 #[tokio::test]
-async fn overlapping_pushes_are_read_in_rank_order_through_one_set_of_buffers() {
+async fn overlapping_pushes_are_read_in_rank_order_through_at_most_two_sets_of_buffers() {
     let job = job(3);
     // Rank 0 is being received; ranks 2 and 1 start meanwhile and wait.
     let (reading0, mut push0) = job.staging(0, 0).await;
@@ -90,6 +90,7 @@ async fn overlapping_pushes_are_read_in_rank_order_through_one_set_of_buffers() 
         (&mut second).now_or_never().is_none(),
         "rank 2 waits while rank 1 is received"
     );
+    assert_eq!(job.spare.allocated(), 1, "rank 1 reuses rank 0's set");
     push1.feed(gradient(1), &[]).expect("feed");
     job.push(1, 0, push1.finish().expect("push 1"))
         .expect("recorded");
@@ -105,10 +106,12 @@ async fn overlapping_pushes_are_read_in_rank_order_through_one_set_of_buffers() 
         .wait_for(|&r| r == 1)
         .await
         .expect("round 0 completes");
-    assert_eq!(
-        job.spare.allocated(),
-        1,
-        "one set of push buffers served all three pushes"
+    // Rank 0's set was traded into the accumulator before rank 1 was read;
+    // rank 2 may be read while rank 1 is summed.
+    assert!(
+        job.spare.allocated() <= 2,
+        "{} sets of push buffers for three pushes",
+        job.spare.allocated()
     );
     // lr 1, mean gradient (1 + 2 + 3) / 3 = 2, from zeros.
     let store = job.store.read();
@@ -126,8 +129,14 @@ async fn a_push_whose_lower_ranks_have_not_started_is_read_after_a_grace() {
     let job = job(2);
     let started = tokio::time::Instant::now();
     let (_reading, _push) = job.staging(1, 0).await;
+    // No push was timed yet: the first round's workers are connecting.
+    let patience = job.turn_patience();
     assert!(
-        started.elapsed() >= ARRIVAL_GRACE,
-        "rank 1 gave rank 0 {ARRIVAL_GRACE:?} to start"
+        started.elapsed() >= patience,
+        "rank 1 gave rank 0 {patience:?} to start"
     );
+    job.read_took(Duration::from_millis(30));
+    assert_eq!(job.turn_grace(), ARRIVAL_GRACE);
+    job.read_took(Duration::from_millis(600));
+    assert_eq!(job.turn_grace(), Duration::from_millis(300));
 }
