@@ -80,8 +80,8 @@ pub fn push(data: &[u8]) -> bool {
         .iter()
         .map(|&c| t.layout.chunks[c].len)
         .collect();
-    let mut staging = target.stage(Spare::new(lens, 1).take());
-    staging.feed(req.grads, &req.no_grad).is_ok() && staging.finish().is_ok()
+    let mut staging = target.stage(Spare::new(lens, 1).take(), false);
+    staging.feed(req.grads, &req.no_grad, None).is_ok() && staging.finish(None).is_ok()
 }
 
 /// Loads `data` as shard 0's file of a one-shard checkpoint whose manifest

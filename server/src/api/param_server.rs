@@ -303,14 +303,14 @@ impl ParamServer for Service {
                     "{what}: no_grad lists {no_grad} names, the job has {params} parameters"
                 )));
             }
-            staging.feed(m.grads, &m.no_grad)
+            job.feed(&mut staging, m.grads, &m.no_grad)
         };
         read_messages(first, &mut stream, budget, &what, size, |m| {
             job.received(size(&m));
             feed(m).inspect_err(|e| job.metrics.refused(e.reason()))
         })
         .await?;
-        let push = staging.finish().map_err(refused)?;
+        let push = job.finish(staging).map_err(refused)?;
         job.read_took(read_started.elapsed());
         let (admission, count) = job.push(worker, round, push).map_err(refused)?;
         job.metrics

@@ -28,6 +28,7 @@ use crate::metrics::JobMetrics;
 use crate::pieces::{Accumulator, Ownership, Spare, Staged, Staging, Target};
 use crate::spec::{JobConfig, NonFinite};
 use crate::store::ChunkState;
+use paramd_proto::v1::Segment;
 
 /// The outcome of a completed round, as Status and Pull report it.
 pub type Outcome = Decision;
@@ -303,12 +304,14 @@ impl Job {
     ///
     /// On a one-shard job without backup workers, pushes that overlap are
     /// read in rank order: a push waits until every lower rank's push is
-    /// received whole (its own stream held back meanwhile by HTTP/2 flow
-    /// control) as long as the next of them is being received and
-    /// progressing, and up to `turn_grace` for it to start. Workers
-    /// pushing together then cost at most two sets of push buffers beside
-    /// the accumulator (one being received, one being summed; one for two
-    /// workers), not one each. A push is read at once, beside the
+    /// summed (its own stream held back meanwhile by HTTP/2 flow control)
+    /// as long as the next of them is being received and progressing, and
+    /// up to `turn_grace` for it to start; then it is summed onto the
+    /// accumulators as it streams, into a spare set of buffers that
+    /// becomes the accumulators once it is received whole (a refused or
+    /// cut push leaves them untouched). Workers pushing together then
+    /// cost one set of push buffers beside the accumulators, not one each,
+    /// and no pass of its own to sum each push. A push is read at once, beside the
     /// others, when the next rank has not started within the grace (a
     /// late worker) or no push has progressed for `turn_patience` (a
     /// stalled stream): memory then grows as before, and latency does not. A
@@ -317,9 +320,16 @@ impl Job {
     pub async fn staging(&self, worker: u32, round: u64) -> (Reading<'_>, Staging<'_>) {
         self.collect.lock().reading[worker as usize] = Some(round);
         let reading = Reading { job: self, worker };
-        if self.cluster.size() == 1 && self.config.backup_workers == 0 {
+        let in_order = self.cluster.size() == 1 && self.config.backup_workers == 0;
+        if in_order {
             self.wait_turn(worker, round).await;
         }
+        // Every lower rank is summed: this push is summed as it streams,
+        // and its buffers become the accumulators when it is folded.
+        let summed = in_order && worker > 0 && {
+            let c = self.collect.lock();
+            c.round == round && !c.closed && c.folded == worker
+        };
         let staging = Target {
             params: &self.config.params,
             index: &self.index,
@@ -327,8 +337,35 @@ impl Job {
             own: &self.own,
             finite_only: self.config.non_finite == NonFinite::Error,
         }
-        .stage(self.spare.take());
+        .stage(self.spare.take(), summed);
         (reading, staging)
+    }
+
+    /// Checks and writes one message of a push (`Staging::feed`), adding
+    /// the accumulators if the push is summed as it streams: nothing else
+    /// changes them meanwhile, because the lower ranks are summed and the
+    /// higher ones wait; a round that closes without this push (worker
+    /// timeout) may, but then the push is refused when it is recorded.
+    pub fn feed(
+        &self,
+        staging: &mut Staging<'_>,
+        segments: Vec<Segment>,
+        no_grad: &[String],
+    ) -> Result<()> {
+        if staging.summed() {
+            staging.feed(segments, no_grad, Some(&self.grads.lock()))
+        } else {
+            staging.feed(segments, no_grad, None)
+        }
+    }
+
+    /// Accepts a push whole or refuses it (`Staging::finish`).
+    pub fn finish(&self, staging: Staging<'_>) -> Result<Staged> {
+        if staging.summed() {
+            staging.finish(Some(&self.grads.lock()))
+        } else {
+            staging.finish(None)
+        }
     }
 
     /// Waits while a push of a lower rank than `worker` is being received
@@ -347,24 +384,19 @@ impl Job {
                 if c.round != round || c.closed {
                     return;
                 }
-                // The lowest rank not received whole yet: a push is read
-                // once every lower rank's is, while they are summed.
-                let next = (c.folded as usize..worker as usize)
-                    .find(|&j| !c.pushed[j])
-                    .unwrap_or(worker as usize);
-                // Rank 0's push is summed by trading buffers, at once: the
-                // next push waits for that, so two workers cost one set.
-                let trading = c.folded == 0 && next > 0;
-                if worker as usize <= next && !trading {
+                // The lowest rank not summed yet. Summing a push received
+                // whole is a trade of buffers, at once, so a push waits
+                // until every lower rank's is summed.
+                let next = c.folded as usize;
+                if worker as usize <= next {
                     return;
                 }
-                // Progress: a push received whole or summed, or bytes
-                // received.
-                let progress = (c.folded, next, self.received.load(Ordering::Relaxed));
+                // Progress: a push summed, or bytes received.
+                let progress = (next, self.received.load(Ordering::Relaxed));
                 if seen != Some(progress) {
                     (seen, deadline) = (Some(progress), now() + self.turn_patience());
                 }
-                if trading || c.reading[next] == Some(round) {
+                if c.reading[next] == Some(round) || c.pushed[next] {
                     if now() >= deadline {
                         tracing::debug!(job = %self.name, worker, round, waiting_for = next, "a lower rank's push is not progressing; reading this one beside it");
                         return;

@@ -82,7 +82,7 @@ impl Job {
     async fn complete(self: Arc<Self>, round: u64, closed: Closed) -> Result<()> {
         let started = Instant::now();
         let job = Arc::clone(&self);
-        let report = compute::run(move || job.reduce(closed.folded, &closed.rest)).await?;
+        let report = compute::run(move || job.reduce(closed.folded, closed.rest)).await?;
         let Some(decision) = self.decide(round, report).await else {
             // Deleted meanwhile.
             return Ok(());
@@ -164,8 +164,14 @@ impl Job {
 
     /// Averages every chunk's pushes in rank order and reports the sums of
     /// squares. Runs on the compute pool.
-    fn reduce(&self, folded: usize, rest: &[Staged]) -> Report {
+    fn reduce(&self, mut folded: usize, mut rest: Vec<Staged>) -> Report {
         let mut grads = self.grads.lock();
+        // The next push may have been summed as it streamed, and not folded
+        // yet when the round closed: its buffers are the accumulators.
+        if rest.first().is_some_and(Staged::summed) {
+            rest.remove(0).fold_all(&mut grads, false);
+            folded += 1;
+        }
         let n = folded + rest.len();
         let sums: Vec<(usize, f64, bool)> = grads
             .par_iter_mut()

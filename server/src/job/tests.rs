@@ -60,7 +60,7 @@ fn gradient(w: u32) -> Vec<pb::Segment> {
 }
 
 #[tokio::test]
-async fn overlapping_pushes_are_read_in_rank_order_through_at_most_two_sets_of_buffers() {
+async fn overlapping_pushes_are_read_in_rank_order_and_summed_as_they_stream() {
     let job = job(3);
     // Rank 0 is being received; ranks 2 and 1 start meanwhile and wait.
     let (reading0, mut push0) = job.staging(0, 0).await;
@@ -75,8 +75,8 @@ async fn overlapping_pushes_are_read_in_rank_order_through_at_most_two_sets_of_b
         "rank 1 waits for rank 0"
     );
 
-    push0.feed(gradient(0), &[]).expect("feed");
-    job.push(0, 0, push0.finish().expect("push 0"))
+    job.feed(&mut push0, gradient(0), &[]).expect("feed");
+    job.push(0, 0, job.finish(push0).expect("push 0"))
         .expect("recorded");
     drop(reading0);
     // Rank 1 goes once rank 0 is summed and its buffers are back.
@@ -87,17 +87,22 @@ async fn overlapping_pushes_are_read_in_rank_order_through_at_most_two_sets_of_b
         "rank 1 was let in by rank 0's fold"
     );
     assert!(
+        push1.summed(),
+        "rank 1 is summed onto rank 0's as it streams"
+    );
+    assert!(
         (&mut second).now_or_never().is_none(),
         "rank 2 waits while rank 1 is received"
     );
     assert_eq!(job.spare.allocated(), 1, "rank 1 reuses rank 0's set");
-    push1.feed(gradient(1), &[]).expect("feed");
-    job.push(1, 0, push1.finish().expect("push 1"))
+    job.feed(&mut push1, gradient(1), &[]).expect("feed");
+    job.push(1, 0, job.finish(push1).expect("push 1"))
         .expect("recorded");
     drop(reading1);
     let (reading2, mut push2) = second.await;
-    push2.feed(gradient(2), &[]).expect("feed");
-    job.push(2, 0, push2.finish().expect("push 2"))
+    assert!(push2.summed());
+    job.feed(&mut push2, gradient(2), &[]).expect("feed");
+    job.push(2, 0, job.finish(push2).expect("push 2"))
         .expect("recorded");
     drop(reading2);
 
@@ -106,12 +111,12 @@ async fn overlapping_pushes_are_read_in_rank_order_through_at_most_two_sets_of_b
         .wait_for(|&r| r == 1)
         .await
         .expect("round 0 completes");
-    // Rank 0's set was traded into the accumulator before rank 1 was read;
-    // rank 2 may be read while rank 1 is summed.
-    assert!(
-        job.spare.allocated() <= 2,
-        "{} sets of push buffers for three pushes",
-        job.spare.allocated()
+    // Each push was summed by trading its set with the accumulators, and
+    // the next one was read into the set given back.
+    assert_eq!(
+        job.spare.allocated(),
+        1,
+        "one set of push buffers served all three pushes"
     );
     // lr 1, mean gradient (1 + 2 + 3) / 3 = 2, from zeros.
     let store = job.store.read();

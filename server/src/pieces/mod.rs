@@ -59,12 +59,16 @@ pub struct Target<'a> {
 }
 
 impl<'a> Target<'a> {
-    /// Starts receiving one push into `buffers`, message by message.
-    pub fn stage(self, buffers: Buffers) -> Staging<'a> {
+    /// Starts receiving one push into `buffers`, message by message. With
+    /// `summed`, the buffers receive the push added to the accumulators
+    /// given to `feed` and `finish` (the next push of a rank-order mean,
+    /// summed as it streams), not the push itself.
+    pub fn stage(self, buffers: Buffers, summed: bool) -> Staging<'a> {
         let n = self.params.len();
         Staging {
             target: self,
             buffers,
+            summed,
             absent: vec![false; n],
             sent: vec![false; n],
             got: vec![0; n],
@@ -179,12 +183,26 @@ pub struct Staging<'a> {
     /// overlaps at the end.
     spans: Vec<(usize, usize, usize)>,
     bytes: usize,
+    /// The buffers hold the accumulators plus the push (see `stage`).
+    summed: bool,
 }
 
 impl Staging<'_> {
+    /// Whether `feed` and `finish` need the accumulators (see `stage`).
+    pub fn summed(&self) -> bool {
+        self.summed
+    }
+
     /// Checks and writes one message's segments. The parameters named in
     /// `no_grad` have no gradient in this push: they must not be sent.
-    pub fn feed(&mut self, segments: Vec<Segment>, no_grad: &[String]) -> Result<()> {
+    /// `sum`: the accumulators, if `summed`.
+    pub fn feed(
+        &mut self,
+        segments: Vec<Segment>,
+        no_grad: &[String],
+        sum: Option<&[Accumulator]>,
+    ) -> Result<()> {
+        self.check_sum(sum)?;
         let t = &self.target;
         for name in no_grad {
             let &p = t
@@ -223,7 +241,11 @@ impl Staging<'_> {
                 let local =
                     t.own.local[id].ok_or_else(|| Error::Invalid(not_held(&t.params[p], chunk)))?;
                 let dst = &mut self.buffers.chunks[local][start..][..run.len()];
-                decode_into(dst, &s.data[4 * run.start..4 * run.end]);
+                let bytes = &s.data[4 * run.start..4 * run.end];
+                match sum {
+                    Some(accs) => add_into(dst, &accs[local].sum[start..][..run.len()], bytes),
+                    None => decode_into(dst, bytes),
+                }
             }
             self.got[p] += s.data.len();
             self.spans.push((p, offset, n));
@@ -232,9 +254,22 @@ impl Staging<'_> {
         Ok(())
     }
 
+    fn check_sum(&self, sum: Option<&[Accumulator]>) -> Result<()> {
+        if sum.is_some() != self.summed
+            || sum.is_some_and(|accs| accs.len() != self.buffers.chunks.len())
+        {
+            return Err(Error::Internal(
+                "a push summed as it streams needs the accumulators, and only it".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Accepts the push if no element was sent twice and every parameter
-    /// not listed in `no_grad` is covered whole on this shard.
-    pub fn finish(mut self) -> Result<Staged> {
+    /// not listed in `no_grad` is covered whole on this shard. `sum`: the
+    /// accumulators, if `summed`.
+    pub fn finish(mut self, sum: Option<&[Accumulator]>) -> Result<Staged> {
+        self.check_sum(sum)?;
         let t = &self.target;
         self.spans.sort_unstable();
         let mut end = vec![0usize; t.params.len()];
@@ -274,16 +309,27 @@ impl Staging<'_> {
                 )
             });
         }
-        let has = t
+        let has: Vec<bool> = t
             .own
             .chunks
             .iter()
             .map(|&id| !self.absent[t.layout.chunks[id].param])
             .collect();
+        if let Some(accs) = sum {
+            // A chunk without a gradient adds zeros: -0.0 becomes +0.0, as
+            // in `fold_into`.
+            for (local, _) in has.iter().enumerate().filter(|(_, h)| !**h) {
+                let dst = &mut self.buffers.chunks[local];
+                dst.iter_mut()
+                    .zip(&accs[local].sum)
+                    .for_each(|(d, a)| *d = a + 0.0);
+            }
+        }
         Ok(Staged {
             buffers: self.buffers,
             has,
             bytes: self.bytes,
+            summed: self.summed,
         })
     }
 }
@@ -301,6 +347,9 @@ pub struct Staged {
     /// parameter is listed in `no_grad`).
     has: Vec<bool>,
     pub bytes: usize,
+    /// The buffers hold the accumulators plus the push, summed as it
+    /// streamed (see `Target::stage`).
+    summed: bool,
 }
 
 impl Staged {
@@ -309,10 +358,27 @@ impl Staged {
         self.has[local].then(|| &self.buffers.chunks[local][..])
     }
 
+    /// Whether the push was summed as it streamed: `chunk` then holds the
+    /// accumulators plus the push, and only `fold_all` may take it.
+    pub fn summed(&self) -> bool {
+        self.summed
+    }
+
     /// Folds the whole push into `accs`, one accumulator per chunk, as the
     /// next push of a rank-order mean (`fold_into`). The first push of a
-    /// mean trades buffers with the accumulators instead of copying.
+    /// mean, and a push summed as it streamed onto these very accumulators,
+    /// trade buffers with the accumulators instead of copying or adding.
     pub fn fold_all(&mut self, accs: &mut [Accumulator], first: bool) {
+        if self.summed {
+            accs.par_iter_mut()
+                .zip(self.buffers.chunks.par_iter_mut())
+                .zip(self.has.par_iter())
+                .for_each(|((acc, buf), &has)| {
+                    std::mem::swap(&mut acc.sum, buf);
+                    acc.gradients += u32::from(has);
+                });
+            return;
+        }
         accs.par_iter_mut()
             .zip(self.buffers.chunks.par_iter_mut())
             .zip(self.has.par_iter())
@@ -391,6 +457,14 @@ fn runs(
 fn decode_into(dst: &mut [f32], bytes: &[u8]) {
     for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
         *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+}
+
+/// Writes `sum` plus the little-endian f32 `bytes` into `dst`: the same
+/// addition, in the same order, as `fold_into` makes later.
+fn add_into(dst: &mut [f32], sum: &[f32], bytes: &[u8]) {
+    for ((d, a), b) in dst.iter_mut().zip(sum).zip(bytes.chunks_exact(4)) {
+        *d = a + f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     }
 }
 

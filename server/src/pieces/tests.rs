@@ -150,12 +150,12 @@ fn stage(
         own: &own,
         finite_only: true,
     };
-    let mut staging = target.stage(spare.take());
+    let mut staging = target.stage(spare.take(), false);
     for (segments, no_grad) in messages {
         let names: Vec<String> = no_grad.into_iter().map(String::from).collect();
-        staging.feed(segments, &names)?;
+        staging.feed(segments, &names, None)?;
     }
-    staging.finish()
+    staging.finish(None)
 }
 
 fn spare_for(c: &JobConfig, owners: &[u32], keep: usize) -> Arc<Spare> {
@@ -317,4 +317,74 @@ fn the_first_push_of_a_mean_trades_buffers_and_the_next_ones_add() {
     assert!(accs[0].sum[1].is_sign_positive(), "-0.0 + 0.0 is +0.0");
     assert_eq!(accs[1].sum, vec![3.0]);
     assert_eq!(accs[0].gradients, 1);
+}
+
+#[test]
+fn a_push_summed_as_it_streams_is_what_folding_it_would_give() {
+    let c = config(&[&[3], &[1]]);
+    let owners = [0, 0, 0];
+    let spare = spare_for(&c, &owners, 2);
+    let rank0 = || {
+        vec![(
+            vec![seg(0, 0, &[1.0, -0.0, 3.0]), seg(1, 0, &[-0.0])],
+            vec![],
+        )]
+    };
+    let mut folded = vec![
+        Accumulator::new(2),
+        Accumulator::new(1),
+        Accumulator::new(1),
+    ];
+    stage(&c, &owners, &spare, rank0())
+        .expect("rank 0")
+        .fold_all(&mut folded, true);
+    let mut streamed = vec![
+        Accumulator::new(2),
+        Accumulator::new(1),
+        Accumulator::new(1),
+    ];
+    stage(&c, &owners, &spare, rank0())
+        .expect("rank 0")
+        .fold_all(&mut streamed, true);
+    // Rank 1: p0 in two messages, p1 without a gradient.
+    let messages = || {
+        vec![
+            (vec![seg(0, 2, &[0.5])], vec!["p1"]),
+            (vec![seg(0, 0, &[0.25, 2.0])], vec![]),
+        ]
+    };
+    stage(&c, &owners, &spare, messages())
+        .expect("rank 1")
+        .fold_all(&mut folded, false);
+    let layout = Layout::with_chunk_elems(&c.params, 2);
+    let own = Ownership::of(&owners, 0);
+    let index = c.index();
+    let target = Target {
+        params: &c.params,
+        index: &index,
+        layout: &layout,
+        own: &own,
+        finite_only: true,
+    };
+    let mut staging = target.stage(spare.take(), true);
+    assert!(
+        staging.feed(vec![], &[], None).is_err(),
+        "a summed push needs the sums"
+    );
+    for (segments, no_grad) in messages() {
+        let names: Vec<String> = no_grad.into_iter().map(String::from).collect();
+        staging
+            .feed(segments, &names, Some(&streamed))
+            .expect("feed");
+    }
+    let mut push = staging.finish(Some(&streamed)).expect("rank 1");
+    assert!(push.summed());
+    push.fold_all(&mut streamed, false);
+    for (f, s) in folded.iter().zip(&streamed) {
+        let bits = |a: &Accumulator| a.sum.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(f), bits(s));
+        assert_eq!(f.gradients, s.gradients);
+    }
+    assert!(streamed[2].sum[0].is_sign_positive(), "-0.0 + 0.0 is +0.0");
+    assert_eq!(streamed[2].gradients, 1);
 }
