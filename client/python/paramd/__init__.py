@@ -12,6 +12,7 @@ PyTorch training loop uses in place of `torch.optim`.
 from .client import Client, Exported, InitResult, OptimizerState, ParamState, Pulled, PushResult
 from .credentials import TLS
 from .config import SGD, Adam, AdamW, ClipGradNorm, Constant, CosineAnnealing, Optimizer, Schedule, WarmupCosine
+from .options import JobOptions
 from .errors import (
     Aborted,
     DeadlineExceeded,
@@ -49,6 +50,7 @@ __all__ = [
     "WarmupCosine",
     "CosineAnnealing",
     "ClipGradNorm",
+    "JobOptions",
     "Error",
     "InvalidArgument",
     "NotFound",

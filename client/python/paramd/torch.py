@@ -37,9 +37,10 @@ import torch
 
 from . import errors
 from .client import Client
-from .config import SGD, Adam, AdamW, ClipGradNorm, Optimizer, Schedule, job_spec
+from .config import SGD, Adam, AdamW, Optimizer, job_spec
+from .options import JobOptions
 
-__all__ = ["RemoteOptimizer", "DistributedOptimizer", "translate"]
+__all__ = ["RemoteOptimizer", "DistributedOptimizer", "JobOptions", "translate"]
 
 # Keys of a torch param group that only choose an implementation; they do
 # not change the numbers paramd reproduces.
@@ -144,34 +145,20 @@ class _Remote:
         named: Sequence[Tuple[str, torch.Tensor]],
         optimizer: Optimizer,
         groups: Optional[List[Dict[str, Any]]],
-        *,
-        server: Optional[str],
-        job: str,
-        rank: Optional[int],
-        world_size: Optional[int],
-        schedule: Optional[Schedule],
-        clip: Optional[ClipGradNorm],
-        client: Optional[Client],
-        token: Optional[str],
-        tls: Any,
-        timeout: float,
-        join_timeout: Optional[float],
-        non_finite: str,
-        worker_timeout: Optional[float],
-        backup_workers: int,
-        overlap: bool,
+        o: JobOptions,
     ) -> None:
+        job, client = o.job, o.client
         if not isinstance(job, str) or not job:
             raise errors.InvalidArgument("job must be a non-empty string, got %r" % (job,))
         if client is None:
-            if not server:
+            if not o.server:
                 raise errors.InvalidArgument("server is required (e.g. 'http://ps:50051'), or pass client=")
-            client = Client(server, token=token, tls=tls, timeout=timeout)
+            client = Client(o.server, token=o.token, tls=o.tls, timeout=o.timeout)
         self.client = client
         self.job = job
-        self._schedule = schedule
+        self._schedule = o.schedule
         self._base = optimizer
-        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        self.rank, self.world_size = _rank_and_world(o.rank, o.world_size)
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
         for n, p in named:
@@ -184,18 +171,18 @@ class _Remote:
             optimizer,
             self.world_size,
             param_groups=groups,
-            schedule=schedule,
-            clip=clip,
-            non_finite=non_finite,
-            worker_timeout=worker_timeout,
-            backup_workers=backup_workers,
+            schedule=o.schedule,
+            clip=o.clip,
+            non_finite=o.non_finite,
+            worker_timeout=o.worker_timeout,
+            backup_workers=o.backup_workers,
         )
         self.last = None
         if self.rank == 0:
             values = {n: p.detach().to("cpu").numpy() for n, p in named}
             r = client.init(job, values, spec=spec)
         else:
-            self._wait_for_job(timeout if join_timeout is None else join_timeout)
+            self._wait_for_job(o.timeout if o.join_timeout is None else o.join_timeout)
             r = client.init(job, [(n, tuple(p.shape)) for n, p in named], spec=spec)
         self.round = r.round
         self._sync(self.round)
@@ -203,7 +190,7 @@ class _Remote:
         # accumulated it (the push is open from the first), so the network
         # works while backward computes the rest, as DDP's bucketed
         # all-reduce does.
-        self._overlap = bool(overlap)
+        self._overlap = bool(o.overlap)
         self._stream: Any = None
         self._sent: set = set()
         if self._overlap:
@@ -446,37 +433,22 @@ def _named(named_parameters: Iterable[Tuple[str, torch.Tensor]], what: str) -> L
 class RemoteOptimizer(_Remote):
     """An optimizer whose step runs on paramd, configured like torch.optim.
 
-    `param_groups` are dicts like torch's, whose "params" are names or the
-    parameters themselves; every parameter must be in one group. `rank` and
-    `world_size` default to torch.distributed's, else to torchrun's
-    RANK/WORLD_SIZE. `join_timeout` bounds how long ranks other than 0 wait
-    for rank 0 to create the job (default: `timeout`). `token`, `tls` and
-    `timeout` are `paramd.Client`'s (token and TLS default to paramctl's
-    environment variables), or pass a ready `client=`.
+    `optimizer` is paramd.SGD, Adam or AdamW. `param_groups` are dicts like
+    torch's, whose "params" are names or the parameters themselves; every
+    parameter must be in one group. The server, the job, the rank and the
+    rest are `paramd.JobOptions`, given as keywords or as `options=`.
     """
 
     def __init__(
         self,
         named_parameters: Iterable[Tuple[str, torch.Tensor]],
-        server: Optional[str] = None,
-        job: str = "",
-        rank: Optional[int] = None,
-        world_size: Optional[int] = None,
+        *,
         optimizer: Optional[Optimizer] = None,
         param_groups: Optional[Sequence[Mapping[str, Any]]] = None,
-        schedule: Optional[Schedule] = None,
-        clip: Optional[ClipGradNorm] = None,
-        *,
-        client: Optional[Client] = None,
-        token: Optional[str] = None,
-        tls: Any = None,
-        timeout: float = 300.0,
-        join_timeout: Optional[float] = None,
-        non_finite: str = "skip",
-        worker_timeout: Optional[float] = None,
-        backup_workers: int = 0,
-        overlap: bool = False,
+        options: Optional[JobOptions] = None,
+        **keywords: Any,
     ):
+        o = JobOptions.of(options, keywords, "RemoteOptimizer")
         named = _named(named_parameters, "named_parameters")
         if optimizer is None:
             raise errors.InvalidArgument("optimizer is required: paramd.SGD, paramd.Adam or paramd.AdamW")
@@ -509,26 +481,7 @@ class RemoteOptimizer(_Remote):
                 groups.append(dict(g, params=names))
         self.optimizer = optimizer
         self.param_groups = groups or [{"params": [n for n, _ in named]}]
-        self._setup(
-            named,
-            optimizer,
-            groups,
-            server=server,
-            job=job,
-            rank=rank,
-            world_size=world_size,
-            schedule=schedule,
-            clip=clip,
-            client=client,
-            token=token,
-            tls=tls,
-            timeout=timeout,
-            join_timeout=join_timeout,
-            non_finite=non_finite,
-            worker_timeout=worker_timeout,
-            backup_workers=backup_workers,
-            overlap=overlap,
-        )
+        self._setup(named, optimizer, groups, o)
 
     def _torch_groups(self) -> List[Tuple[Dict[str, Any], List[str]]]:
         out = []
@@ -557,30 +510,19 @@ class DistributedOptimizer(_Remote):
     does not hold stay as they are (frozen), as they would with torch.
     The hyperparameters are read once, here: the server holds them (and
     the schedule) from then on, so changing the wrapped optimizer's groups
-    later has no effect.
+    later has no effect. The server, the job, the rank and the rest are
+    `paramd.JobOptions`, given as keywords or as `options=`.
     """
 
     def __init__(
         self,
         optimizer: "torch.optim.Optimizer",
         named_parameters: Iterable[Tuple[str, torch.Tensor]] = None,  # type: ignore[assignment]
-        server: Optional[str] = None,
-        job: str = "",
-        rank: Optional[int] = None,
-        world_size: Optional[int] = None,
-        schedule: Optional[Schedule] = None,
-        clip: Optional[ClipGradNorm] = None,
         *,
-        client: Optional[Client] = None,
-        token: Optional[str] = None,
-        tls: Any = None,
-        timeout: float = 300.0,
-        join_timeout: Optional[float] = None,
-        non_finite: str = "skip",
-        worker_timeout: Optional[float] = None,
-        backup_workers: int = 0,
-        overlap: bool = False,
+        options: Optional[JobOptions] = None,
+        **keywords: Any,
     ):
+        o = JobOptions.of(options, keywords, "DistributedOptimizer")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise errors.InvalidArgument(
                 "optimizer must be a torch.optim optimizer, got %r (for paramd.SGD/Adam/AdamW use "
@@ -607,26 +549,7 @@ class DistributedOptimizer(_Remote):
         self._by_id = by_id
         self.optimizer = optimizer
         self.param_groups = optimizer.param_groups
-        self._setup(
-            job_params,
-            base,
-            groups,
-            server=server,
-            job=job,
-            rank=rank,
-            world_size=world_size,
-            schedule=schedule,
-            clip=clip,
-            client=client,
-            token=token,
-            tls=tls,
-            timeout=timeout,
-            join_timeout=join_timeout,
-            non_finite=non_finite,
-            worker_timeout=worker_timeout,
-            backup_workers=backup_workers,
-            overlap=overlap,
-        )
+        self._setup(job_params, base, groups, o)
 
     def _torch_groups(self) -> List[Tuple[Dict[str, Any], List[str]]]:
         out = []

@@ -149,3 +149,23 @@ def test_rank_and_world_size_come_from_torchrun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert pt._rank_and_world(None, None) == (2, 3)
     assert pt._rank_and_world(0, None) == (0, 3)
+
+
+def test_job_options_are_one_set_of_keywords_for_both_optimizers():
+    m = model()
+    options = paramd.JobOptions(server=NOWHERE, job="j", rank=0, world_size=1)
+    # Keywords given beside options= override its fields.
+    with pytest.raises(paramd.InvalidArgument, match="job must be a non-empty string"):
+        pt.RemoteOptimizer(m.named_parameters(), optimizer=paramd.SGD(), options=options, job="")
+    with pytest.raises(paramd.InvalidArgument, match="job must be a non-empty string"):
+        pt.DistributedOptimizer(
+            torch.optim.SGD(m.parameters()), named_parameters=m.named_parameters(), options=options, job=""
+        )
+    for make in (
+        lambda: pt.RemoteOptimizer(m.named_parameters(), optimizer=paramd.SGD(), options=options, jobb="j"),
+        lambda: pt.DistributedOptimizer(torch.optim.SGD(m.parameters()), m.named_parameters(), jobb="j"),
+    ):
+        with pytest.raises(TypeError, match="unexpected keyword argument 'jobb'"):
+            make()
+    with pytest.raises(TypeError, match="options must be paramd.JobOptions"):
+        pt.RemoteOptimizer(m.named_parameters(), optimizer=paramd.SGD(), options={"job": "j"})
