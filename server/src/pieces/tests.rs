@@ -140,6 +140,17 @@ fn stage(
     spare: &Arc<Spare>,
     messages: Vec<(Vec<Segment>, Vec<&str>)>,
 ) -> Result<Staged> {
+    stage_onto(c, owners, spare, messages, None)
+}
+
+/// `stage`, summed as it streams onto `sum` if given.
+fn stage_onto(
+    c: &JobConfig,
+    owners: &[u32],
+    spare: &Arc<Spare>,
+    messages: Vec<(Vec<Segment>, Vec<&str>)>,
+    sum: Option<&[Accumulator]>,
+) -> Result<Staged> {
     let layout = Layout::with_chunk_elems(&c.params, 2);
     let own = Ownership::of(owners, 0);
     let index = c.index();
@@ -150,12 +161,12 @@ fn stage(
         own: &own,
         finite_only: true,
     };
-    let mut staging = target.stage(spare.take(), false);
+    let mut staging = target.stage(spare.take(), sum.is_some());
     for (segments, no_grad) in messages {
         let names: Vec<String> = no_grad.into_iter().map(String::from).collect();
-        staging.feed(segments, &names, None)?;
+        staging.feed(segments, &names, sum)?;
     }
-    staging.finish(None)
+    staging.finish(sum)
 }
 
 fn spare_for(c: &JobConfig, owners: &[u32], keep: usize) -> Arc<Spare> {
@@ -330,22 +341,18 @@ fn a_push_summed_as_it_streams_is_what_folding_it_would_give() {
             vec![],
         )]
     };
-    let mut folded = vec![
-        Accumulator::new(2),
-        Accumulator::new(1),
-        Accumulator::new(1),
-    ];
-    stage(&c, &owners, &spare, rank0())
-        .expect("rank 0")
-        .fold_all(&mut folded, true);
-    let mut streamed = vec![
-        Accumulator::new(2),
-        Accumulator::new(1),
-        Accumulator::new(1),
-    ];
-    stage(&c, &owners, &spare, rank0())
-        .expect("rank 0")
-        .fold_all(&mut streamed, true);
+    let summed_rank0 = || {
+        let mut accs = vec![
+            Accumulator::new(2),
+            Accumulator::new(1),
+            Accumulator::new(1),
+        ];
+        stage(&c, &owners, &spare, rank0())
+            .expect("rank 0")
+            .fold_all(&mut accs, true);
+        accs
+    };
+    let (mut folded, mut streamed) = (summed_rank0(), summed_rank0());
     // Rank 1: p0 in two messages, p1 without a gradient.
     let messages = || {
         vec![
@@ -356,28 +363,9 @@ fn a_push_summed_as_it_streams_is_what_folding_it_would_give() {
     stage(&c, &owners, &spare, messages())
         .expect("rank 1")
         .fold_all(&mut folded, false);
-    let layout = Layout::with_chunk_elems(&c.params, 2);
-    let own = Ownership::of(&owners, 0);
-    let index = c.index();
-    let target = Target {
-        params: &c.params,
-        index: &index,
-        layout: &layout,
-        own: &own,
-        finite_only: true,
-    };
-    let mut staging = target.stage(spare.take(), true);
-    assert!(
-        staging.feed(vec![], &[], None).is_err(),
-        "a summed push needs the sums"
-    );
-    for (segments, no_grad) in messages() {
-        let names: Vec<String> = no_grad.into_iter().map(String::from).collect();
-        staging
-            .feed(segments, &names, Some(&streamed))
-            .expect("feed");
-    }
-    let mut push = staging.finish(Some(&streamed)).expect("rank 1");
+    let wrong = stage_onto(&c, &owners, &spare, messages(), Some(&streamed[..1]));
+    assert!(wrong.is_err(), "a summed push needs every chunk's sum");
+    let mut push = stage_onto(&c, &owners, &spare, messages(), Some(&streamed)).expect("rank 1");
     assert!(push.summed());
     push.fold_all(&mut streamed, false);
     for (f, s) in folded.iter().zip(&streamed) {
