@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 
+use crate::api::pull_frames::PullFrames;
 use crate::api::{auth, http, listen, param_server, shard};
 use crate::metrics;
 use crate::node::{Node, NodeConfig};
@@ -115,9 +116,13 @@ pub async fn serve(
     // before any message is decoded; messages over the limit are refused
     // from their length prefix, before they are buffered.
     let service = InterceptedService::new(
-        ParamServerServer::new(param_server::Service::new(Arc::clone(&node)))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
+        PullFrames::new(
+            ParamServerServer::new(param_server::Service::new(Arc::clone(&node)))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+            param_server::Service::new(Arc::clone(&node)),
+            max_message,
+        ),
         auth.clone(),
     );
     let reflection = InterceptedService::new(

@@ -7,4 +7,5 @@ pub mod auth;
 pub mod http;
 pub mod listen;
 pub mod param_server;
+pub mod pull_frames;
 pub mod shard;

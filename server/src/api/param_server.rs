@@ -154,7 +154,7 @@ pub(crate) async fn status(node: &Node, job: &str) -> crate::error::Result<pb::S
     })
 }
 
-type PullStream = Pin<Box<dyn Stream<Item = Result<pb::PullResponse, Status>> + Send>>;
+pub(crate) type PullStream = Pin<Box<dyn Stream<Item = Result<pb::PullResponse, Status>> + Send>>;
 type StateStream = Pin<Box<dyn Stream<Item = Result<pb::StateResponse, Status>> + Send>>;
 
 impl Service {
