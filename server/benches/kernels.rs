@@ -9,11 +9,11 @@
 
 use std::time::Instant;
 
+use paramd::chunk::ChunkState;
 use paramd::clip::sum_squares;
 use paramd::layout::{DEFAULT_CHUNK_BYTES, Layout};
 use paramd::optim::{AdamHyper, Hyper, SgdHyper};
 use paramd::spec::ParamInfo;
-use paramd::store::ChunkState;
 use rayon::prelude::*;
 
 struct Args {

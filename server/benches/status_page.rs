@@ -25,10 +25,10 @@ fn decision(round: u64) -> Decision {
     Decision {
         round,
         step: round + 1,
-        skip: round.is_multiple_of(997),
+        skipped: round.is_multiple_of(997),
         grad_norm: (1.0 + (x * 0.37).sin().abs() * 20.0) as f32,
-        coef: (1.0 / (1.0 + x.sqrt())) as f32,
-        lrs: (0..GROUPS)
+        clip_coefficient: (1.0 / (1.0 + x.sqrt())) as f32,
+        lr: (0..GROUPS)
             .map(|g| 1e-3 * (g + 1) as f64 * (1.0 - x / 2e4))
             .collect(),
     }
@@ -53,8 +53,8 @@ fn job_status(i: usize) -> pb::JobStatus {
             step: last.step,
             skipped: false,
             grad_norm: last.grad_norm,
-            clip_coefficient: last.coef,
-            lr: last.lrs,
+            clip_coefficient: last.clip_coefficient,
+            lr: last.lr,
         }),
         shards: (0..3)
             .map(|s| pb::ShardInfo {

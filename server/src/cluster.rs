@@ -174,10 +174,10 @@ impl Cluster {
             .ok_or_else(|| Error::Internal("the coordinator sent no decision".into()))?;
         Ok(Decision {
             round: d.round,
-            skip: d.skipped,
+            skipped: d.skipped,
             grad_norm: d.grad_norm,
-            coef: d.clip_coefficient,
-            lrs: d.lr,
+            clip_coefficient: d.clip_coefficient,
+            lr: d.lr,
             step: d.step,
         })
     }

@@ -34,13 +34,16 @@ pub struct Report {
 pub struct Decision {
     pub round: u64,
     /// The gradient was not finite: apply nothing.
-    pub skip: bool,
+    #[serde(rename = "skip")]
+    pub skipped: bool,
     /// Global L2 norm of the mean gradient, before clipping.
     pub grad_norm: f32,
     /// Multiplier of the gradient (1 without clipping).
-    pub coef: f32,
+    #[serde(rename = "coef")]
+    pub clip_coefficient: f32,
     /// The learning rate of each param group for this step.
-    pub lrs: Vec<f64>,
+    #[serde(rename = "lrs")]
+    pub lr: Vec<f64>,
     /// Optimizer steps applied once this decision is applied.
     pub step: u64,
 }
@@ -102,10 +105,10 @@ impl Policy {
         };
         Decision {
             round,
-            skip,
+            skipped: skip,
             grad_norm,
-            coef,
-            lrs: self.lrs(step),
+            clip_coefficient: coef,
+            lr: self.lrs(step),
             step: if skip { step } else { step + 1 },
         }
     }
@@ -437,8 +440,8 @@ mod tests {
         let d1 = p.decide(0, 0, &[a.clone(), b.clone()]);
         let d2 = p.decide(0, 0, &[b, a]);
         assert_eq!(d1.grad_norm.to_bits(), d2.grad_norm.to_bits());
-        assert!(d1.coef < 1.0);
-        assert_eq!(d1.lrs, vec![0.0, 0.0], "the first warmup step has lr 0");
+        assert!(d1.clip_coefficient < 1.0);
+        assert_eq!(d1.lr, vec![0.0, 0.0], "the first warmup step has lr 0");
         assert_eq!(d1.step, 1);
     }
 
@@ -451,7 +454,7 @@ mod tests {
         };
         for clip in [Some(1.0), None] {
             let d = policy(clip).decide(0, 5, std::slice::from_ref(&r));
-            assert!(d.skip && d.grad_norm.is_infinite(), "{d:?}");
+            assert!(d.skipped && d.grad_norm.is_infinite(), "{d:?}");
             assert_eq!(d.step, 5);
         }
     }
@@ -463,9 +466,9 @@ mod tests {
             non_finite: true,
         };
         let d = policy(None).decide(7, 3, &[r]);
-        assert!(d.skip);
+        assert!(d.skipped);
         assert_eq!(d.step, 3);
-        assert_eq!(d.coef, 1.0);
+        assert_eq!(d.clip_coefficient, 1.0);
     }
 
     fn held(shards: &[&[u32]]) -> Vec<Option<Vec<bool>>> {

@@ -1,12 +1,13 @@
 //! paramd: a parameter-server daemon whose optimizers reproduce `torch.optim`.
 //!
 //! `math` (`optim`, `schedule`, `clip`) is pure functions over slices;
-//! `layout`, `pieces`, `store`, `job` and `coordinator` hold a job's chunks
+//! `layout`, `pieces`, `chunk`, `job` and `coordinator` hold a job's chunks
 //! and run its rounds; `api` is the network surface; `server` serves it.
 //! ARCHITECTURE.md at the top of the repository is the map.
 
 pub mod api;
 pub mod checkpoint;
+pub mod chunk;
 pub mod cluster;
 pub mod compute;
 pub mod config;
@@ -22,7 +23,6 @@ pub mod node;
 pub mod pieces;
 pub mod server;
 pub mod spec;
-pub mod store;
 pub mod token;
 
 // The modules' former paths, kept while the layout moves to layers.

@@ -6,9 +6,9 @@
 use std::path::PathBuf;
 
 use paramd::checkpoint::{ChunkRef, ShardMeta, write_shard};
+use paramd::chunk::ChunkState;
 use paramd::fuzzing;
 use paramd::optim::{Hyper, SgdHyper};
-use paramd::store::ChunkState;
 use paramd_client::v1 as pb;
 use prost::Message;
 
@@ -65,7 +65,7 @@ fn valid_checkpoint() -> Vec<u8> {
     let states: Vec<ChunkState> = sizes
         .iter()
         .map(|&(_, _, n)| ChunkState {
-            values: paramd::store::Values::new(vec![1.5; n]),
+            values: paramd::chunk::Values::new(vec![1.5; n]),
             buffers: vec![],
             step: 2,
         })

@@ -13,7 +13,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "shape",
         &[
-            "spec", "layout", "pieces", "store", "limits", "error", "compute", "metrics", "token",
+            "spec", "layout", "pieces", "chunk", "limits", "error", "compute", "metrics", "token",
             "invalid",
         ],
     ),

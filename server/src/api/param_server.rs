@@ -11,9 +11,10 @@ use paramd_proto::v1::param_server_server::ParamServer;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::coordinator::Decision;
 use crate::error::Error;
 use crate::invalid;
-use crate::job::{Admission, Job, Outcome};
+use crate::job::{Admission, Job};
 use crate::metrics;
 use crate::node::Node;
 use crate::spec::JobConfig;
@@ -103,14 +104,14 @@ fn grpc_timeout(md: &MetadataMap) -> Option<Duration> {
     })
 }
 
-pub(crate) fn outcome_pb(d: &Outcome) -> pb::RoundOutcome {
+pub(crate) fn outcome_pb(d: &Decision) -> pb::RoundOutcome {
     pb::RoundOutcome {
         round: d.round,
         step: d.step,
-        skipped: d.skip,
+        skipped: d.skipped,
         grad_norm: d.grad_norm,
-        clip_coefficient: d.coef,
-        lr: d.lrs.clone(),
+        clip_coefficient: d.clip_coefficient,
+        lr: d.lr.clone(),
     }
 }
 

@@ -1,6 +1,6 @@
 //! Pull responses framed here instead of by tonic: each segment's values
 //! go to HTTP/2 as the `Bytes` that reference the parameters' memory
-//! (`store::Values`), so a pull's payload is not copied in user space
+//! (`chunk::Values`), so a pull's payload is not copied in user space
 //! (h2 writes large frames straight from them). tonic's encoder would copy
 //! every message into its buffer first, and a round's pulls would hold
 //! those copies while the clients read them. The request of a pull, its

@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 use paramd_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
+use crate::chunk::{ChunkState, buffer_names};
 use crate::coordinator::Decision;
 use crate::error::{Error, Result};
-use crate::store::{ChunkState, buffer_names};
 
 mod failpoint;
 mod read;
@@ -204,7 +204,7 @@ mod tests {
     /// values are all `round`.
     fn take(root: &Path, round: u64, shards: usize) {
         let state = ChunkState {
-            values: crate::store::Values::new(vec![round as f32; 5]),
+            values: crate::chunk::Values::new(vec![round as f32; 5]),
             buffers: vec![vec![1.0; 5], vec![2.0; 5]],
             step: round,
         };

@@ -15,10 +15,10 @@ use super::{
     FORMAT, Loaded, MANIFEST, Manifest, ManifestFile, ShardMeta, buffer_names, hex, round_dir,
     shard_file, unhex,
 };
+use crate::chunk::ChunkState;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::spec::JobConfig;
-use crate::store::ChunkState;
 
 /// The newest round of `job` that has a manifest.
 pub fn newest_round(root: &Path, job: &str) -> Option<u64> {
@@ -209,7 +209,7 @@ fn read_shard_file(dir: &Path, entry: &ManifestFile, index: usize) -> Result<Sha
                 chunks.insert(
                     key,
                     ChunkState {
-                        values: crate::store::Values::new(values),
+                        values: crate::chunk::Values::new(values),
                         buffers,
                         step,
                     },

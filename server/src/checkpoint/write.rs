@@ -16,9 +16,9 @@ use super::{
     FORMAT, MANIFEST, Manifest, ManifestFile, ShardMeta, buffer_names, hex, io, round_dir,
     shard_file,
 };
+use crate::chunk::ChunkState;
 use crate::error::{Error, Result};
 use crate::optim::Hyper;
-use crate::store::ChunkState;
 
 /// Writes `data` to `path` atomically and durably. `round` names the
 /// checkpoint for the `checkpoint.mid_write` failpoint.

@@ -9,6 +9,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
 use crate::checkpoint::Loaded;
+use crate::chunk::ChunkState;
 use crate::cluster::Cluster;
 use crate::coordinator::{Coordinator, Policy};
 use crate::error::Result;
@@ -17,10 +18,10 @@ use crate::layout::Layout;
 use crate::metrics::JobMetrics;
 use crate::pieces::{Accumulator, Ownership, Spare};
 use crate::spec::JobConfig;
-use crate::store::ChunkState;
 
 use super::history::History;
-use super::{Collect, Job, Outcome, Store};
+use super::{Collect, Job, Store};
+use crate::coordinator::Decision;
 
 /// Where a job starts: from scratch, or where a checkpoint left it.
 #[derive(Debug, Default)]
@@ -28,7 +29,7 @@ struct Resume {
     round: u64,
     step: u64,
     skipped: u64,
-    last: Option<Outcome>,
+    last: Option<Decision>,
     restorable: Vec<u64>,
 }
 
@@ -185,7 +186,7 @@ impl Job {
             push_slots: (0..workers)
                 .map(|_| tokio::sync::Semaphore::new(1))
                 .collect(),
-            held: Mutex::new(
+            on_hold: Mutex::new(
                 (!resume.restorable.is_empty() && cluster_size > 1).then(|| {
                     format!(
                         "job '{name}' was restored at round {} and waits until every shard agrees on a round all of them can restore",

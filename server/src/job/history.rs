@@ -77,11 +77,11 @@ impl History {
             step: d.step,
             seconds,
             grad_norm: d.grad_norm,
-            clip_coefficient: d.coef,
-            skipped: d.skip,
+            clip_coefficient: d.clip_coefficient,
+            skipped: d.skipped,
         });
         self.lrs
-            .extend((0..self.groups).map(|g| d.lrs.get(g).copied().unwrap_or(f64::NAN)));
+            .extend((0..self.groups).map(|g| d.lr.get(g).copied().unwrap_or(f64::NAN)));
     }
 
     /// The rounds from `since` on, oldest first; with `every` > 1 only one
@@ -135,10 +135,10 @@ mod tests {
         Decision {
             round,
             step: round + 1,
-            skip: round == 2,
+            skipped: round == 2,
             grad_norm: round as f32,
-            coef: 1.0,
-            lrs: vec![0.1 * round as f64, 0.5],
+            clip_coefficient: 1.0,
+            lr: vec![0.1 * round as f64, 0.5],
         }
     }
 

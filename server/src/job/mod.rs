@@ -19,6 +19,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
 use self::history::History;
+use crate::chunk::ChunkState;
 use crate::cluster::Cluster;
 use crate::coordinator::{Coordinator, Decision};
 use crate::error::{Error, Result};
@@ -27,11 +28,7 @@ use crate::layout::Layout;
 use crate::metrics::JobMetrics;
 use crate::pieces::{Accumulator, Ownership, Spare, Staged, Staging, Target};
 use crate::spec::{JobConfig, NonFinite};
-use crate::store::ChunkState;
 use paramd_proto::v1::Segment;
-
-/// The outcome of a completed round, as Status and Pull report it.
-pub type Outcome = Decision;
 
 /// What a push for a round turns out to be before its payload is read.
 #[derive(Debug, PartialEq, Eq)]
@@ -58,7 +55,7 @@ pub struct JobStatus {
     pub step: u64,
     pub workers_pushed: u32,
     pub rounds_skipped: u64,
-    pub last: Option<Outcome>,
+    pub last: Option<Decision>,
     pub parameter_bytes: usize,
     pub state_bytes: usize,
     /// Workers without a push of the open round (none before its first
@@ -77,7 +74,7 @@ pub const WAITING_SHOWN: usize = 64;
 #[derive(Debug)]
 pub struct Snapshot {
     pub round: u64,
-    pub last: Option<Outcome>,
+    pub last: Option<Decision>,
     /// Local indices of the chunks to send.
     pub chunks: Vec<usize>,
 }
@@ -87,7 +84,7 @@ pub struct Snapshot {
 struct Store {
     chunks: Vec<ChunkState>,
     round: u64,
-    last: Option<Outcome>,
+    last: Option<Decision>,
     skipped: u64,
 }
 
@@ -159,7 +156,7 @@ pub struct Job {
     restorable: Mutex<Vec<u64>>,
     /// Why the job does not serve workers yet: restored on a cluster, it
     /// waits for the shards to agree on a round all of them can restore.
-    held: Mutex<Option<String>>,
+    on_hold: Mutex<Option<String>>,
     /// Why the round being completed is not progressing on this shard (the
     /// last error of its driver, which keeps trying); none once it is.
     trouble: Mutex<Option<String>>,
@@ -201,7 +198,7 @@ impl Job {
         if self.deleted.load(Ordering::Acquire) {
             return Err(Error::NotFound(self.name.clone()));
         }
-        match self.held.lock().as_ref() {
+        match self.on_hold.lock().as_ref() {
             None => Ok(()),
             Some(why) => Err(Error::Unavailable(why.clone())),
         }
@@ -210,7 +207,7 @@ impl Job {
     /// Why the job does not progress on this shard, if it does not: held,
     /// or its round's driver failing.
     pub fn problem(&self) -> Option<String> {
-        self.held
+        self.on_hold
             .lock()
             .clone()
             .or_else(|| self.trouble.lock().clone())
@@ -218,12 +215,12 @@ impl Job {
 
     /// Serves workers (the shards agree on the job's round).
     pub fn serve(&self) {
-        *self.held.lock() = None;
+        *self.on_hold.lock() = None;
     }
 
     /// Stops serving workers, for `why`.
     pub fn hold(&self, why: String) {
-        *self.held.lock() = Some(why);
+        *self.on_hold.lock() = Some(why);
     }
 
     /// Refuses pushes from now on: the process is stopping, and the final

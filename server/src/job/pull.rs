@@ -10,9 +10,9 @@ use paramd_proto::v1::Segment;
 use paramd_proto::wire::to_le_bytes;
 
 use super::{Job, Snapshot};
+use crate::chunk::buffer_names;
 use crate::error::{Error, Result};
 use crate::invalid;
-use crate::store::buffer_names;
 
 impl Job {
     /// Waits until `round` rounds have completed, at most `wait`.
@@ -20,7 +20,7 @@ impl Job {
         self.check_serving()?;
         let started = Instant::now();
         let mut rx = self.completed.subscribe();
-        let ended = || self.deleted.load(Ordering::Acquire) || self.held.lock().is_some();
+        let ended = || self.deleted.load(Ordering::Acquire) || self.on_hold.lock().is_some();
         let reached = |&r: &u64| r >= round || ended();
         let done = tokio::time::timeout(wait, rx.wait_for(reached)).await;
         if !self.deleted.load(Ordering::Acquire) {

@@ -198,7 +198,7 @@ impl Job {
     fn apply(&self, d: Decision) {
         let grads = self.grads.lock();
         let mut store = self.store.write();
-        if !d.skip {
+        if !d.skipped {
             store
                 .chunks
                 .par_iter_mut()
@@ -207,7 +207,12 @@ impl Job {
                 .filter(|((_, grad), _)| grad.has_gradient())
                 .for_each(|((chunk, grad), &id)| {
                     let group = self.config.params[self.layout.chunks[id].param].group;
-                    chunk.apply(&self.config.groups[group], d.lrs[group], d.coef, &grad.sum);
+                    chunk.apply(
+                        &self.config.groups[group],
+                        d.lr[group],
+                        d.clip_coefficient,
+                        &grad.sum,
+                    );
                 });
         } else {
             store.skipped += 1;
@@ -235,22 +240,22 @@ impl Job {
         m.rounds.increment(1);
         m.grad_norm.set(f64::from(d.grad_norm));
         // What the update used: zero for a skipped round.
-        let applied = if d.skip {
+        let applied = if d.skipped {
             0.0
         } else {
-            f64::from(d.grad_norm) * f64::from(d.coef)
+            f64::from(d.grad_norm) * f64::from(d.clip_coefficient)
         };
         m.grad_norm_clipped.set(applied);
-        m.clip_coefficient.set(f64::from(d.coef));
+        m.clip_coefficient.set(f64::from(d.clip_coefficient));
         m.step.set(d.step as f64);
-        for (g, lr) in m.lr.iter().zip(&d.lrs) {
+        for (g, lr) in m.lr.iter().zip(&d.lr) {
             g.set(*lr);
         }
-        if d.skip {
+        if d.skipped {
             m.skipped.increment(1);
             tracing::warn!(job = %self.name, round = d.round, grad_norm = d.grad_norm, "round skipped: gradient not finite");
         } else {
-            tracing::debug!(job = %self.name, round = d.round, step = d.step, grad_norm = d.grad_norm, coef = d.coef, "round applied");
+            tracing::debug!(job = %self.name, round = d.round, step = d.step, grad_norm = d.grad_norm, coef = d.clip_coefficient, "round applied");
         }
     }
 }
