@@ -285,6 +285,29 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoint_that_cannot_be_read_is_kept_and_stops_the_restore() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        take(root, 3, 1);
+        take(root, 6, 1);
+        // Reading 6's shard file fails without it being missing: it is a
+        // directory now (as a disk error would, whoever runs the test).
+        let path = shard_path(root, 6);
+        let data = fs::read(&path).expect("read");
+        fs::remove_file(&path).expect("remove");
+        fs::create_dir(&path).expect("a directory in its place");
+        let e = load(root).expect_err("an unreadable checkpoint stops the restore");
+        assert!(matches!(e, Error::Unavailable(_)), "{e}");
+        assert!(e.to_string().contains("the checkpoint is kept"), "{e}");
+        assert!(round_dir(root, "j", 6).exists(), "6 is not set aside");
+        // Once it reads again, it is the one restored, not 3.
+        fs::remove_dir(&path).expect("rmdir");
+        fs::write(&path, data).expect("restore the file");
+        let l = load(root).expect("load").expect("a checkpoint");
+        assert_eq!(l.meta.round, 6);
+    }
+
+    #[test]
     fn a_checkpoint_of_another_cluster_shape_is_not_loaded() {
         let dir = tempfile::tempdir().expect("tempdir");
         take(dir.path(), 4, 3);

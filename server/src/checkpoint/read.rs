@@ -25,13 +25,30 @@ pub fn newest_round(root: &Path, job: &str) -> Option<u64> {
     complete_rounds(&root.join(job)).into_iter().max()
 }
 
+/// Reads `path`, a file of a checkpoint. A missing file is damage (the
+/// checkpoint is incomplete: `Internal`, and it is set aside); any other
+/// failure to read may pass (a full file table, a disk error, a file
+/// replaced by a directory): `Unavailable`, and the checkpoint is kept,
+/// neither set aside nor skipped for an older one.
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    fs::read(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::Internal(format!("{}: {e}", path.display()))
+        } else {
+            Error::Unavailable(format!(
+                "{}: cannot be read ({e}); the checkpoint is kept: fix the cause and start again",
+                path.display()
+            ))
+        }
+    })
+}
+
 /// The manifest in checkpoint directory `dir`, refused if unreadable or of
 /// a format this build does not read.
 fn manifest_in(dir: &Path) -> Result<Manifest> {
     let bad = |m: String| Error::Internal(format!("{}: {m}", dir.display()));
-    let manifest: Manifest =
-        serde_json::from_slice(&fs::read(dir.join(MANIFEST)).map_err(|e| bad(e.to_string()))?)
-            .map_err(|e| bad(format!("manifest: {e}")))?;
+    let manifest: Manifest = serde_json::from_slice(&read_file(&dir.join(MANIFEST))?)
+        .map_err(|e| bad(format!("manifest: {e}")))?;
     if manifest.format != FORMAT {
         return Err(Error::Invalid(format!(
             "{}: format {:?} is a newer format than this build reads ({FORMAT})",
@@ -74,7 +91,9 @@ pub fn load_latest(root: &Path, job: &str, shard: usize, shards: usize) -> Resul
 /// shard `shard` of `shards`, and lists the rounds of every intact one,
 /// newest first, so that the shards of a cluster can agree on a round all
 /// of them can restore. A bad checkpoint is reported and set aside
-/// (renamed `<round>.bad-<pid>`, not deleted).
+/// (renamed `<round>.bad-<pid>`, not deleted); one that cannot be read
+/// (an I/O error other than a missing file) stops the restore with
+/// `Unavailable` and is kept.
 pub fn restorable(
     root: &Path,
     job: &str,
@@ -97,6 +116,9 @@ pub fn restorable(
             // damage; stop with the reason rather than set it aside.
             Err(e @ Error::Invalid(_)) if newest.is_none() => return Err(e),
             Err(Error::Invalid(_)) => {}
+            // It may be intact: restoring an older one would lose
+            // acknowledged rounds, setting it aside would lose it.
+            Err(e @ Error::Unavailable(_)) => return Err(e),
             Err(e) => {
                 set_aside(&dir, "bad");
                 tracing::error!(job, round, error = %e, "checkpoint unusable; trying the one before");
@@ -129,7 +151,7 @@ struct ShardFile {
 fn read_shard_file(dir: &Path, entry: &ManifestFile, index: usize) -> Result<ShardFile> {
     let bad = |m: String| Error::Internal(format!("{}: {m}", dir.display()));
     let name = &entry.name;
-    let data = fs::read(dir.join(name)).map_err(|e| bad(format!("{name}: {e}")))?;
+    let data = read_file(&dir.join(name))?;
     let sum = hex(&Sha256::digest(&data));
     if sum != entry.sha256 || data.len() as u64 != entry.bytes {
         return Err(bad(format!(
