@@ -308,13 +308,13 @@ impl Cluster {
         i: usize,
         job: &str,
         round: u64,
-        manifest: String,
+        manifest: pb::Manifest,
     ) -> Result<()> {
         let req = self.request(
             pb::CommitShardRequest {
                 job: job.to_owned(),
                 round,
-                manifest,
+                manifest: Some(manifest),
             },
             self.peer_timeout,
         );
@@ -325,7 +325,7 @@ impl Cluster {
     /// Drops a job's part on shard `i`.
     pub async fn drop_shard(&self, i: usize, job: &str) -> Result<()> {
         let req = self.request(
-            pb::DeleteJobRequest {
+            pb::DropShardRequest {
                 job: job.to_owned(),
             },
             self.peer_timeout,

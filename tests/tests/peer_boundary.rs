@@ -78,7 +78,7 @@ async fn forge(c: &mut ShardClient<AuthChannel>, job: &str) -> Vec<(&'static str
             c.commit_shard(pb::CommitShardRequest {
                 job: job.into(),
                 round: 1,
-                manifest: "{}".into(),
+                manifest: Some(pb::Manifest::default()),
             })
             .await,
         ),
@@ -123,7 +123,7 @@ async fn forge(c: &mut ShardClient<AuthChannel>, job: &str) -> Vec<(&'static str
     ));
     got.push((
         "drop_shard",
-        code(c.drop_shard(pb::DeleteJobRequest { job: job.into() }).await),
+        code(c.drop_shard(pb::DropShardRequest { job: job.into() }).await),
     ));
     got
 }

@@ -245,8 +245,10 @@ impl Shard for ShardService {
     ) -> Result<Response<pb::CommitShardResponse>, Status> {
         self.node.check_ready()?;
         let r = request.into_inner();
-        let manifest: Manifest = serde_json::from_str(&r.manifest)
-            .map_err(|e| Status::invalid_argument(format!("manifest: {e}")))?;
+        let manifest = Manifest::try_from(
+            r.manifest
+                .ok_or_else(|| Status::invalid_argument("manifest is required"))?,
+        )?;
         if manifest.round != r.round || manifest.job != r.job {
             return Err(Status::invalid_argument(
                 "the manifest is of another checkpoint",
@@ -266,10 +268,10 @@ impl Shard for ShardService {
 
     async fn drop_shard(
         &self,
-        request: Request<pb::DeleteJobRequest>,
-    ) -> Result<Response<pb::DeleteJobResponse>, Status> {
+        request: Request<pb::DropShardRequest>,
+    ) -> Result<Response<pb::DropShardResponse>, Status> {
         self.node.check_ready()?;
         self.node.drop_shard(&request.into_inner().job)?;
-        Ok(Response::new(pb::DeleteJobResponse {}))
+        Ok(Response::new(pb::DropShardResponse {}))
     }
 }

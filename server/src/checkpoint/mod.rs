@@ -56,6 +56,52 @@ pub struct Manifest {
     pub files: Vec<ManifestFile>,
 }
 
+impl From<&Manifest> for pb::Manifest {
+    fn from(m: &Manifest) -> pb::Manifest {
+        pb::Manifest {
+            format: m.format.clone(),
+            job: m.job.clone(),
+            round: m.round,
+            shards: m.shards as u64,
+            files: m
+                .files
+                .iter()
+                .map(|f| pb::ManifestFile {
+                    name: f.name.clone(),
+                    sha256: f.sha256.clone(),
+                    bytes: f.bytes,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl TryFrom<pb::Manifest> for Manifest {
+    type Error = Error;
+
+    /// Takes a manifest off the wire; `Manifest::check` says whether it is
+    /// one to act on.
+    fn try_from(m: pb::Manifest) -> Result<Manifest> {
+        Ok(Manifest {
+            format: m.format,
+            job: m.job,
+            round: m.round,
+            shards: usize::try_from(m.shards).map_err(|_| {
+                Error::Invalid(format!("manifest.shards = {} is too large", m.shards))
+            })?,
+            files: m
+                .files
+                .into_iter()
+                .map(|f| ManifestFile {
+                    name: f.name,
+                    sha256: f.sha256,
+                    bytes: f.bytes,
+                })
+                .collect(),
+        })
+    }
+}
+
 /// The most shards a manifest may name: far beyond any cluster, and small
 /// enough that reading one is cheap whatever it says.
 pub const MAX_SHARDS: usize = 4096;

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::checkpoint::{self, ChunkRef, Manifest, ManifestFile, ShardMeta};
+use paramd_proto::v1 as pb;
+
 use crate::error::{Error, Result};
 
 use super::Job;
@@ -182,10 +184,10 @@ impl Job {
         checkpoint::failpoint("checkpoint.before_manifest", round);
         self.commit_blocking(manifest.clone()).await?;
         checkpoint::failpoint("checkpoint.between_manifests", round);
-        let json = serde_json::to_string(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
+        let wire = pb::Manifest::from(&manifest);
         let commits = (1..shards).map(|i| {
             self.cluster
-                .commit_shard(i, &self.name, round, json.clone())
+                .commit_shard(i, &self.name, round, wire.clone())
         });
         for r in futures::future::join_all(commits).await {
             r?;

@@ -414,10 +414,44 @@ class CommitShardRequest(_message.Message):
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     job: str
     round: int
-    manifest: str
-    def __init__(self, job: _Optional[str] = ..., round: _Optional[int] = ..., manifest: _Optional[str] = ...) -> None: ...
+    manifest: Manifest
+    def __init__(self, job: _Optional[str] = ..., round: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ...) -> None: ...
 
 class CommitShardResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Manifest(_message.Message):
+    __slots__ = ("format", "job", "round", "shards", "files")
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    format: str
+    job: str
+    round: int
+    shards: int
+    files: _containers.RepeatedCompositeFieldContainer[ManifestFile]
+    def __init__(self, format: _Optional[str] = ..., job: _Optional[str] = ..., round: _Optional[int] = ..., shards: _Optional[int] = ..., files: _Optional[_Iterable[_Union[ManifestFile, _Mapping]]] = ...) -> None: ...
+
+class ManifestFile(_message.Message):
+    __slots__ = ("name", "sha256", "bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    sha256: str
+    bytes: int
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class DropShardRequest(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    def __init__(self, job: _Optional[str] = ...) -> None: ...
+
+class DropShardResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
