@@ -1,5 +1,7 @@
 //! Tests of the segment checks and of initial values written into place.
 
+use std::sync::Arc;
+
 use super::*;
 use crate::spec::JobConfig;
 use paramd_proto::v1 as pb;
