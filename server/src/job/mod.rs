@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use paramd_proto::v1 as pb;
+use paramd_proto::v1::Segment;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
@@ -28,7 +29,6 @@ use crate::layout::Layout;
 use crate::metrics::JobMetrics;
 use crate::pieces::{Accumulator, Ownership, Spare, Staged, Staging, Target};
 use crate::spec::{JobConfig, NonFinite};
-use paramd_proto::v1::Segment;
 
 /// What a push for a round turns out to be before its payload is read.
 #[derive(Debug, PartialEq, Eq)]

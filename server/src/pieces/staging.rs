@@ -310,6 +310,10 @@ pub struct Staged {
 impl Staged {
     /// The push's gradient for local chunk `local`; none if it has none.
     pub fn chunk(&self, local: usize) -> Option<&[f32]> {
+        debug_assert!(
+            !self.summed,
+            "a push summed as it streamed is only traded in"
+        );
         self.has[local].then(|| &self.buffers.chunks[local][..])
     }
 
@@ -325,6 +329,11 @@ impl Staged {
     /// trade buffers with the accumulators instead of copying or adding.
     pub fn fold_all(&mut self, accs: &mut [Accumulator], first: bool) {
         if self.summed {
+            // Summed onto the sums of lower ranks: never the first push.
+            debug_assert!(
+                !first,
+                "a push summed as it streamed is never a mean's first"
+            );
             accs.par_iter_mut()
                 .zip(self.buffers.chunks.par_iter_mut())
                 .zip(self.has.par_iter())
