@@ -12,6 +12,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 use paramd::config::{Args, Config, LogFormat};
 use tokio::net::TcpListener;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
 /// Exit code of bad configuration (EX_USAGE).
@@ -152,6 +153,7 @@ async fn run(config: Config, node: paramd::NodeConfig, grace: Duration) -> anyho
         Some(p) => p.local_addr()?.to_string(),
         None => "none".to_owned(),
     };
+    let signals = Signals::install()?;
     tracing::info!(
         grpc = %grpc.local_addr()?,
         http = %http.local_addr()?,
@@ -164,31 +166,40 @@ async fn run(config: Config, node: paramd::NodeConfig, grace: Duration) -> anyho
         "paramd serving"
     );
     let listeners = paramd::Listeners { grpc, http, peer };
-    paramd::serve(listeners, node, grace, shutdown_signal()).await
+    paramd::serve(listeners, node, grace, shutdown_signal(signals)).await
+}
+
+/// SIGTERM and SIGINT, listened for from before the daemon says it is
+/// serving: a signal sent as soon as "paramd serving" is logged is kept for
+/// the shutdown, not left to the default action that kills the process.
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Resolves on the next SIGTERM or SIGINT.
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 /// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
-async fn shutdown_signal() {
-    signal().await;
-    tokio::spawn(async {
-        signal().await;
+async fn shutdown_signal(mut signals: Signals) {
+    signals.next().await;
+    tokio::spawn(async move {
+        signals.next().await;
         tracing::warn!("second signal: exiting now");
         std::process::exit(1);
     });
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
 }
