@@ -185,6 +185,11 @@ class _Remote:
             self._wait_for_job(o.timeout if o.join_timeout is None else o.join_timeout)
             r = client.init(job, [(n, tuple(p.shape)) for n, p in named], spec=spec)
         self.round = r.round
+        # Host buffers for parameters not in CPU float32 contiguous memory,
+        # reused every step: pinned (page-locked) when CUDA is available, so
+        # a device copy is one DMA pass and no page is faulted in per step.
+        self._pull_host: Dict[str, torch.Tensor] = {}
+        self._grad_host: Dict[str, torch.Tensor] = {}
         self._sync(self.round)
         # With overlap, each gradient is pushed as soon as backward has
         # accumulated it (the push is open from the first), so the network
@@ -233,19 +238,19 @@ class _Remote:
         straight into the model's memory (CPU float32 contiguous
         parameters; any other is pulled into a buffer, then copied in)."""
         out: Dict[str, np.ndarray] = {}
-        staged: List[Tuple[torch.Tensor, np.ndarray]] = []
+        staged: List[Tuple[torch.Tensor, torch.Tensor]] = []
         for n, p in zip(self._names, self._params):
             if p.device.type == "cpu" and p.is_contiguous():
                 out[n] = p.detach().numpy()
             else:
-                buf = np.empty(tuple(p.shape), dtype=np.float32)
+                buf = _host_buffer(self._pull_host, n, p)
                 staged.append((p, buf))
-                out[n] = buf
+                out[n] = buf.numpy()
         _, last = self.client.pull_into(self.job, round, out)
         if staged:
             with torch.no_grad():
                 for p, buf in staged:
-                    p.copy_(torch.from_numpy(buf))
+                    p.copy_(buf)
         if last is not None:
             self.last = last
 
@@ -261,9 +266,15 @@ class _Remote:
             return None
         if g.is_sparse:
             raise errors.InvalidArgument("parameter %r has a sparse gradient: not supported by paramd" % n)
-        # A CPU float32 gradient is read where it is; a CUDA one is
-        # copied to host memory once, another dtype converted once.
-        return g.detach().to("cpu", torch.float32).contiguous().numpy()
+        # A CPU float32 gradient is read where it is. A CUDA one is copied
+        # (and converted, if it is not float32) into this parameter's pinned
+        # host buffer in one pass; a CPU one of another dtype or layout is
+        # converted once.
+        if g.is_cuda:
+            host = _host_buffer(self._grad_host, n, g)
+            host.copy_(g.detach())
+            return host.numpy()
+        return g.detach().to(torch.float32).contiguous().numpy()
 
     def _push(self) -> None:
         """Pushes this rank's gradients for the current round: the open
@@ -414,6 +425,18 @@ class _Remote:
     def last_skipped(self) -> bool:
         """Whether the last round was skipped (non-finite gradient norm)."""
         return bool(self.last.skipped) if self.last is not None else False
+
+
+def _host_buffer(cache: Dict[str, torch.Tensor], name: str, like: torch.Tensor) -> torch.Tensor:
+    """The reused float32 host buffer of `like`'s shape for `name`, made on
+    first use: pinned when CUDA is available (a device copy to or from it is
+    one DMA pass), ordinary memory otherwise."""
+    buf = cache.get(name)
+    if buf is None or buf.shape != like.shape:
+        pin = torch.cuda.is_available()
+        buf = torch.empty(tuple(like.shape), dtype=torch.float32, pin_memory=pin)
+        cache[name] = buf
+    return buf
 
 
 def _named(named_parameters: Iterable[Tuple[str, torch.Tensor]], what: str) -> List[Tuple[str, torch.Tensor]]:
