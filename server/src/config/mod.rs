@@ -26,6 +26,75 @@ pub enum LogFormat {
     Json,
 }
 
+/// Why a configuration was refused. Its text names the setting and the
+/// value that were wrong, or the file that could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML does not parse, or has an unknown key or a wrong type.
+    #[error("{}", parse_text(path.as_deref(), *line, key.as_deref(), message))]
+    Parse {
+        /// The file, when the text came from one.
+        path: Option<PathBuf>,
+        line: Option<usize>,
+        /// The key of the offending line, when the message does not name it.
+        key: Option<String>,
+        message: String,
+    },
+    /// A setting's value, or a combination of settings, is refused.
+    #[error("{reason}")]
+    Setting {
+        /// The setting refused (the first, of a combination).
+        key: &'static str,
+        /// What is wrong, naming the setting and its value.
+        reason: String,
+    },
+    /// A file a setting names (a token, a certificate) cannot be used.
+    #[error("{reason}")]
+    File { key: &'static str, reason: String },
+    /// The settings resolve to a node configuration the node refuses.
+    #[error(transparent)]
+    Node(#[from] crate::error::Error),
+}
+
+impl ConfigError {
+    fn setting(key: &'static str, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Setting {
+            key,
+            reason: reason.into(),
+        }
+    }
+
+    fn file(key: &'static str) -> impl Fn(String) -> ConfigError {
+        move |reason| ConfigError::File { key, reason }
+    }
+}
+
+fn parse_text(
+    path: Option<&Path>,
+    line: Option<usize>,
+    key: Option<&str>,
+    message: &str,
+) -> String {
+    let mut out = String::new();
+    if let Some(path) = path {
+        out.push_str(&format!("config file {}: ", path.display()));
+    }
+    if let Some(line) = line {
+        out.push_str(&format!("line {line}: "));
+    }
+    if let Some(key) = key {
+        out.push_str(&format!("{key}: "));
+    }
+    out + message
+}
+
 /// Every setting of the daemon, as the TOML file spells it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -279,7 +348,7 @@ macro_rules! overlay {
 impl Config {
     /// The configuration `args` describe: defaults, the file, then the
     /// environment and flags (clap gives flags precedence over variables).
-    pub fn load(args: Args) -> Result<Config, String> {
+    pub fn load(args: Args) -> Result<Config, ConfigError> {
         let mut config = match &args.config {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
@@ -297,18 +366,35 @@ impl Config {
 
     /// Parses a TOML file; an unknown key or a wrong type is named with its
     /// line.
-    pub fn from_file(path: &Path) -> Result<Config, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
-        Config::from_toml(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse {
+                line, key, message, ..
+            } => ConfigError::Parse {
+                path: Some(path.to_owned()),
+                line,
+                key,
+                message,
+            },
+            other => other,
+        })
     }
 
     /// Parses TOML text.
-    pub fn from_toml(text: &str) -> Result<Config, String> {
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         toml::from_str(text).map_err(|e: toml::de::Error| {
             let message = e.message().replace('\n', " ");
             let Some(span) = e.span() else {
-                return message;
+                return ConfigError::Parse {
+                    path: None,
+                    line: None,
+                    key: None,
+                    message,
+                };
             };
             let start = span.start.min(text.len());
             let line = text[..start].matches('\n').count() + 1;
@@ -318,10 +404,13 @@ impl Config {
                 .nth(line - 1)
                 .and_then(|l| l.split_once('='))
                 .map(|(k, _)| k.trim())
-                .filter(|k| !k.is_empty() && !message.contains(k));
-            match key {
-                Some(k) => format!("line {line}: {k}: {message}"),
-                None => format!("line {line}: {message}"),
+                .filter(|k| !k.is_empty() && !message.contains(k))
+                .map(str::to_owned);
+            ConfigError::Parse {
+                path: None,
+                line: Some(line),
+                key,
+                message,
             }
         })
     }
@@ -341,19 +430,29 @@ impl Config {
 
     /// The settings checked, with every file they name read: the node's
     /// settings and the grace period. Nothing is bound yet.
-    pub fn resolve(&self) -> Result<(NodeConfig, Duration), String> {
-        let seconds = |name: &str, v: f64| {
-            Duration::try_from_secs_f64(v)
-                .map_err(|_| format!("{name} must be a non-negative number of seconds, got {v}"))
+    pub fn resolve(&self) -> Result<(NodeConfig, Duration), ConfigError> {
+        let seconds = |name: &'static str, v: f64| {
+            Duration::try_from_secs_f64(v).map_err(|_| {
+                ConfigError::setting(
+                    name,
+                    format!("{name} must be a non-negative number of seconds, got {v}"),
+                )
+            })
         };
         if self.checkpoint_dir.is_none() && self.checkpoint_every > 0 {
-            return Err(format!(
-                "checkpoint_every = {} needs checkpoint_dir",
-                self.checkpoint_every
+            return Err(ConfigError::setting(
+                "checkpoint_every",
+                format!(
+                    "checkpoint_every = {} needs checkpoint_dir",
+                    self.checkpoint_every
+                ),
             ));
         }
         if self.keep_checkpoints == 0 {
-            return Err("keep_checkpoints must be at least 1, got 0".into());
+            return Err(ConfigError::setting(
+                "keep_checkpoints",
+                "keep_checkpoints must be at least 1, got 0",
+            ));
         }
         for (key, v) in [
             (
@@ -369,30 +468,40 @@ impl Config {
             ("max_name_bytes", self.max_name_bytes as u64),
         ] {
             if v == 0 {
-                return Err(format!("{key} must be at least 1, got 0"));
+                return Err(ConfigError::setting(
+                    key,
+                    format!("{key} must be at least 1, got 0"),
+                ));
             }
         }
         self.check_peers()?;
-        let read = |path: &Option<PathBuf>| path.as_deref().map(transport::read_token).transpose();
-        let token = read(&self.auth_token_file)?;
-        let peer_token = read(&self.peer_token_file)?;
+        let read = |key: &'static str, path: &Option<PathBuf>| {
+            path.as_deref()
+                .map(transport::read_token)
+                .transpose()
+                .map_err(ConfigError::file(key))
+        };
+        let token = read("auth_token_file", &self.auth_token_file)?;
+        let peer_token = read("peer_token_file", &self.peer_token_file)?;
         if self.cluster.len() > 1 && token.is_some() && peer_token.is_none() {
-            return Err(
+            return Err(ConfigError::setting(
+                "peer_token_file",
                 "auth_token_file is set, so a cluster needs peer_token_file as well: the \
-                 shard-to-shard service never accepts the workers' token"
-                    .into(),
-            );
+                 shard-to-shard service never accepts the workers' token",
+            ));
         }
         if peer_token.is_some() && peer_token == token {
-            return Err(
+            return Err(ConfigError::setting(
+                "peer_token_file",
                 "peer_token_file must hold another token than auth_token_file: a worker's \
-                 token never opens the shard-to-shard service"
-                    .into(),
-            );
+                 token never opens the shard-to-shard service",
+            ));
         }
         let mut peer_credentials = Credentials::none();
         if let Some(token) = &peer_token {
-            peer_credentials = peer_credentials.with_token(token)?;
+            peer_credentials = peer_credentials
+                .with_token(token)
+                .map_err(ConfigError::file("peer_token_file"))?;
         }
         let (tls, peer_tls, peer_credentials) = self.tls(peer_credentials)?;
         let config = NodeConfig {
@@ -426,7 +535,7 @@ impl Config {
                 max_name_bytes: self.max_name_bytes,
             },
         };
-        config.validate().map_err(|e| e.to_string())?;
+        config.validate()?;
         let grace = seconds("shutdown_grace", self.shutdown_grace)?;
         Ok((config, grace))
     }
@@ -434,7 +543,7 @@ impl Config {
     /// Checks the peer settings against the cluster: a cluster of more
     /// than one shard serves the shard-to-shard service on its own address,
     /// a one-shard daemon does not serve it at all.
-    fn check_peers(&self) -> Result<(), String> {
+    fn check_peers(&self) -> Result<(), ConfigError> {
         let shards = self.cluster.len();
         if shards <= 1 {
             let set = [
@@ -443,29 +552,41 @@ impl Config {
                 ("peer_token_file", self.peer_token_file.is_some()),
             ];
             return match set.iter().find(|(_, set)| *set) {
-                Some((key, _)) => Err(format!(
-                    "{key} is set, but a one-shard daemon has no peers (cluster lists {shards} \
-                     shards)"
+                Some((key, _)) => Err(ConfigError::setting(
+                    key,
+                    format!(
+                        "{key} is set, but a one-shard daemon has no peers (cluster lists \
+                         {shards} shards)"
+                    ),
                 )),
                 None => Ok(()),
             };
         }
         let Some(peer_listen) = self.peer_listen else {
-            return Err(format!(
-                "a cluster of {shards} shards needs peer_listen: the address the other shards \
-                 call this one on, apart from the workers' listen address"
+            return Err(ConfigError::setting(
+                "peer_listen",
+                format!(
+                    "a cluster of {shards} shards needs peer_listen: the address the other \
+                     shards call this one on, apart from the workers' listen address"
+                ),
             ));
         };
         if peer_listen == self.listen {
-            return Err(format!(
-                "peer_listen = {peer_listen} is the workers' listen address; the \
-                 shard-to-shard service needs its own"
+            return Err(ConfigError::setting(
+                "peer_listen",
+                format!(
+                    "peer_listen = {peer_listen} is the workers' listen address; the \
+                     shard-to-shard service needs its own"
+                ),
             ));
         }
         if self.peers.len() != shards {
-            return Err(format!(
-                "peers lists {} URLs but cluster lists {shards} shards",
-                self.peers.len()
+            return Err(ConfigError::setting(
+                "peers",
+                format!(
+                    "peers lists {} URLs but cluster lists {shards} shards",
+                    self.peers.len()
+                ),
             ));
         }
         if let Some((i, url)) = self
@@ -474,9 +595,12 @@ impl Config {
             .enumerate()
             .find(|(_, url)| self.cluster.contains(url))
         {
-            return Err(format!(
-                "peers[{i}] = {url:?} is also in cluster: shards call each other on their \
-                 peer_listen address, not on the workers'"
+            return Err(ConfigError::setting(
+                "peers",
+                format!(
+                    "peers[{i}] = {url:?} is also in cluster: shards call each other on their \
+                     peer_listen address, not on the workers'"
+                ),
             ));
         }
         Ok(())
@@ -496,7 +620,7 @@ impl Config {
             Option<ServerTlsConfig>,
             Credentials,
         ),
-        String,
+        ConfigError,
     > {
         let (cert, key) = match (&self.tls_cert, &self.tls_key) {
             (Some(c), Some(k)) => (c, k),
@@ -506,58 +630,61 @@ impl Config {
                     ("tls_peer_ca", &self.tls_peer_ca),
                 ];
                 if let Some((key, Some(ca))) = needs_identity.iter().find(|(_, v)| v.is_some()) {
-                    return Err(format!(
-                        "{key} = {:?} needs tls_cert and tls_key",
-                        ca.display().to_string()
+                    return Err(ConfigError::setting(
+                        key,
+                        format!(
+                            "{key} = {:?} needs tls_cert and tls_key",
+                            ca.display().to_string()
+                        ),
                     ));
                 }
                 return Ok((None, None, peer));
             }
             (Some(c), None) => {
-                return Err(format!(
-                    "tls_cert = {:?} needs tls_key",
-                    c.display().to_string()
+                return Err(ConfigError::setting(
+                    "tls_cert",
+                    format!("tls_cert = {:?} needs tls_key", c.display().to_string()),
                 ));
             }
             (None, Some(k)) => {
-                return Err(format!(
-                    "tls_key = {:?} needs tls_cert",
-                    k.display().to_string()
+                return Err(ConfigError::setting(
+                    "tls_key",
+                    format!("tls_key = {:?} needs tls_cert", k.display().to_string()),
                 ));
             }
         };
-        let identity = Identity::from_pem(
-            transport::read_file("tls_cert", cert)?,
-            transport::read_file("tls_key", key)?,
-        );
+        let read = |key: &'static str, path: &Path| {
+            transport::read_file(key, path).map_err(ConfigError::file(key))
+        };
+        let identity = Identity::from_pem(read("tls_cert", cert)?, read("tls_key", key)?);
         let mut server = ServerTlsConfig::new().identity(identity.clone());
         if let Some(ca) = &self.tls_client_ca {
-            server = server.client_ca_root(Certificate::from_pem(transport::read_file(
-                "tls_client_ca",
-                ca,
-            )?));
+            server = server.client_ca_root(Certificate::from_pem(read("tls_client_ca", ca)?));
         }
         let peer_ca = match (&self.tls_peer_ca, &self.tls_client_ca) {
             (Some(ca), _) => Some(("tls_peer_ca", ca)),
             (None, Some(ca)) => Some(("tls_client_ca", ca)),
             (None, None) => None,
         };
-        let (peer_server, peer) =
-            match peer_ca {
-                Some((key_name, ca)) => (
-                    Some(ServerTlsConfig::new().identity(identity).client_ca_root(
-                        Certificate::from_pem(transport::read_file(key_name, ca)?),
-                    )),
-                    peer.with_tls(ca, Some((cert, key)))?,
+        let (peer_server, peer) = match peer_ca {
+            Some((key_name, ca)) => (
+                Some(
+                    ServerTlsConfig::new()
+                        .identity(identity)
+                        .client_ca_root(Certificate::from_pem(read(key_name, ca)?)),
                 ),
-                None if self.cluster.len() > 1 => {
-                    return Err(
-                    "a TLS cluster needs tls_peer_ca (or tls_client_ca) to check the other shards"
-                        .into(),
-                );
-                }
-                None => (None, peer),
-            };
+                peer.with_tls(ca, Some((cert, key)))
+                    .map_err(ConfigError::file(key_name))?,
+            ),
+            None if self.cluster.len() > 1 => {
+                return Err(ConfigError::setting(
+                    "tls_peer_ca",
+                    "a TLS cluster needs tls_peer_ca (or tls_client_ca) to check the other \
+                         shards",
+                ));
+            }
+            None => (None, peer),
+        };
         Ok((Some(server), peer_server, peer))
     }
 }
