@@ -187,9 +187,73 @@ pub fn shard_file(shard: usize, shards: usize) -> String {
     format!("shard-{shard}-of-{shards}.safetensors")
 }
 
-fn io<'a>(what: &str, path: &'a Path) -> impl Fn(std::io::Error) -> Error + 'a {
-    let what = what.to_owned();
-    move |e| Error::Internal(format!("cannot {what} {}: {e}", path.display()))
+/// What went wrong with a checkpoint. A restore acts on the kind
+/// (`read::restorable`): a damaged checkpoint is set aside and the one
+/// before it tried; one that cannot be read now, or that this node cannot
+/// use, stops the restore and is kept. Every other caller sees it as the
+/// node's [`Error`] (`From` below).
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// Creating, writing, renaming or syncing a file failed.
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file of the checkpoint is there but cannot be read now (a full
+    /// file table, a disk error, a directory in its place): the checkpoint
+    /// may be intact.
+    #[error(
+        "{}: cannot be read ({source}); the checkpoint is kept: fix the cause and start again",
+        path.display()
+    )]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file the checkpoint needs is missing: it is incomplete.
+    #[error("{}: {source}", path.display())]
+    Missing {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The checkpoint is damaged: a checksum that does not match, a
+    /// manifest or shard file that does not parse or does not agree.
+    #[error("{}: {reason}", dir.display())]
+    Damaged { dir: PathBuf, reason: String },
+    /// Not damage, but nothing this node can restore: a newer format, or a
+    /// reshard that needs files this directory lacks.
+    #[error("{0}")]
+    Unusable(String),
+    /// A checkpoint could not be encoded.
+    #[error("checkpoint: {0}")]
+    Encode(String),
+}
+
+impl From<CheckpointError> for Error {
+    fn from(e: CheckpointError) -> Error {
+        match e {
+            CheckpointError::Unreadable { .. } => Error::Unavailable(e.to_string()),
+            CheckpointError::Unusable(_) => Error::Invalid(e.to_string()),
+            _ => Error::Internal(e.to_string()),
+        }
+    }
+}
+
+/// The result of a checkpoint's own steps.
+pub type CheckpointResult<T> = std::result::Result<T, CheckpointError>;
+
+/// Maps an I/O error of operation `op` on `path`, keeping it as the source.
+fn io<'a>(op: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> CheckpointError + 'a {
+    move |source| CheckpointError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -290,6 +354,26 @@ mod tests {
 
     fn shard_path(root: &Path, round: u64) -> PathBuf {
         round_dir(root, "j", round).join(shard_file(0, 1))
+    }
+
+    #[test]
+    fn a_failed_write_keeps_its_io_error_as_the_source() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The checkpoint root is a file: its job directory cannot be made.
+        let root = dir.path().join("not-a-dir");
+        fs::write(&root, b"x").expect("write");
+        let manifest = Manifest {
+            format: FORMAT.to_owned(),
+            job: "j".to_owned(),
+            round: 1,
+            shards: 1,
+            files: Vec::new(),
+        };
+        let e = write::commit(&root, &manifest, 1).expect_err("refused");
+        assert!(matches!(e, CheckpointError::Io { op: "create", .. }), "{e:?}");
+        let source = std::error::Error::source(&e).expect("a source");
+        assert!(source.downcast_ref::<std::io::Error>().is_some(), "{source:?}");
+        assert!(matches!(Error::from(e), Error::Internal(_)));
     }
 
     #[test]

@@ -12,11 +12,11 @@ use sha2::{Digest, Sha256};
 
 use super::retention::{complete_rounds, set_aside};
 use super::{
-    FORMAT, Loaded, MANIFEST, Manifest, ManifestFile, ShardMeta, buffer_names, hex, round_dir,
-    shard_file, unhex,
+    CheckpointError, CheckpointResult, FORMAT, Loaded, MANIFEST, Manifest, ManifestFile, ShardMeta,
+    buffer_names, hex, round_dir, shard_file, unhex,
 };
 use crate::chunk::ChunkState;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::layout::Layout;
 use crate::spec::JobConfig;
 
@@ -26,31 +26,37 @@ pub fn newest_round(root: &Path, job: &str) -> Option<u64> {
 }
 
 /// Reads `path`, a file of a checkpoint. A missing file is damage (the
-/// checkpoint is incomplete: `Internal`, and it is set aside); any other
-/// failure to read may pass (a full file table, a disk error, a file
-/// replaced by a directory): `Unavailable`, and the checkpoint is kept,
-/// neither set aside nor skipped for an older one.
-fn read_file(path: &Path) -> Result<Vec<u8>> {
-    fs::read(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::Internal(format!("{}: {e}", path.display()))
+/// checkpoint is incomplete, and is set aside); any other failure to read
+/// may pass (a full file table, a disk error, a file replaced by a
+/// directory): `Unreadable`, and the checkpoint is kept, neither set aside
+/// nor skipped for an older one.
+fn read_file(path: &Path) -> CheckpointResult<Vec<u8>> {
+    fs::read(path).map_err(|source| {
+        let path = path.to_owned();
+        if source.kind() == std::io::ErrorKind::NotFound {
+            CheckpointError::Missing { path, source }
         } else {
-            Error::Unavailable(format!(
-                "{}: cannot be read ({e}); the checkpoint is kept: fix the cause and start again",
-                path.display()
-            ))
+            CheckpointError::Unreadable { path, source }
         }
     })
 }
 
+/// Damage found in checkpoint directory `dir`, said by `reason`.
+fn damaged(dir: &Path) -> impl Fn(String) -> CheckpointError + '_ {
+    move |reason| CheckpointError::Damaged {
+        dir: dir.to_owned(),
+        reason,
+    }
+}
+
 /// The manifest in checkpoint directory `dir`, refused if unreadable or of
 /// a format this build does not read.
-fn manifest_in(dir: &Path) -> Result<Manifest> {
-    let bad = |m: String| Error::Internal(format!("{}: {m}", dir.display()));
+fn manifest_in(dir: &Path) -> CheckpointResult<Manifest> {
+    let bad = damaged(dir);
     let manifest: Manifest = serde_json::from_slice(&read_file(&dir.join(MANIFEST))?)
         .map_err(|e| bad(format!("manifest: {e}")))?;
     if manifest.format != FORMAT {
-        return Err(Error::Invalid(format!(
+        return Err(CheckpointError::Unusable(format!(
             "{}: format {:?} is a newer format than this build reads ({FORMAT})",
             dir.display(),
             manifest.format
@@ -62,14 +68,19 @@ fn manifest_in(dir: &Path) -> Result<Manifest> {
 
 /// Reads the manifest of checkpoint `round` of `job`, refusing a format
 /// this build does not read.
-pub fn read_manifest(root: &Path, job: &str, round: u64) -> Result<Manifest> {
+pub fn read_manifest(root: &Path, job: &str, round: u64) -> CheckpointResult<Manifest> {
     manifest_in(&round_dir(root, job, round))
 }
 
 /// The shards (of the cluster that took it) whose files of checkpoint
 /// `round` a restore onto `shards` shards needs and this directory lacks:
 /// none when the shape is the same (a shard needs only its own file).
-pub fn missing_files(root: &Path, job: &str, round: u64, shards: usize) -> Result<Vec<usize>> {
+pub fn missing_files(
+    root: &Path,
+    job: &str,
+    round: u64,
+    shards: usize,
+) -> CheckpointResult<Vec<usize>> {
     let manifest = read_manifest(root, job, round)?;
     if manifest.shards == shards {
         return Ok(Vec::new());
@@ -114,11 +125,11 @@ pub fn restorable(
             }
             // A newer format, or a reshard this directory cannot serve: not
             // damage; stop with the reason rather than set it aside.
-            Err(e @ Error::Invalid(_)) if newest.is_none() => return Err(e),
-            Err(Error::Invalid(_)) => {}
+            Err(e @ CheckpointError::Unusable(_)) if newest.is_none() => return Err(e.into()),
+            Err(CheckpointError::Unusable(_)) => {}
             // It may be intact: restoring an older one would lose
             // acknowledged rounds, setting it aside would lose it.
-            Err(e @ Error::Unavailable(_)) => return Err(e),
+            Err(e @ CheckpointError::Unreadable { .. }) => return Err(e.into()),
             Err(e) => {
                 set_aside(&dir, "bad");
                 tracing::error!(job, round, error = %e, "checkpoint unusable; trying the one before");
@@ -135,7 +146,7 @@ pub fn load_round(
     round: u64,
     shard: usize,
     shards: usize,
-) -> Result<Loaded> {
+) -> CheckpointResult<Loaded> {
     load_one(&round_dir(root, job, round), shard, shards)
 }
 
@@ -148,8 +159,8 @@ struct ShardFile {
     chunks: HashMap<String, ChunkState>,
 }
 
-fn read_shard_file(dir: &Path, entry: &ManifestFile, index: usize) -> Result<ShardFile> {
-    let bad = |m: String| Error::Internal(format!("{}: {m}", dir.display()));
+fn read_shard_file(dir: &Path, entry: &ManifestFile, index: usize) -> CheckpointResult<ShardFile> {
+    let bad = damaged(dir);
     let name = &entry.name;
     let data = read_file(&dir.join(name))?;
     let sum = hex(&Sha256::digest(&data));
@@ -181,7 +192,7 @@ fn read_shard_file(dir: &Path, entry: &ManifestFile, index: usize) -> Result<Sha
     }
     let config = JobConfig::try_from(&spec).map_err(|e| bad(format!("spec: {e}")))?;
     let st = SafeTensors::deserialize(&data).map_err(|e| bad(format!("{name}: {e}")))?;
-    let f32s = |key: &str| -> Result<Vec<f32>> {
+    let f32s = |key: &str| -> CheckpointResult<Vec<f32>> {
         let t = st.tensor(key).map_err(|e| bad(format!("{key}: {e}")))?;
         if t.dtype() != Dtype::F32 {
             return Err(bad(format!("{key} is {:?}, not F32", t.dtype())));
@@ -212,7 +223,7 @@ fn read_shard_file(dir: &Path, entry: &ManifestFile, index: usize) -> Result<Sha
                     .iter()
                     .take(hyper.state_buffers())
                     .map(|n| f32s(&format!("{key}/{n}")))
-                    .collect::<Result<Vec<_>>>()?;
+                    .collect::<CheckpointResult<Vec<_>>>()?;
                 if buffers.iter().any(|b| b.len() != values.len())
                     || values.len() != elems.min(param.numel - offset)
                 {
@@ -253,8 +264,8 @@ fn read_shard_file(dir: &Path, entry: &ManifestFile, index: usize) -> Result<Sha
 /// checkpoint of the same cluster shape needs only this shard's file; one
 /// of another shape is resharded (same chunks, placed anew) and needs every
 /// file of it in `dir` (a shared checkpoint directory).
-fn load_one(dir: &Path, shard: usize, shards: usize) -> Result<Loaded> {
-    let bad = |m: String| Error::Internal(format!("{}: {m}", dir.display()));
+fn load_one(dir: &Path, shard: usize, shards: usize) -> CheckpointResult<Loaded> {
+    let bad = damaged(dir);
     let manifest = manifest_in(dir)?;
     let indices: Vec<usize> = if manifest.shards == shards {
         vec![shard]
@@ -271,7 +282,7 @@ fn load_one(dir: &Path, shard: usize, shards: usize) -> Result<Loaded> {
             .ok_or_else(|| bad(format!("the manifest lists no {name}")))?;
         if !dir.join(&name).exists() && manifest.shards != shards {
             // Not damage: this directory holds only some shards' files.
-            return Err(Error::Invalid(format!(
+            return Err(CheckpointError::Unusable(format!(
                 "{}: taken on {} shards, this cluster has {shards}; restoring onto another number of shards needs every shard's file, and {name} is neither here nor on a shard of this cluster (copy it here)",
                 dir.display(),
                 manifest.shards

@@ -59,7 +59,7 @@ impl Receiving {
     pub fn write(&mut self, data: &[u8]) -> Result<()> {
         self.hash.update(data);
         self.bytes += data.len() as u64;
-        self.file.write_all(data).map_err(io("write", &self.tmp))
+        Ok(self.file.write_all(data).map_err(io("write", &self.tmp))?)
     }
 
     /// Checks the file against `expect` (its manifest entry; none for the
@@ -86,6 +86,7 @@ impl Receiving {
             .ok_or_else(|| Error::Internal(format!("{} has no directory", self.path.display())))?;
         fs::File::open(dir)
             .and_then(|d| d.sync_all())
-            .map_err(io("fsync", dir))
+            .map_err(io("fsync", dir))?;
+        Ok(())
     }
 }

@@ -13,19 +13,18 @@ use sha2::{Digest, Sha256};
 use super::failpoint::failpoint;
 use super::retention::{complete_rounds, prune_set_aside, set_aside_round};
 use super::{
-    FORMAT, MANIFEST, Manifest, ManifestFile, ShardMeta, buffer_names, hex, io, round_dir,
-    shard_file,
+    CheckpointError, CheckpointResult, FORMAT, MANIFEST, Manifest, ManifestFile, ShardMeta,
+    buffer_names, hex, io, round_dir, shard_file,
 };
 use crate::chunk::ChunkState;
-use crate::error::{Error, Result};
 use crate::optim::Hyper;
 
 /// Writes `data` to `path` atomically and durably. `round` names the
 /// checkpoint for the `checkpoint.mid_write` failpoint.
-fn write_durably(path: &Path, data: &[u8], round: Option<u64>) -> Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| Error::Internal(format!("{} has no directory", path.display())))?;
+fn write_durably(path: &Path, data: &[u8], round: Option<u64>) -> CheckpointResult<()> {
+    let dir = path.parent().ok_or_else(|| {
+        io("find the directory of", path)(std::io::ErrorKind::InvalidInput.into())
+    })?;
     fs::create_dir_all(dir).map_err(io("create", dir))?;
     let tmp = temp_path(path);
     let written = (|| {
@@ -78,7 +77,7 @@ pub fn write_shard(
     spec: &pb::JobSpec,
     layout: &pb::LayoutResponse,
     chunks: &[ChunkRef<'_>],
-) -> Result<ManifestFile> {
+) -> CheckpointResult<ManifestFile> {
     let mut blobs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for c in chunks {
         let n = c.state.values.len();
@@ -109,18 +108,18 @@ pub fn write_shard(
             TensorView::new(*dtype, shape.clone(), data).map(|v| (name.clone(), v))
         })
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::Internal(format!("checkpoint tensor: {e}")))?;
+        .map_err(|e| CheckpointError::Encode(format!("tensor: {e}")))?;
     let info = HashMap::from([
         ("format".to_owned(), FORMAT.to_owned()),
         (
             "meta".to_owned(),
-            serde_json::to_string(meta).map_err(|e| Error::Internal(e.to_string()))?,
+            serde_json::to_string(meta).map_err(|e| CheckpointError::Encode(e.to_string()))?,
         ),
         ("spec".to_owned(), hex(&spec.encode_to_vec())),
         ("layout".to_owned(), hex(&layout.encode_to_vec())),
     ]);
     let data = safetensors::serialize(views, Some(info))
-        .map_err(|e| Error::Internal(format!("checkpoint: {e}")))?;
+        .map_err(|e| CheckpointError::Encode(e.to_string()))?;
     let name = shard_file(meta.shard, meta.shards);
     let path = round_dir(root, &meta.job, meta.round).join(&name);
     write_durably(&path, &data, Some(meta.round))?;
@@ -134,9 +133,10 @@ pub fn write_shard(
 /// Writes the manifest that makes the checkpoint exist on this shard, and
 /// removes all but the newest `keep` checkpoints of the job, and all but
 /// the newest `keep` of its set-aside ones.
-pub fn commit(root: &Path, manifest: &Manifest, keep: usize) -> Result<()> {
+pub fn commit(root: &Path, manifest: &Manifest, keep: usize) -> CheckpointResult<()> {
     let dir = round_dir(root, &manifest.job, manifest.round);
-    let json = serde_json::to_vec_pretty(manifest).map_err(|e| Error::Internal(e.to_string()))?;
+    let json =
+        serde_json::to_vec_pretty(manifest).map_err(|e| CheckpointError::Encode(e.to_string()))?;
     write_durably(&dir.join(MANIFEST), &json, None)?;
     let mut rounds = complete_rounds(&root.join(&manifest.job));
     rounds.sort_unstable_by(|a, b| b.cmp(a));
@@ -158,7 +158,7 @@ pub fn write_test_manifest(
     round: u64,
     name: &str,
     data: &[u8],
-) -> Result<()> {
+) -> CheckpointResult<()> {
     let manifest = Manifest {
         format: FORMAT.to_owned(),
         job: job.to_owned(),
@@ -170,6 +170,6 @@ pub fn write_test_manifest(
             bytes: data.len() as u64,
         }],
     };
-    let json = serde_json::to_vec(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
+    let json = serde_json::to_vec(&manifest).map_err(|e| CheckpointError::Encode(e.to_string()))?;
     fs::write(dir.join(MANIFEST), json).map_err(io("write", dir))
 }

@@ -62,7 +62,13 @@ impl Job {
             shard: self.cluster.shard,
             shards: self.cluster.size(),
         };
-        checkpoint::write_shard(root, &meta, &self.spec, &self.layout(), &chunks)
+        Ok(checkpoint::write_shard(
+            root,
+            &meta,
+            &self.spec,
+            &self.layout(),
+            &chunks,
+        )?)
     }
 
     /// Makes a checkpoint exist on this shard.

@@ -146,7 +146,7 @@ impl Node {
         let shards = self.cluster.size();
         let missing = match checkpoint::missing_files(root, name, round, shards) {
             Ok(m) => m,
-            Err(e @ Error::Invalid(_)) => return Err(e),
+            Err(e @ checkpoint::CheckpointError::Unusable(_)) => return Err(e.into()),
             // Damage: the loader reports it and sets the checkpoint aside.
             Err(_) => return Ok(None),
         };
