@@ -370,9 +370,15 @@ mod tests {
             files: Vec::new(),
         };
         let e = write::commit(&root, &manifest, 1).expect_err("refused");
-        assert!(matches!(e, CheckpointError::Io { op: "create", .. }), "{e:?}");
+        assert!(
+            matches!(e, CheckpointError::Io { op: "create", .. }),
+            "{e:?}"
+        );
         let source = std::error::Error::source(&e).expect("a source");
-        assert!(source.downcast_ref::<std::io::Error>().is_some(), "{source:?}");
+        assert!(
+            source.downcast_ref::<std::io::Error>().is_some(),
+            "{source:?}"
+        );
         assert!(matches!(Error::from(e), Error::Internal(_)));
     }
 

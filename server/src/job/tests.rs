@@ -7,6 +7,7 @@ use futures::FutureExt;
 use paramd_proto::transport::Credentials;
 use paramd_proto::v1 as pb;
 
+use super::admit::ARRIVAL_GRACE;
 use super::*;
 use crate::pieces::to_le_bytes;
 

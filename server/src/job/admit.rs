@@ -1,0 +1,288 @@
+//! Push admission: a push is refused (stale, early, out of range) or
+//! answered as a duplicate from its header alone, given its worker's slot
+//! and its turn, read message by message into a set of push buffers, and
+//! recorded whole.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use paramd_proto::v1::Segment;
+
+use super::{Collect, Job};
+use crate::error::{Error, Result};
+use crate::invalid;
+use crate::pieces::{Staged, Staging, Target};
+use crate::spec::NonFinite;
+
+/// What a push for a round turns out to be before its payload is read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// A new push for the round being collected.
+    Accept,
+    /// A retry of a push already counted: acknowledge, count nothing.
+    Duplicate,
+}
+
+/// How long a push waits for the next rank to sum to start: pushes that
+/// start within it of each other are read in rank order.
+pub(super) const ARRIVAL_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// A push being received (see `Job::staging`); dropping it ends that and
+/// wakes the pushes waiting for their turn.
+pub struct Reading<'a> {
+    job: &'a Job,
+    worker: u32,
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        self.job.collect.lock().reading[self.worker as usize] = None;
+        self.job.spare.notify();
+    }
+}
+
+impl Job {
+    /// Decides, from the header of a push alone, whether to read its payload.
+    pub fn admit(&self, worker: u32, round: u64) -> Result<Admission> {
+        self.check_serving()?;
+        let c = self.collect.lock();
+        self.admit_locked(&c, worker, round)
+    }
+
+    fn admit_locked(&self, c: &Collect, worker: u32, round: u64) -> Result<Admission> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err(Error::Unavailable(format!(
+                "shard {} is shutting down: job '{}' takes no push; push round {round} again once the cluster is back",
+                self.cluster.shard, self.name
+            )));
+        }
+        if worker >= self.config.workers {
+            return Err(invalid!(
+                "worker {worker} is out of range: job '{}' has {} workers (ranks 0..{})",
+                self.name,
+                self.config.workers,
+                self.config.workers - 1
+            ));
+        }
+        if round < c.round {
+            return Err(Error::Stale {
+                job: self.name.clone(),
+                round,
+                current: c.round,
+            });
+        }
+        if round > c.round {
+            return Err(Error::Early {
+                job: self.name.clone(),
+                round,
+                current: c.round,
+            });
+        }
+        if c.pushed[worker as usize] {
+            Ok(Admission::Duplicate)
+        } else if c.closed {
+            // The round completed without this worker (backup workers or
+            // worker timeout): its push is stale.
+            Err(Error::Stale {
+                job: self.name.clone(),
+                round,
+                current: c.round + 1,
+            })
+        } else {
+            Ok(Admission::Accept)
+        }
+    }
+
+    /// Receives worker `worker`'s push of `round` into a set of this job's
+    /// buffers: its messages are checked and written as they arrive
+    /// (`Staging::feed`), and `finish` accepts it whole or refuses it. The
+    /// push counts as being received until the `Reading` is dropped.
+    ///
+    /// On a one-shard job without backup workers, pushes that overlap are
+    /// read in rank order: a push waits until every lower rank's push is
+    /// summed (its own stream held back meanwhile by HTTP/2 flow control)
+    /// as long as the next of them is being received and progressing, and
+    /// up to `turn_grace` for it to start; then it is summed onto the
+    /// accumulators as it streams, into a spare set of buffers that
+    /// becomes the accumulators once it is received whole (a refused or
+    /// cut push leaves them untouched). Workers pushing together then
+    /// cost one set of push buffers beside the accumulators, not one each,
+    /// and no pass of its own to sum each push. A push is read at once, beside the
+    /// others, when the next rank has not started within the grace (a
+    /// late worker) or no push has progressed for `turn_patience` (a
+    /// stalled stream): memory then grows as before, and latency does not. A
+    /// cluster reads pushes as they come: a shard sums none before the
+    /// coordinator chooses the round's members.
+    pub async fn staging(&self, worker: u32, round: u64) -> (Reading<'_>, Staging<'_>) {
+        self.collect.lock().reading[worker as usize] = Some(round);
+        let reading = Reading { job: self, worker };
+        let in_order = self.cluster.size() == 1 && self.config.backup_workers == 0;
+        if in_order {
+            self.wait_turn(worker, round).await;
+        }
+        // Every lower rank is summed: this push is summed as it streams,
+        // and its buffers become the accumulators when it is folded.
+        let summed = in_order && worker > 0 && {
+            let c = self.collect.lock();
+            c.round == round && !c.closed && c.folded == worker
+        };
+        let staging = Target {
+            params: &self.config.params,
+            index: &self.index,
+            layout: &self.layout,
+            own: &self.own,
+            finite_only: self.config.non_finite == NonFinite::Error,
+        }
+        .stage(self.spare.take(), summed);
+        (reading, staging)
+    }
+
+    /// Checks and writes one message of a push (`Staging::feed`), adding
+    /// the accumulators if the push is summed as it streams: nothing else
+    /// changes them meanwhile, because the lower ranks are summed and the
+    /// higher ones wait; a round that closes without this push (worker
+    /// timeout) may, but then the push is refused when it is recorded.
+    pub fn feed(
+        &self,
+        staging: &mut Staging<'_>,
+        segments: Vec<Segment>,
+        no_grad: &[String],
+    ) -> Result<()> {
+        if staging.summed() {
+            staging.feed(segments, no_grad, Some(&self.grads.lock()))
+        } else {
+            staging.feed(segments, no_grad, None)
+        }
+    }
+
+    /// Accepts a push whole or refuses it (`Staging::finish`).
+    pub fn finish(&self, staging: Staging<'_>) -> Result<Staged> {
+        if staging.summed() {
+            staging.finish(Some(&self.grads.lock()))
+        } else {
+            staging.finish(None)
+        }
+    }
+
+    /// Waits while a push of a lower rank than `worker` is being received
+    /// for `round` and progressing, or up to `turn_grace` for it to start
+    /// (or until the round is no longer collected).
+    async fn wait_turn(&self, worker: u32, round: u64) {
+        let now = tokio::time::Instant::now;
+        let grace = now() + self.turn_grace();
+        let (mut deadline, mut seen) = (now(), None);
+        loop {
+            let changed = self.spare.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let wake = {
+                let c = self.collect.lock();
+                if c.round != round || c.closed {
+                    return;
+                }
+                // The lowest rank not summed yet. Summing a push received
+                // whole is a trade of buffers, at once, so a push waits
+                // until every lower rank's is summed.
+                let next = c.folded as usize;
+                if worker as usize <= next {
+                    return;
+                }
+                // Progress: a push summed, or bytes received.
+                let progress = (next, self.received.load(Ordering::Relaxed));
+                if seen != Some(progress) {
+                    (seen, deadline) = (Some(progress), now() + self.turn_patience());
+                }
+                if c.reading[next] == Some(round) || c.pushed[next] {
+                    if now() >= deadline {
+                        tracing::debug!(job = %self.name, worker, round, waiting_for = next, "a lower rank's push is not progressing; reading this one beside it");
+                        return;
+                    }
+                    deadline
+                } else if now() < grace {
+                    // The next rank, pushing at about the same time, may
+                    // not have started yet.
+                    grace
+                } else {
+                    tracing::debug!(job = %self.name, worker, round, waiting_for = next, "a lower rank has not pushed; reading this push out of turn");
+                    return;
+                }
+            };
+            // Woken by a change, or at `wake` to look again.
+            let _ = tokio::time::timeout_at(wake, changed).await;
+        }
+    }
+
+    /// Counts `bytes` of a push received, the progress a push waiting for
+    /// its turn looks for.
+    pub fn received(&self, bytes: usize) {
+        self.received.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Records how long a push took to receive once it was its turn.
+    pub fn read_took(&self, took: std::time::Duration) {
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.read_nanos.store(nanos, Ordering::Relaxed);
+    }
+
+    /// How long a push waits for the next rank to start: `ARRIVAL_GRACE`,
+    /// or half the time the last push took to receive if longer (a large
+    /// push takes its worker longer to start sending); before any push was
+    /// timed (the first round, when workers connect), `turn_patience`.
+    pub(super) fn turn_grace(&self) -> std::time::Duration {
+        match self.read_nanos.load(Ordering::Relaxed) {
+            0 => self.turn_patience(),
+            last => ARRIVAL_GRACE
+                .max(std::time::Duration::from_nanos(last) / 2)
+                .min(self.turn_patience()),
+        }
+    }
+
+    /// How long a push waits for its turn without the push before it
+    /// progressing: a quarter of the worker timeout, at most a second.
+    pub(super) fn turn_patience(&self) -> std::time::Duration {
+        (self.config.worker_timeout / 4).min(std::time::Duration::from_secs(1))
+    }
+
+    /// Records worker `worker`'s push for `round`, received whole. The
+    /// round's first push starts the task that learns its members and
+    /// completes it, so that a client going away cannot abandon it.
+    pub fn push(
+        self: &Arc<Self>,
+        worker: u32,
+        round: u64,
+        push: Staged,
+    ) -> Result<(Admission, u32)> {
+        self.check_serving()?;
+        let bytes = push.bytes;
+        let mut c = self.collect.lock();
+        if self.admit_locked(&c, worker, round)? == Admission::Duplicate {
+            self.metrics.duplicates.increment(1);
+            return Ok((Admission::Duplicate, c.count));
+        }
+        c.pushed[worker as usize] = true;
+        c.pushes[worker as usize] = Some(push);
+        c.count += 1;
+        c.opened.get_or_insert_with(Instant::now);
+        let count = c.count;
+        self.metrics.pushes.increment(1);
+        self.metrics.push_bytes.increment(bytes as u64);
+        self.metrics.workers_pushed.set(f64::from(count));
+        drop(c);
+        self.arrivals.send_modify(|n| *n += 1);
+        // Higher ranks waiting for this push may be read now.
+        self.spare.notify();
+        if count == 1 {
+            // The round's driver: the coordinator chooses the round's
+            // members once it may, then the round is completed.
+            tokio::spawn(Arc::clone(self).drive(round));
+        }
+        Ok((Admission::Accept, count))
+    }
+
+    /// The slot a push of `worker` holds while it is read; `worker` was
+    /// admitted, so it is in range.
+    pub fn push_slot(&self, worker: u32) -> &tokio::sync::Semaphore {
+        &self.push_slots[worker as usize]
+    }
+}
