@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::coordinator::Decision;
 use crate::error::Error;
 use crate::invalid;
-use crate::job::{Admission, Job};
+use crate::job::{Admission, Admitted, Job};
 use crate::metrics;
 use crate::node::Node;
 use crate::spec::JobConfig;
@@ -241,50 +241,13 @@ impl ParamServer for Service {
         span.record("worker", first.worker);
         span.record("round", first.round);
         let job = self.node.job(&first.job)?;
-        let (worker, round) = (first.worker, first.round);
-        let refused = |e: Error| {
-            job.metrics.refused(e.reason());
-            if matches!(e, Error::Stale { .. }) {
-                job.metrics.stale.increment(1);
-            }
-            tracing::debug!(job = %job.name, worker, round, error = %e, "push refused");
-            Status::from(e)
+        let pushed =
+            |pushed: u32, duplicate: bool| Response::new(pb::PushResponse { duplicate, pushed });
+        // Refused, or answered as a duplicate, before its payload is read.
+        let mut receiving = match job.receive(first.worker, first.round).await? {
+            Admitted::Duplicate(count) => return Ok(pushed(count, true)),
+            Admitted::Receiving(r) => *r,
         };
-        // Refuse a stale, early or duplicate push before reading its payload.
-        let pushed = |n: u32, duplicate: bool| {
-            Response::new(pb::PushResponse {
-                duplicate,
-                pushed: n,
-            })
-        };
-        let admit = || -> Result<bool, Status> {
-            match job.admit(first.worker, first.round).map_err(refused)? {
-                Admission::Duplicate => {
-                    job.metrics.duplicates.increment(1);
-                    Ok(false)
-                }
-                Admission::Accept => Ok(true),
-            }
-        };
-        if !admit()? {
-            return Ok(pushed(job.status().workers_pushed, true));
-        }
-        // One push per worker is read at a time. Another copy arriving
-        // meanwhile (a flood of retries or duplicates) is refused at once,
-        // before its payload is read: waiting would hold HTTP/2 window that
-        // the push being read needs.
-        let _slot = job.push_slot(first.worker).try_acquire().map_err(|_| {
-            refused(Error::Aborted(format!(
-                "worker {}'s push for round {} of job '{}' is already being received; retry if it fails",
-                first.worker, first.round, job.name
-            )))
-        })?;
-        // Waits for its turn on a one-shard job (see `Job::staging`).
-        let (_reading, mut staging) = job.staging(worker, round).await;
-        let read_started = Instant::now();
-        if !admit()? {
-            return Ok(pushed(job.status().workers_pushed, true));
-        }
         let budget = job
             .push_bytes()
             .saturating_mul(2)
@@ -293,27 +256,14 @@ impl ParamServer for Service {
         let size = |m: &pb::PushRequest| {
             payload(&m.grads) + m.no_grad.iter().map(String::len).sum::<usize>()
         };
-        let params = job.config.params.len();
         // Each message is checked and written into the push's buffers as
         // it arrives, and dropped.
-        let mut no_grad = 0;
-        let mut feed = |m: pb::PushRequest| {
-            no_grad += m.no_grad.len();
-            if no_grad > params {
-                return Err(Error::Invalid(format!(
-                    "{what}: no_grad lists {no_grad} names, the job has {params} parameters"
-                )));
-            }
-            job.feed(&mut staging, m.grads, &m.no_grad)
-        };
         read_messages(first, &mut stream, budget, &what, size, |m| {
-            job.received(size(&m));
-            feed(m).inspect_err(|e| job.metrics.refused(e.reason()))
+            let bytes = size(&m);
+            receiving.feed(m.grads, &m.no_grad, bytes)
         })
         .await?;
-        let push = job.finish(staging).map_err(refused)?;
-        job.read_took(read_started.elapsed());
-        let (admission, count) = job.push(worker, round, push).map_err(refused)?;
+        let (admission, count) = receiving.finish()?;
         job.metrics
             .push_duration
             .record(started.elapsed().as_secs_f64());

@@ -9,6 +9,8 @@ use std::time::Instant;
 
 use paramd_proto::v1::Segment;
 
+use tokio::sync::SemaphorePermit;
+
 use super::{Collect, Job};
 use crate::error::{Error, Result};
 use crate::invalid;
@@ -42,9 +44,130 @@ impl Drop for Reading<'_> {
     }
 }
 
+/// A push's fate once its header is read (`Job::receive`).
+pub enum Admitted<'a> {
+    /// A retry of a push already recorded: answered with the pushes the
+    /// round holds, its payload not read.
+    Duplicate(u32),
+    /// Admitted: its messages go to `Receiving::feed`, then `finish`.
+    Receiving(Box<Receiving<'a>>),
+}
+
+/// A push admitted and being received: it holds its worker's slot, its
+/// turn and the set of buffers its messages are written into. Dropped
+/// before `finish` (a refused message, a cut stream), the push leaves the
+/// round as it was.
+pub struct Receiving<'a> {
+    job: &'a Arc<Job>,
+    worker: u32,
+    round: u64,
+    staging: Staging<'a>,
+    /// Names without a gradient listed so far.
+    no_grad: usize,
+    /// When it was its turn to be read.
+    started: Instant,
+    _reading: Reading<'a>,
+    _slot: SemaphorePermit<'a>,
+}
+
+impl Receiving<'_> {
+    /// Checks and writes one message of the push: `segments` of values and
+    /// the parameters named in `no_grad` as without a gradient; `bytes` is
+    /// its payload, counted as progress for the pushes waiting their turn.
+    pub fn feed(&mut self, segments: Vec<Segment>, no_grad: &[String], bytes: usize) -> Result<()> {
+        let job = self.job;
+        job.received(bytes);
+        self.no_grad += no_grad.len();
+        let params = job.config.params.len();
+        let fed = if self.no_grad > params {
+            Err(invalid!(
+                "push of worker {} for round {}: no_grad lists {} names, the job has {params} \
+                 parameters",
+                self.worker,
+                self.round,
+                self.no_grad
+            ))
+        } else {
+            job.feed(&mut self.staging, segments, no_grad)
+        };
+        fed.inspect_err(|e| job.metrics.refused(e.reason()))
+    }
+
+    /// Accepts the push whole and records it: whether it was a duplicate
+    /// after all, and the pushes the round holds.
+    pub fn finish(self) -> Result<(Admission, u32)> {
+        let (job, worker, round) = (self.job, self.worker, self.round);
+        let push = job
+            .finish(self.staging)
+            .inspect_err(|e| job.refused(e, worker, round))?;
+        job.read_took(self.started.elapsed());
+        job.push(worker, round, push)
+            .inspect_err(|e| job.refused(e, worker, round))
+    }
+}
+
 impl Job {
+    /// Admits worker `worker`'s push for `round` from its header: refused
+    /// (stale, early, out of range, shutting down), answered as a
+    /// duplicate, or received. One push per worker is read at a time:
+    /// another copy arriving meanwhile (a flood of retries) is refused at
+    /// once, before its payload is read, since waiting would hold HTTP/2
+    /// window that the push being read needs. A received push waits for
+    /// its turn (`Job::staging`) and is admitted again, since the round
+    /// may have moved meanwhile. Refusals are counted in the metrics.
+    pub async fn receive(self: &Arc<Self>, worker: u32, round: u64) -> Result<Admitted<'_>> {
+        let admit = || match self.admit(worker, round) {
+            Ok(Admission::Duplicate) => {
+                self.metrics.duplicates.increment(1);
+                Ok(false)
+            }
+            Ok(Admission::Accept) => Ok(true),
+            Err(e) => {
+                self.refused(&e, worker, round);
+                Err(e)
+            }
+        };
+        let duplicate = || Ok(Admitted::Duplicate(self.status().workers_pushed));
+        if !admit()? {
+            return duplicate();
+        }
+        let slot = self.push_slot(worker).try_acquire().map_err(|_| {
+            let e = Error::Aborted(format!(
+                "worker {worker}'s push for round {round} of job '{}' is already being received; \
+                 retry if it fails",
+                self.name
+            ));
+            self.refused(&e, worker, round);
+            e
+        })?;
+        let (reading, staging) = self.staging(worker, round).await;
+        let started = Instant::now();
+        if !admit()? {
+            return duplicate();
+        }
+        Ok(Admitted::Receiving(Box::new(Receiving {
+            job: self,
+            worker,
+            round,
+            staging,
+            no_grad: 0,
+            started,
+            _reading: reading,
+            _slot: slot,
+        })))
+    }
+
+    /// Counts and logs a refused push.
+    fn refused(&self, e: &Error, worker: u32, round: u64) {
+        self.metrics.refused(e.reason());
+        if matches!(e, Error::Stale { .. }) {
+            self.metrics.stale.increment(1);
+        }
+        tracing::debug!(job = %self.name, worker, round, error = %e, "push refused");
+    }
+
     /// Decides, from the header of a push alone, whether to read its payload.
-    pub fn admit(&self, worker: u32, round: u64) -> Result<Admission> {
+    pub(super) fn admit(&self, worker: u32, round: u64) -> Result<Admission> {
         self.check_serving()?;
         let c = self.collect.lock();
         self.admit_locked(&c, worker, round)
@@ -114,7 +237,7 @@ impl Job {
     /// stalled stream): memory then grows as before, and latency does not. A
     /// cluster reads pushes as they come: a shard sums none before the
     /// coordinator chooses the round's members.
-    pub async fn staging(&self, worker: u32, round: u64) -> (Reading<'_>, Staging<'_>) {
+    pub(super) async fn staging(&self, worker: u32, round: u64) -> (Reading<'_>, Staging<'_>) {
         self.collect.lock().reading[worker as usize] = Some(round);
         let reading = Reading { job: self, worker };
         let in_order = self.cluster.size() == 1 && self.config.backup_workers == 0;
@@ -143,7 +266,7 @@ impl Job {
     /// changes them meanwhile, because the lower ranks are summed and the
     /// higher ones wait; a round that closes without this push (worker
     /// timeout) may, but then the push is refused when it is recorded.
-    pub fn feed(
+    pub(super) fn feed(
         &self,
         staging: &mut Staging<'_>,
         segments: Vec<Segment>,
@@ -157,7 +280,7 @@ impl Job {
     }
 
     /// Accepts a push whole or refuses it (`Staging::finish`).
-    pub fn finish(&self, staging: Staging<'_>) -> Result<Staged> {
+    pub(super) fn finish(&self, staging: Staging<'_>) -> Result<Staged> {
         if staging.summed() {
             staging.finish(Some(&self.grads.lock()))
         } else {
@@ -215,12 +338,12 @@ impl Job {
 
     /// Counts `bytes` of a push received, the progress a push waiting for
     /// its turn looks for.
-    pub fn received(&self, bytes: usize) {
+    pub(super) fn received(&self, bytes: usize) {
         self.received.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     /// Records how long a push took to receive once it was its turn.
-    pub fn read_took(&self, took: std::time::Duration) {
+    pub(super) fn read_took(&self, took: std::time::Duration) {
         let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         self.read_nanos.store(nanos, Ordering::Relaxed);
     }
@@ -247,7 +370,7 @@ impl Job {
     /// Records worker `worker`'s push for `round`, received whole. The
     /// round's first push starts the task that learns its members and
     /// completes it, so that a client going away cannot abandon it.
-    pub fn push(
+    pub(super) fn push(
         self: &Arc<Self>,
         worker: u32,
         round: u64,
@@ -282,7 +405,7 @@ impl Job {
 
     /// The slot a push of `worker` holds while it is read; `worker` was
     /// admitted, so it is in range.
-    pub fn push_slot(&self, worker: u32) -> &tokio::sync::Semaphore {
+    pub(super) fn push_slot(&self, worker: u32) -> &tokio::sync::Semaphore {
         &self.push_slots[worker as usize]
     }
 }

@@ -19,7 +19,7 @@ use paramd_proto::v1 as pb;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
-pub use self::admit::{Admission, Reading};
+pub use self::admit::{Admission, Admitted, Reading, Receiving};
 use self::history::History;
 use crate::chunk::ChunkState;
 use crate::cluster::Cluster;
