@@ -134,7 +134,8 @@ fn main() {
         for step in 1..=a.repeat {
             let t = Instant::now();
             tri_a.par_iter_mut().zip(&tri_bc).for_each(|(x, c)| {
-                for ((o, b), c) in x.values.make_mut().iter_mut().zip(&x.buffers[0]).zip(c) {
+                let (_, b) = x.state.named()[0];
+                for ((o, b), c) in x.values.make_mut().iter_mut().zip(b).zip(c) {
                     *o = *b + 0.5 * *c;
                 }
             });

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::math::state::OptimState;
 use crate::optim::{self, AdamState, Hyper};
 
 /// A chunk's values, shared with the pulls that send them: a pull takes a
@@ -52,24 +53,12 @@ impl AsRef<[u8]> for LittleEndian {
     }
 }
 
-/// The names of a chunk's state buffers, in `ChunkState::buffers` order, as
-/// torch names its state (the list is longer than the buffers an optimizer
-/// without amsgrad keeps).
-pub fn buffer_names(hyper: &Hyper) -> &'static [&'static str] {
-    match hyper {
-        Hyper::Sgd(_) => &["momentum_buffer"],
-        Hyper::Adam(_) => &["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
-    }
-}
-
 /// The values of one chunk and its optimizer state, named like torch's
 /// `state[p]` entries.
 #[derive(Debug)]
 pub struct ChunkState {
     pub values: Values,
-    /// SGD: `[momentum_buffer]` (none without momentum); Adam and AdamW:
-    /// `[exp_avg, exp_avg_sq]` and `max_exp_avg_sq` with amsgrad.
-    pub buffers: Vec<Vec<f32>>,
+    pub state: OptimState,
     /// torch's `state['step']`: updates applied to this parameter.
     pub step: u64,
 }
@@ -77,43 +66,47 @@ pub struct ChunkState {
 impl ChunkState {
     /// A chunk holding `values`, with zeroed state for `hyper`.
     pub fn new(values: Vec<f32>, hyper: &Hyper) -> ChunkState {
-        let buffers = (0..hyper.state_buffers())
-            .map(|_| vec![0.0; values.len()])
-            .collect();
         ChunkState {
+            state: OptimState::zeroed(hyper, values.len()),
             values: Values::new(values),
-            buffers,
             step: 0,
         }
     }
 
     /// Bytes of optimizer state.
     pub fn state_bytes(&self) -> usize {
-        self.buffers.iter().map(|b| b.len() * 4).sum()
+        self.state.bytes()
     }
 
     /// Applies one optimizer step with learning rate `lr` to the gradient
     /// `grad` scaled by the clip coefficient `coef`.
     pub fn apply(&mut self, hyper: &Hyper, lr: f64, coef: f32, grad: &[f32]) {
         self.step += 1;
-        match hyper {
-            Hyper::Sgd(h) => {
+        match (hyper, &mut self.state) {
+            (Hyper::Sgd(h), OptimState::Sgd { momentum_buffer }) => {
                 // torch creates the momentum buffer from the first gradient.
                 let buf_init = self.step > 1;
-                let buf = self.buffers.first_mut().map_or(&mut [][..], |b| &mut b[..]);
+                let buf = momentum_buffer.as_deref_mut().unwrap_or_default();
                 optim::sgd(h, lr, coef, grad, self.values.make_mut(), buf, buf_init);
             }
-            Hyper::Adam(h) => {
-                let (exp_avg, rest) = self.buffers.split_at_mut(1);
-                let (exp_avg_sq, rest) = rest.split_at_mut(1);
-                let max_exp_avg_sq = rest.first_mut().map_or(&mut [][..], |b| &mut b[..]);
-                let state = AdamState {
-                    exp_avg: &mut exp_avg[0],
-                    exp_avg_sq: &mut exp_avg_sq[0],
+            (
+                Hyper::Adam(h),
+                OptimState::Adam {
+                    exp_avg,
+                    exp_avg_sq,
                     max_exp_avg_sq,
+                },
+            ) => {
+                let state = AdamState {
+                    exp_avg,
+                    exp_avg_sq,
+                    max_exp_avg_sq: max_exp_avg_sq.as_deref_mut().unwrap_or_default(),
                 };
                 optim::adam(h, lr, self.step, coef, grad, self.values.make_mut(), state);
             }
+            // The state is made from the group's optimizer (`new`, the
+            // checkpoint loader), which a job never changes.
+            _ => unreachable!("a chunk's state is of its group's optimizer"),
         }
     }
 }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use paramd::checkpoint::{ChunkRef, ShardMeta, write_shard};
 use paramd::chunk::ChunkState;
 use paramd::fuzzing;
+use paramd::math::state::OptimState;
 use paramd::optim::{Hyper, SgdHyper};
 use paramd_client::v1 as pb;
 use prost::Message;
@@ -66,7 +67,9 @@ fn valid_checkpoint() -> Vec<u8> {
         .iter()
         .map(|&(_, _, n)| ChunkState {
             values: paramd::chunk::Values::new(vec![1.5; n]),
-            buffers: vec![],
+            state: OptimState::Sgd {
+                momentum_buffer: None,
+            },
             step: 2,
         })
         .collect();

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use paramd_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::{ChunkState, buffer_names};
+use crate::chunk::ChunkState;
 use crate::coordinator::Decision;
 use crate::error::{Error, Result};
 
@@ -273,6 +273,7 @@ mod tests {
 
     use super::retention::complete_rounds;
     use super::*;
+    use crate::math::state::OptimState;
     use crate::optim::{AdamHyper, Hyper};
 
     #[test]
@@ -280,6 +281,14 @@ mod tests {
         let b = [0u8, 1, 0xab, 0xff];
         assert_eq!(unhex(&hex(&b)), Some(b.to_vec()));
         assert_eq!(unhex("zz"), None);
+    }
+
+    fn adam_state() -> OptimState {
+        OptimState::Adam {
+            exp_avg: vec![1.0; 5],
+            exp_avg_sq: vec![2.0; 5],
+            max_exp_avg_sq: None,
+        }
     }
 
     fn hyper() -> Hyper {
@@ -315,7 +324,7 @@ mod tests {
     fn take(root: &Path, round: u64, shards: usize) {
         let state = ChunkState {
             values: crate::chunk::Values::new(vec![round as f32; 5]),
-            buffers: vec![vec![1.0; 5], vec![2.0; 5]],
+            state: adam_state(),
             step: round,
         };
         let h = hyper();
@@ -390,7 +399,7 @@ mod tests {
         let l = load(dir.path()).expect("load").expect("a checkpoint");
         assert_eq!(l.meta.round, 6);
         assert_eq!(*l.chunks[0].values, [6.0; 5]);
-        assert_eq!(l.chunks[0].buffers, vec![vec![1.0; 5], vec![2.0; 5]]);
+        assert_eq!(l.chunks[0].state, adam_state());
         assert_eq!(l.chunks[0].step, 6);
     }
 

@@ -13,11 +13,12 @@ use sha2::{Digest, Sha256};
 use super::retention::{complete_rounds, set_aside};
 use super::{
     CheckpointError, CheckpointResult, FORMAT, Loaded, MANIFEST, Manifest, ManifestFile, ShardMeta,
-    buffer_names, hex, round_dir, shard_file, unhex,
+    hex, round_dir, shard_file, unhex,
 };
 use crate::chunk::ChunkState;
 use crate::error::Result;
 use crate::layout::Layout;
+use crate::math::state::OptimState;
 use crate::spec::JobConfig;
 
 /// The newest round of `job` that has a manifest.
@@ -219,12 +220,8 @@ fn read_shard_file(dir: &Path, entry: &ManifestFile, index: usize) -> Checkpoint
             if owner == index {
                 let key = format!("{}@{offset}", param.name);
                 let values = f32s(&format!("{key}/param"))?;
-                let buffers = buffer_names(hyper)
-                    .iter()
-                    .take(hyper.state_buffers())
-                    .map(|n| f32s(&format!("{key}/{n}")))
-                    .collect::<CheckpointResult<Vec<_>>>()?;
-                if buffers.iter().any(|b| b.len() != values.len())
+                let state = OptimState::from_named(hyper, |n| f32s(&format!("{key}/{n}")))?;
+                if state.named().iter().any(|(_, b)| b.len() != values.len())
                     || values.len() != elems.min(param.numel - offset)
                 {
                     return Err(bad(format!("{key}: sizes do not match the layout")));
@@ -243,7 +240,7 @@ fn read_shard_file(dir: &Path, entry: &ManifestFile, index: usize) -> Checkpoint
                     key,
                     ChunkState {
                         values: crate::chunk::Values::new(values),
-                        buffers,
+                        state,
                         step,
                     },
                 );

@@ -13,8 +13,8 @@ use sha2::{Digest, Sha256};
 use super::failpoint::failpoint;
 use super::retention::{complete_rounds, prune_set_aside, set_aside_round};
 use super::{
-    CheckpointError, CheckpointResult, FORMAT, MANIFEST, Manifest, ManifestFile, ShardMeta,
-    buffer_names, hex, io, round_dir, shard_file,
+    CheckpointError, CheckpointResult, FORMAT, MANIFEST, Manifest, ManifestFile, ShardMeta, hex,
+    io, round_dir, shard_file,
 };
 use crate::chunk::ChunkState;
 use crate::optim::Hyper;
@@ -87,7 +87,7 @@ pub fn write_shard(
             vec![n],
             f32_bytes(&c.state.values),
         ));
-        for (name, buf) in buffer_names(c.hyper).iter().zip(&c.state.buffers) {
+        for (name, buf) in c.state.state.named() {
             blobs.push((
                 format!("{}/{name}", c.key),
                 Dtype::F32,

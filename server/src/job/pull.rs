@@ -10,7 +10,6 @@ use paramd_proto::v1::Segment;
 use paramd_proto::wire::to_le_bytes;
 
 use super::{Job, Snapshot};
-use crate::chunk::buffer_names;
 use crate::error::{Error, Result};
 use crate::invalid;
 
@@ -126,7 +125,6 @@ impl Job {
         let meta = &self.layout.chunks[self.own.chunks[local]];
         let param = &self.config.params[meta.param];
         let chunk = &store.chunks[local];
-        let names = buffer_names(&self.config.groups[param.group]);
         let segment = |buffer: &str, data: Bytes| pb::StateSegment {
             param: param.name.clone(),
             buffer: buffer.to_owned(),
@@ -134,14 +132,13 @@ impl Job {
             data,
             step: chunk.step,
         };
-        if chunk.buffers.is_empty() {
+        let named = chunk.state.named();
+        if named.is_empty() {
             return Ok(vec![segment("", Bytes::new())]);
         }
-        Ok(chunk
-            .buffers
-            .iter()
-            .zip(names)
-            .map(|(b, name)| segment(name, to_le_bytes(b)))
+        Ok(named
+            .into_iter()
+            .map(|(name, b)| segment(name, to_le_bytes(b)))
             .collect())
     }
 }
