@@ -153,14 +153,7 @@ impl Cluster {
 
     /// Reports a round to the coordinator and returns its decision.
     pub async fn report(&self, job: &str, round: u64, report: &Report) -> Result<Decision> {
-        let msg = pb::ReportRequest {
-            job: job.to_owned(),
-            round,
-            shard: self.shard as u32,
-            chunks: report.sums.iter().map(|&(c, _)| c as u64).collect(),
-            sum_squares: report.sums.iter().map(|&(_, s)| s).collect(),
-            non_finite: report.non_finite,
-        };
+        let msg = report.to_request(job, round, self.shard);
         // The coordinator may hold the call for a whole round timeout.
         let req = self.request(msg, self.round_timeout + self.peer_timeout);
         let resp = self
@@ -172,14 +165,7 @@ impl Cluster {
         let d = resp
             .decision
             .ok_or_else(|| Error::Internal("the coordinator sent no decision".into()))?;
-        Ok(Decision {
-            round: d.round,
-            skipped: d.skipped,
-            grad_norm: d.grad_norm,
-            clip_coefficient: d.clip_coefficient,
-            lr: d.lr,
-            step: d.step,
-        })
+        Ok(Decision::from(d))
     }
 
     /// Tells the coordinator which workers' pushes of `round` this shard
@@ -199,11 +185,7 @@ impl Cluster {
             .await
             .map_err(self.err(0))?
             .into_inner();
-        Ok(Members {
-            round: r.round,
-            workers: r.workers,
-            dropped: r.dropped,
-        })
+        Ok(Members::from(r))
     }
 
     /// The checkpoint rounds of `job` shard `i` can restore, newest first,

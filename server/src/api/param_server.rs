@@ -11,7 +11,6 @@ use paramd_proto::v1::param_server_server::ParamServer;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::coordinator::Decision;
 use crate::error::Error;
 use crate::invalid;
 use crate::job::{Admission, Admitted, Job};
@@ -104,17 +103,6 @@ fn grpc_timeout(md: &MetadataMap) -> Option<Duration> {
     })
 }
 
-pub(crate) fn outcome_pb(d: &Decision) -> pb::RoundOutcome {
-    pb::RoundOutcome {
-        round: d.round,
-        step: d.step,
-        skipped: d.skipped,
-        grad_norm: d.grad_norm,
-        clip_coefficient: d.clip_coefficient,
-        lr: d.lr.clone(),
-    }
-}
-
 /// The status of job `job` (every job when empty), with its shards as far
 /// as they answer: what the Status call and the status page's API serve.
 pub(crate) async fn status(node: &Node, job: &str) -> crate::error::Result<pb::StatusResponse> {
@@ -138,7 +126,7 @@ pub(crate) async fn status(node: &Node, job: &str) -> crate::error::Result<pb::S
             workers_expected: job.config.workers,
             workers_pushed: s.workers_pushed,
             rounds_skipped: s.rounds_skipped,
-            last: s.last.as_ref().map(outcome_pb),
+            last: s.last.as_ref().map(pb::RoundOutcome::from),
             parameters: job.config.numel() as u64,
             parameter_bytes,
             optimizer_state_bytes: state_bytes,
@@ -286,7 +274,7 @@ impl ParamServer for Service {
         // read lock one chunk at a time.
         let first = pb::PullResponse {
             round: plan.round,
-            last: plan.last.as_ref().map(outcome_pb),
+            last: plan.last.as_ref().map(pb::RoundOutcome::from),
             params: Vec::new(),
         };
         let state = (job, plan, 0usize, Some(first));

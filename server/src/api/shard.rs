@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::checkpoint::{self, Manifest};
 use crate::coordinator::Report;
 use crate::node::Node;
-use crate::service::{PAYLOAD_SLACK, outcome_pb, payload, read_messages};
+use crate::service::{PAYLOAD_SLACK, payload, read_messages};
 use crate::spec::{JobConfig, validate_job_name};
 
 /// Bytes of a checkpoint file per message sent to another shard.
@@ -94,26 +94,11 @@ impl Shard for ShardService {
         self.node.check_ready()?;
         let r = request.into_inner();
         self.check_shard("report", r.shard)?;
-        if r.chunks.len() != r.sum_squares.len() {
-            return Err(Status::invalid_argument(format!(
-                "{} chunk ids but {} sums of squares",
-                r.chunks.len(),
-                r.sum_squares.len()
-            )));
-        }
+        let report = Report::from_request(&r)?;
         let job = self.node.job(&r.job)?;
-        let report = Report {
-            sums: r
-                .chunks
-                .iter()
-                .map(|&c| c as usize)
-                .zip(r.sum_squares.iter().copied())
-                .collect(),
-            non_finite: r.non_finite,
-        };
         let decision = job.coordinate(r.round, r.shard as usize, report).await?;
         Ok(Response::new(pb::ReportResponse {
-            decision: Some(outcome_pb(&decision)),
+            decision: Some(pb::RoundOutcome::from(&decision)),
         }))
     }
 
@@ -128,11 +113,7 @@ impl Shard for ShardService {
         let m = job
             .coordinate_members(r.round, r.shard as usize, &r.workers)
             .await?;
-        Ok(Response::new(pb::MembersResponse {
-            round: m.round,
-            workers: m.workers,
-            dropped: m.dropped,
-        }))
+        Ok(Response::new(pb::MembersResponse::from(m)))
     }
 
     async fn restorable(

@@ -11,6 +11,8 @@
 //! In a one-shard cluster the shard reports to an in-process coordinator;
 //! the code path is the same.
 
+mod wire;
+
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
