@@ -108,12 +108,7 @@ impl Job {
     /// checkpoints every shard at the last decided round, unless that
     /// round's checkpoint is already committed.
     pub async fn final_checkpoint(self: &Arc<Self>) -> Result<u64> {
-        let c = self.coordinator.as_ref().ok_or_else(|| {
-            Error::WrongShard(format!(
-                "shard {} is not the coordinator",
-                self.cluster.shard
-            ))
-        })?;
+        let c = self.coordinator()?;
         let _one = self.checkpointing.lock().await;
         // Never lifted: the process is stopping.
         let round = c.freeze();
@@ -128,12 +123,7 @@ impl Job {
     /// round, no round being decided meanwhile. `frozen_at` is the round
     /// of a periodic checkpoint, for which the coordinator froze itself.
     pub async fn checkpoint(self: &Arc<Self>, frozen_at: Option<u64>) -> Result<u64> {
-        let c = self.coordinator.as_ref().ok_or_else(|| {
-            Error::WrongShard(format!(
-                "shard {} is not the coordinator",
-                self.cluster.shard
-            ))
-        })?;
+        let c = self.coordinator()?;
         // One checkpoint of the job at a time; requests that arrive while
         // one is taken wait for it, and share it if it is of their round.
         let _one = self.checkpointing.lock().await;

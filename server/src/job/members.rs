@@ -81,12 +81,7 @@ impl Job {
         shard: usize,
         held: &[u32],
     ) -> Result<Members> {
-        let c = self.coordinator.as_ref().ok_or_else(|| {
-            Error::WrongShard(format!(
-                "shard {} is not the coordinator of job '{}'",
-                self.cluster.shard, self.name
-            ))
-        })?;
+        let c = self.coordinator()?;
         c.members(round, shard, held, self.cluster.round_timeout)
             .await
     }

@@ -216,6 +216,16 @@ impl Job {
         rounds
     }
 
+    /// This job's coordinator: refused `WrongShard` on any shard but 0.
+    pub(super) fn coordinator(&self) -> Result<&Coordinator> {
+        self.coordinator.as_ref().ok_or_else(|| {
+            Error::WrongShard(format!(
+                "shard {} is not the coordinator of job '{}'",
+                self.cluster.shard, self.name
+            ))
+        })
+    }
+
     /// Where every chunk lives.
     pub fn layout(&self) -> pb::LayoutResponse {
         pb::LayoutResponse {

@@ -152,12 +152,7 @@ impl Job {
 
     /// The coordinator's answer to shard `shard`'s report of `round`.
     pub async fn coordinate(&self, round: u64, shard: usize, report: Report) -> Result<Decision> {
-        let c = self.coordinator.as_ref().ok_or_else(|| {
-            Error::WrongShard(format!(
-                "shard {} is not the coordinator of job '{}'",
-                self.cluster.shard, self.name
-            ))
-        })?;
+        let c = self.coordinator()?;
         c.report(round, shard, report, self.cluster.round_timeout)
             .await
     }
