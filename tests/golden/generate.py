@@ -130,6 +130,22 @@ TRACES = {
         dense(0.1),
         1,
     ),
+    # lr 1 with weight decay: Adam's fused moments and its square root
+    # decide the last bits, and a unit in the last place moves the weights
+    # a hundred times further than at lr 0.01.
+    "adamw_high_lr": (
+        {
+            "params": ["w", "b"],
+            "workers": 2,
+            "steps": 6,
+            "optimizer": {"kind": "adamw", "lr": 1.0, "weight_decay": 0.05, "betas": [0.8, 0.95]},
+            "schedule": {"kind": "constant"},
+            "clip": None,
+        },
+        {"w": (8, 5), "b": (5,)},
+        dense(0.1),
+        6,
+    ),
     "sgd_maximize_dampening": (
         {
             "params": ["w", "b"],
