@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use paramd_proto::v1::Segment;
-
 use tokio::sync::SemaphorePermit;
 
 use super::{Collect, Job};
