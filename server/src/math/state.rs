@@ -69,7 +69,15 @@ impl OptimState {
 
     /// Bytes of state.
     pub fn bytes(&self) -> usize {
-        self.named().iter().map(|(_, b)| b.len() * 4).sum()
+        let len = |b: &Option<Vec<f32>>| b.as_ref().map_or(0, Vec::len);
+        4 * match self {
+            OptimState::Sgd { momentum_buffer } => len(momentum_buffer),
+            OptimState::Adam {
+                exp_avg,
+                exp_avg_sq,
+                max_exp_avg_sq,
+            } => exp_avg.len() + exp_avg_sq.len() + len(max_exp_avg_sq),
+        }
     }
 }
 
