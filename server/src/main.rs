@@ -3,9 +3,11 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// glibc's allocator hands large freed buffers back to the kernel and maps
-/// them again, so every multi-megabyte message pays for fresh pages; mimalloc
-/// reuses them (see bench/RESULTS.md for what it buys).
+/// With the `mimalloc` feature, mimalloc; by default the system's
+/// allocator, which peaks lower now that push buffers are kept across
+/// rounds and pulls send the parameters' own memory, at the same round
+/// time (bench/RESULTS.md, "The daemon's allocator").
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
