@@ -66,54 +66,58 @@ pub fn le_f32(bytes: &[u8], i: usize) -> f32 {
     f32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
-/// One SGD step, `torch.optim.SGD` with `foreach=False`.
-///
-/// `grad` is the round's gradient before clipping and `coef` the clip
-/// coefficient (1 without clipping: multiplying by 1 is exact). With
-/// `maximize` the gradient is negated, as torch negates it before anything
-/// else: `g * -coef` is exactly `-(g * coef)`.
-/// `buf` is the momentum buffer (empty when momentum is 0); `buf_init` says
-/// whether it holds a value yet (torch creates it from the first gradient).
-pub fn sgd(
-    h: &SgdHyper,
-    lr: f64,
-    coef: f32,
-    grad: &[f32],
-    param: &mut [f32],
-    buf: &mut [f32],
-    buf_init: bool,
-) {
-    let coef = if h.maximize { -coef } else { coef };
-    // The multiply-adds are one instruction, and vectorized, only where the
-    // CPU has FMA; elsewhere `mul_add` is computed (exactly, slowly) in
-    // software.
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("fma") {
-        #[allow(unsafe_code)]
-        // SAFETY: `sgd_fma` only needs the FMA instructions, which the CPU
-        // has: checked just above.
-        unsafe {
-            sgd_fma(h, lr, coef, grad, param, buf, buf_init);
+/// Defines `pub fn $name`, which runs `$kernel` compiled with FMA
+/// instructions (`$fma`) where the CPU has them, and as it is elsewhere.
+/// The kernels' multiply-adds are then one instruction, and vectorized;
+/// elsewhere `mul_add` is computed (exactly, slowly) in software. Doc
+/// comments written first in the invocation document `$name`.
+macro_rules! fma_dispatch {
+    ($(#[$doc:meta])* $name:ident => $fma:ident, $kernel:ident($($arg:ident: $ty:ty),* $(,)?)) => {
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        pub fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("fma") {
+                #[allow(unsafe_code)]
+                // SAFETY: `$fma` only needs the FMA instructions, which the
+                // CPU has: checked just above.
+                unsafe {
+                    $fma($($arg),*);
+                }
+                return;
+            }
+            $kernel($($arg),*);
         }
-        return;
-    }
-    sgd_kernel(h, lr, coef, grad, param, buf, buf_init);
+
+        /// The kernel compiled with FMA instructions.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "fma")]
+        #[allow(clippy::too_many_arguments)]
+        fn $fma($($arg: $ty),*) {
+            $kernel($($arg),*);
+        }
+    };
 }
 
-/// `sgd_kernel` compiled with FMA instructions.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma")]
-fn sgd_fma(
-    h: &SgdHyper,
-    lr: f64,
-    coef: f32,
-    grad: &[f32],
-    param: &mut [f32],
-    buf: &mut [f32],
-    buf_init: bool,
-) {
-    sgd_kernel(h, lr, coef, grad, param, buf, buf_init);
-}
+fma_dispatch!(
+    /// One SGD step, `torch.optim.SGD` with `foreach=False`.
+    ///
+    /// `grad` is the round's gradient before clipping and `coef` the clip
+    /// coefficient (1 without clipping: multiplying by 1 is exact). With
+    /// `maximize` the gradient is negated, as torch negates it before anything
+    /// else: `g * -coef` is exactly `-(g * coef)`.
+    /// `buf` is the momentum buffer (empty when momentum is 0); `buf_init` says
+    /// whether it holds a value yet (torch creates it from the first gradient).
+    sgd => sgd_fma, sgd_kernel(
+        h: &SgdHyper,
+        lr: f64,
+        coef: f32,
+        grad: &[f32],
+        param: &mut [f32],
+        buf: &mut [f32],
+        buf_init: bool,
+    )
+);
 
 #[inline(always)]
 fn sgd_kernel(
@@ -125,6 +129,7 @@ fn sgd_kernel(
     buf: &mut [f32],
     buf_init: bool,
 ) {
+    let coef = if h.maximize { -coef } else { coef };
     let wd = h.weight_decay as f32;
     let neg_lr = (-lr) as f32;
     let decay = h.weight_decay != 0.0;
@@ -167,55 +172,28 @@ pub struct AdamState<'a> {
     pub max_exp_avg_sq: &'a mut [f32],
 }
 
-/// One Adam or AdamW step, `torch.optim.Adam`/`AdamW` with `foreach=False`.
-///
-/// `step` is the parameter's step count after this update (torch increments
-/// `state['step']` first), so the bias corrections use `step >= 1`.
-///
-/// Rounded as torch's CPU kernels round: the weight decay's add with alpha,
-/// `lerp_` and `addcmul_` are fused multiply-adds (rounded once), every
-/// other operation rounds on its own. One difference is left: torch takes
-/// `exp_avg_sq.sqrt()` from MKL's vector math, which is not correctly
-/// rounded (on an AVX-512 CPU about 0.6% of roots are one unit in the
-/// last place below the exact one), while this kernel's root is exact.
-pub fn adam(
-    h: &AdamHyper,
-    lr: f64,
-    step: u64,
-    coef: f32,
-    grad: &[f32],
-    param: &mut [f32],
-    s: AdamState<'_>,
-) {
-    // As for SGD: the multiply-adds are one instruction only where the CPU
-    // has FMA.
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("fma") {
-        #[allow(unsafe_code)]
-        // SAFETY: `adam_fma` only needs the FMA instructions, which the CPU
-        // has: checked just above.
-        unsafe {
-            adam_fma(h, lr, step, coef, grad, param, s);
-        }
-        return;
-    }
-    adam_kernel(h, lr, step, coef, grad, param, s);
-}
-
-/// `adam_kernel` compiled with FMA instructions.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma")]
-fn adam_fma(
-    h: &AdamHyper,
-    lr: f64,
-    step: u64,
-    coef: f32,
-    grad: &[f32],
-    param: &mut [f32],
-    s: AdamState<'_>,
-) {
-    adam_kernel(h, lr, step, coef, grad, param, s);
-}
+fma_dispatch!(
+    /// One Adam or AdamW step, `torch.optim.Adam`/`AdamW` with `foreach=False`.
+    ///
+    /// `step` is the parameter's step count after this update (torch increments
+    /// `state['step']` first), so the bias corrections use `step >= 1`.
+    ///
+    /// Rounded as torch's CPU kernels round: the weight decay's add with alpha,
+    /// `lerp_` and `addcmul_` are fused multiply-adds (rounded once), every
+    /// other operation rounds on its own. One difference is left: torch takes
+    /// `exp_avg_sq.sqrt()` from MKL's vector math, which is not correctly
+    /// rounded (on an AVX-512 CPU about 0.6% of roots are one unit in the
+    /// last place below the exact one), while this kernel's root is exact.
+    adam => adam_fma, adam_kernel(
+        h: &AdamHyper,
+        lr: f64,
+        step: u64,
+        coef: f32,
+        grad: &[f32],
+        param: &mut [f32],
+        s: AdamState<'_>,
+    )
+);
 
 #[inline(always)]
 fn adam_kernel(
