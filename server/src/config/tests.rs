@@ -77,6 +77,63 @@ fn the_example_documents_every_key() {
     }
 }
 
+/// Each refusal says which setting, keeps an I/O error as its source,
+/// and names the file a parse error is in.
+#[test]
+fn errors_name_the_setting_and_keep_their_cause() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing.toml");
+    let e = Config::from_file(&missing).expect_err("no such file");
+    let ConfigError::Read { path, source } = &e else {
+        panic!("{e:?}");
+    };
+    assert_eq!(
+        (path, source.kind()),
+        (&missing, std::io::ErrorKind::NotFound)
+    );
+    assert!(std::error::Error::source(&e).is_some());
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "listen = \"127.0.0.1:1\"\nchunk_byte = 4\n").expect("write");
+    let e = Config::from_file(&bad).expect_err("unknown key");
+    assert!(
+        matches!(&e, ConfigError::Parse { path: Some(p), line: Some(2), .. } if p == &bad),
+        "{e:?}"
+    );
+    assert!(e.to_string().starts_with("config file "), "{e}");
+
+    let zero = Config {
+        keep_checkpoints: 0,
+        ..Config::default()
+    };
+    let e = zero.resolve().expect_err("refused");
+    assert!(
+        matches!(
+            e,
+            ConfigError::Setting {
+                key: "keep_checkpoints",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let token = Config {
+        auth_token_file: Some(missing.clone()),
+        ..Config::default()
+    };
+    let e = token.resolve().expect_err("refused");
+    assert!(
+        matches!(
+            e,
+            ConfigError::File {
+                key: "auth_token_file",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+}
+
 #[test]
 fn half_tls_is_refused() {
     let config = Config {
