@@ -37,15 +37,25 @@ pub mod wire {
     /// Packs segments, in order, into messages of at most `max_bytes` of
     /// payload (a larger segment gets a message of its own).
     pub fn pack(segments: Vec<Segment>, max_bytes: usize) -> Vec<Vec<Segment>> {
-        let mut messages: Vec<Vec<Segment>> = Vec::new();
+        pack_by(segments, max_bytes, |s| s.data.len())
+    }
+
+    /// [`pack`] of any kind of segment, `len` giving its payload's bytes.
+    pub fn pack_by<S>(
+        segments: Vec<S>,
+        max_bytes: usize,
+        len: impl Fn(&S) -> usize,
+    ) -> Vec<Vec<S>> {
+        let mut messages: Vec<Vec<S>> = Vec::new();
         let mut current = Vec::new();
         let mut size = 0;
         for seg in segments {
-            if size + seg.data.len() > max_bytes && !current.is_empty() {
+            let n = len(&seg);
+            if size + n > max_bytes && !current.is_empty() {
                 messages.push(std::mem::take(&mut current));
                 size = 0;
             }
-            size += seg.data.len();
+            size += n;
             current.push(seg);
         }
         if !current.is_empty() {

@@ -31,6 +31,7 @@ fn decision(round: u64) -> Decision {
         lr: (0..GROUPS)
             .map(|g| 1e-3 * (g + 1) as f64 * (1.0 - x / 2e4))
             .collect(),
+        loaded_state: 0,
     }
 }
 
@@ -55,6 +56,7 @@ fn job_status(i: usize) -> pb::JobStatus {
             grad_norm: last.grad_norm,
             clip_coefficient: last.clip_coefficient,
             lr: last.lr,
+            loaded_state: 0,
         }),
         shards: (0..3)
             .map(|s| pb::ShardInfo {

@@ -48,6 +48,10 @@ pub enum Error {
     /// The request belongs on another shard.
     #[error("{0}")]
     WrongShard(String),
+    /// The job is not in the state the request needs (a state load for a
+    /// round that is not open).
+    #[error("{0}")]
+    Precondition(String),
 }
 
 /// Shorthand for an `Error::Invalid` with a formatted message.
@@ -72,6 +76,7 @@ impl Error {
             Error::WrongShard(_) => "wrong_shard",
             Error::Aborted(_) => "aborted",
             Error::Unavailable(_) => "unavailable",
+            Error::Precondition(_) => "precondition",
         }
     }
 
@@ -137,7 +142,7 @@ impl Error {
             Error::TooLarge(_) => Code::ResourceExhausted,
             Error::Internal(_) => Code::Internal,
             Error::Shard { code, .. } => peer_code(*code),
-            Error::WrongShard(_) => Code::FailedPrecondition,
+            Error::WrongShard(_) | Error::Precondition(_) => Code::FailedPrecondition,
             Error::Aborted(_) => Code::Aborted,
             Error::Unavailable(_) => Code::Unavailable,
         }

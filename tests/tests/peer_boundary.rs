@@ -46,6 +46,7 @@ async fn forge(c: &mut ShardClient<AuthChannel>, job: &str) -> Vec<(&'static str
                 chunks: vec![0],
                 sum_squares: vec![1e30],
                 non_finite: false,
+                ..Default::default()
             })
             .await,
         ),

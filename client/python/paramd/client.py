@@ -349,6 +349,32 @@ class Client:
             out[name] = ParamState(int(step), arrays)
         return OptimizerState(int(got), out)
 
+    def load_state(self, job: str, round: int, params: Mapping[str, ParamState], step: int) -> int:
+        """Sets the optimizer state of `job` (torch's `load_state_dict`):
+        loaded when round `round`, the open round, is applied, before its
+        step, on every shard or on none; the job then counts optimizer steps
+        (the schedule's position) from `step`. `params` gives every
+        parameter's step and every buffer its optimizer keeps, shaped as
+        the parameter; the server refuses anything else, and any shard's
+        refusal leaves the state as it was. Returns the load's id, new at
+        every call: the round's outcome carries it as `loaded_state` once
+        it is applied."""
+        route = self.route(job)
+        out = []
+        for name, ps in params.items():
+            shape = route.shapes.get(name)
+            buffers = []
+            for b, v in ps.buffers.items():
+                a = np.ascontiguousarray(v, dtype="<f4")
+                if shape is not None and a.shape != tuple(shape):
+                    raise errors.InvalidArgument(
+                        "state: parameter %r buffer %r has shape %s, the parameter %s"
+                        % (name, b, tuple(a.shape), tuple(shape))
+                    )
+                buffers.append((b, a.tobytes()))
+            out.append((name, int(ps.step), buffers))
+        return int(self._call("load_state", job, int(round), int(step), out))
+
     def status(self, job: Optional[str] = None) -> "pb.StatusResponse":
         """Round, step, lr of every group, last grad norm and clip
         coefficient, workers, sizes and shards of `job` (every job when

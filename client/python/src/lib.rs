@@ -25,7 +25,8 @@ use std::time::Duration;
 use paramd_client::codec::{Payload, Target};
 use paramd_client::memory::{Dest, LeaseGuard, Lent, Source};
 use paramd_client::{
-    Client as Rust, ClientError, Credentials, PullInto, PushStream as RustPushStream, v1 as pb,
+    Client as Rust, ClientError, Credentials, ParamState, PullInto, PushStream as RustPushStream,
+    v1 as pb,
 };
 use prost::Message;
 use pyo3::buffer::PyBuffer;
@@ -311,6 +312,41 @@ impl Client {
             c.status((!job.is_empty()).then_some(job.as_str())).await
         })?;
         Ok(PyBytes::new(py, &r.encode_to_vec()))
+    }
+
+    /// Sets the optimizer state of `job` before round `round`'s step (see
+    /// `Client::load_state`): `params` is [(name, step, [(buffer,
+    /// little-endian f32 bytes)])]. Returns the load's id.
+    #[allow(clippy::type_complexity)]
+    fn load_state(
+        &self,
+        py: Python<'_>,
+        job: String,
+        round: u64,
+        step: u64,
+        params: Vec<(String, u64, Vec<(String, Vec<u8>)>)>,
+    ) -> PyResult<u64> {
+        let mut state = std::collections::HashMap::new();
+        for (name, step, buffers) in params {
+            let mut out = std::collections::BTreeMap::new();
+            for (buffer, bytes) in buffers {
+                if bytes.len() % 4 != 0 {
+                    return Err(PyValueError::new_err(format!(
+                        "state: parameter '{name}' buffer '{buffer}': {} bytes is not whole float32 values",
+                        bytes.len()
+                    )));
+                }
+                let values = bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                out.insert(buffer, values);
+            }
+            state.insert(name, ParamState { step, buffers: out });
+        }
+        self.run(py, |c| async move {
+            c.load_state(&job, round, step, &state).await
+        })
     }
 
     /// The optimizer state of every parameter of `job` once `round` rounds

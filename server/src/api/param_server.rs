@@ -344,6 +344,38 @@ impl ParamServer for Service {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    #[tracing::instrument(name = "load_state", skip_all, fields(shard = self.node.cluster.shard, job, round))]
+    async fn load_state(
+        &self,
+        request: Request<Streaming<pb::LoadStateRequest>>,
+    ) -> Result<Response<pb::LoadStateResponse>, Status> {
+        self.node.check_ready()?;
+        let mut stream = request.into_inner();
+        let first = next_message(&mut stream)
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty LoadState stream"))?;
+        let span = tracing::Span::current();
+        span.record("job", first.job.as_str());
+        span.record("round", first.round);
+        let job = self.node.job(&first.job)?;
+        // Refused from the header alone, before any state is read.
+        let mut receiving = job.begin_load(first.round, first.id, first.step)?;
+        let what = format!("state load for round {}", first.round);
+        let size = |m: &pb::LoadStateRequest| {
+            m.state
+                .iter()
+                .map(|s| s.data.len() + s.param.len() + s.buffer.len() + 16)
+                .sum::<usize>()
+        };
+        let budget = receiving.budget().saturating_add(PAYLOAD_SLACK);
+        read_messages(first, &mut stream, budget, &what, size, |m| {
+            receiving.feed(m.state)
+        })
+        .await?;
+        receiving.finish()?;
+        Ok(Response::new(pb::LoadStateResponse {}))
+    }
+
     async fn status(
         &self,
         request: Request<pb::StatusRequest>,

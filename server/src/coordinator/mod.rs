@@ -29,6 +29,16 @@ pub struct Report {
     pub sums: Vec<(usize, f64)>,
     /// Whether any value of the mean gradient was not finite.
     pub non_finite: bool,
+    /// The state load the shard holds whole for the round, if any.
+    pub load: Option<LoadTicket>,
+}
+
+/// A state load as a shard reports it: the client's id, and the optimizer
+/// steps the job counts from once it is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadTicket {
+    pub id: u64,
+    pub step: u64,
 }
 
 /// What every shard does with round `round`.
@@ -48,6 +58,13 @@ pub struct Decision {
     pub lr: Vec<f64>,
     /// Optimizer steps applied once this decision is applied.
     pub step: u64,
+    /// The id of the state load applied before this round's step (0: none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub loaded_state: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// The workers of a round, as the coordinator chose them.
@@ -86,8 +103,14 @@ impl Policy {
     }
 
     /// Decides round `round` from all shards' reports, `step` updates having
-    /// been applied before it.
+    /// been applied before it. A state load is applied only if every shard
+    /// reports the same one whole; the schedule then counts from its step.
     pub fn decide(&self, round: u64, step: u64, reports: &[Report]) -> Decision {
+        let load = reports
+            .first()
+            .and_then(|r| r.load)
+            .filter(|l| l.id != 0 && reports.iter().all(|r| r.load == Some(*l)));
+        let step = load.map_or(step, |l| l.step);
         let mut sums: Vec<(usize, f64)> = reports
             .iter()
             .flat_map(|r| r.sums.iter().copied())
@@ -112,6 +135,7 @@ impl Policy {
             clip_coefficient: coef,
             lr: self.lrs(step),
             step: if skip { step } else { step + 1 },
+            loaded_state: load.map_or(0, |l| l.id),
         }
     }
 
@@ -433,10 +457,12 @@ mod tests {
         let a = Report {
             sums: vec![(2, 0.3), (0, 1.7)],
             non_finite: false,
+            ..Default::default()
         };
         let b = Report {
             sums: vec![(1, 2.5e-9), (3, 11.0)],
             non_finite: false,
+            ..Default::default()
         };
         let p = policy(Some(1.0));
         let d1 = p.decide(0, 0, &[a.clone(), b.clone()]);
@@ -453,6 +479,7 @@ mod tests {
         let r = Report {
             sums: vec![(0, 1e39), (1, 1.0)],
             non_finite: false,
+            ..Default::default()
         };
         for clip in [Some(1.0), None] {
             let d = policy(clip).decide(0, 5, std::slice::from_ref(&r));
@@ -466,11 +493,38 @@ mod tests {
         let r = Report {
             sums: vec![(0, 1.0)],
             non_finite: true,
+            ..Default::default()
         };
         let d = policy(None).decide(7, 3, &[r]);
         assert!(d.skipped);
         assert_eq!(d.step, 3);
         assert_eq!(d.clip_coefficient, 1.0);
+    }
+
+    #[test]
+    fn a_state_load_is_applied_only_when_every_shard_holds_it() {
+        let report = |load: Option<LoadTicket>| Report {
+            sums: vec![(0, 1.0)],
+            load,
+            ..Default::default()
+        };
+        let t = LoadTicket { id: 7, step: 40 };
+        let d = policy(None).decide(2, 2, &[report(Some(t)), report(Some(t))]);
+        assert_eq!((d.loaded_state, d.step), (7, 41));
+        assert_eq!(
+            d.lr,
+            policy(None).lrs(40),
+            "the schedule counts from the load"
+        );
+        let other = LoadTicket { id: 8, step: 40 };
+        for reports in [
+            [report(Some(t)), report(None)],
+            [report(Some(t)), report(Some(other))],
+            [report(None), report(Some(t))],
+        ] {
+            let d = policy(None).decide(2, 2, &reports);
+            assert_eq!((d.loaded_state, d.step), (0, 3), "{reports:?}");
+        }
     }
 
     fn held(shards: &[&[u32]]) -> Vec<Option<Vec<bool>>> {

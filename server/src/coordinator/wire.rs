@@ -4,7 +4,7 @@
 
 use paramd_proto::v1 as pb;
 
-use super::{Decision, Members, Report};
+use super::{Decision, LoadTicket, Members, Report};
 use crate::error::{Error, Result};
 
 impl From<&Decision> for pb::RoundOutcome {
@@ -16,6 +16,7 @@ impl From<&Decision> for pb::RoundOutcome {
             grad_norm: d.grad_norm,
             clip_coefficient: d.clip_coefficient,
             lr: d.lr.clone(),
+            loaded_state: d.loaded_state,
         }
     }
 }
@@ -29,6 +30,7 @@ impl From<pb::RoundOutcome> for Decision {
             clip_coefficient: d.clip_coefficient,
             lr: d.lr,
             step: d.step,
+            loaded_state: d.loaded_state,
         }
     }
 }
@@ -43,6 +45,8 @@ impl Report {
             chunks: self.sums.iter().map(|&(c, _)| c as u64).collect(),
             sum_squares: self.sums.iter().map(|&(_, s)| s).collect(),
             non_finite: self.non_finite,
+            load: self.load.map_or(0, |l| l.id),
+            load_step: self.load.map_or(0, |l| l.step),
         }
     }
 
@@ -64,6 +68,10 @@ impl Report {
                 .zip(r.sum_squares.iter().copied())
                 .collect(),
             non_finite: r.non_finite,
+            load: (r.load != 0).then_some(LoadTicket {
+                id: r.load,
+                step: r.load_step,
+            }),
         })
     }
 }
@@ -101,15 +109,20 @@ mod tests {
             clip_coefficient: 0.5,
             lr: vec![0.1, 0.01],
             step: 2,
+            loaded_state: 9,
         };
         assert_eq!(Decision::from(pb::RoundOutcome::from(&d)), d);
         let report = Report {
             sums: vec![(0, 1.0), (7, 2.5)],
             non_finite: true,
+            load: Some(LoadTicket { id: 9, step: 40 }),
         };
         let back = Report::from_request(&report.to_request("j", 3, 1)).expect("pairs up");
         assert_eq!(back.sums, report.sums);
         assert_eq!(back.non_finite, report.non_finite);
+        assert_eq!(back.load, report.load);
+        let none = Report::default().to_request("j", 3, 1);
+        assert_eq!(Report::from_request(&none).expect("empty").load, None);
         let m = Members {
             round: 3,
             workers: vec![0, 2],

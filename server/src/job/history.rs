@@ -139,6 +139,7 @@ mod tests {
             grad_norm: round as f32,
             clip_coefficient: 1.0,
             lr: vec![0.1 * round as f64, 0.5],
+            loaded_state: 0,
         }
     }
 

@@ -6,6 +6,7 @@ mod admit;
 mod checkpointing;
 mod create;
 pub mod history;
+mod load;
 mod members;
 mod pull;
 mod round;
@@ -21,6 +22,7 @@ use tokio::sync::watch;
 
 pub use self::admit::{Admission, Admitted, Reading, Receiving};
 use self::history::History;
+pub use self::load::{LoadReceiver, StagedLoad};
 use crate::chunk::ChunkState;
 use crate::cluster::Cluster;
 use crate::coordinator::{Coordinator, Decision};
@@ -91,6 +93,8 @@ struct Collect {
     folded: u32,
     /// The round each worker's push being received is for, if one is.
     reading: Vec<Option<u64>>,
+    /// A state load received whole for `round` (see `load.rs`).
+    load: Option<StagedLoad>,
 }
 
 /// A job as held by one shard.
@@ -140,6 +144,8 @@ pub struct Job {
     draining: AtomicBool,
     /// Held while a checkpoint of the job is taken: one at a time.
     checkpointing: tokio::sync::Mutex<()>,
+    /// Held while a state load is received: one at a time.
+    loading: tokio::sync::Mutex<()>,
     /// The newest rounds, for the status page.
     history: Mutex<History>,
     pub metrics: JobMetrics,

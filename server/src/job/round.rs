@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
-use super::{Closed, Job, history};
+use super::{Closed, Job, StagedLoad, history};
 use crate::clip::sum_squares;
 use crate::compute;
 use crate::coordinator::{Decision, Report};
@@ -82,15 +82,31 @@ impl Job {
     async fn complete(self: Arc<Self>, round: u64, closed: Closed) -> Result<()> {
         let started = Instant::now();
         let job = Arc::clone(&self);
-        let report = compute::run(move || job.reduce(closed.folded, closed.rest)).await?;
+        let mut report = compute::run(move || job.reduce(closed.folded, closed.rest)).await?;
+        // The round is closed: a load staged for it is settled.
+        let load = self.take_load(round);
+        report.load = load.as_ref().map(|l| l.ticket);
         let Some(decision) = self.decide(round, report).await else {
             // Deleted meanwhile.
             return Ok(());
         };
         self.trouble(None);
+        let load = match (decision.loaded_state, load) {
+            (0, None) => None,
+            (0, Some(l)) => {
+                tracing::warn!(job = %self.name, round, id = l.ticket.id, "state load not applied: not every shard held it whole");
+                None
+            }
+            (id, Some(l)) if l.ticket.id == id => Some(l),
+            (id, _) => {
+                return Err(Error::Internal(format!(
+                    "the coordinator applied state load {id} in round {round}, which this shard does not hold"
+                )));
+            }
+        };
         let job = Arc::clone(&self);
         let d = decision.clone();
-        compute::run(move || job.apply(d)).await?;
+        compute::run(move || job.apply(d, load)).await?;
         {
             let mut c = self.collect.lock();
             c.round = round + 1;
@@ -185,14 +201,23 @@ impl Job {
         Report {
             non_finite: sums.iter().any(|s| s.2),
             sums: sums.into_iter().map(|(id, s, _)| (id, s)).collect(),
+            load: None,
         }
     }
 
-    /// Applies a decision to every chunk and moves the store to the next
-    /// round, under the store's write lock. Runs on the compute pool.
-    fn apply(&self, d: Decision) {
+    /// Applies a decision to every chunk, after the state load it applies
+    /// if any, and moves the store to the next round, under the store's
+    /// write lock. Runs on the compute pool.
+    fn apply(&self, d: Decision, load: Option<StagedLoad>) {
         let grads = self.grads.lock();
         let mut store = self.store.write();
+        if let Some(load) = load {
+            for (chunk, (state, step)) in store.chunks.iter_mut().zip(load.chunks) {
+                chunk.state = state;
+                chunk.step = step;
+            }
+            tracing::info!(job = %self.name, round = d.round, id = load.ticket.id, step = load.ticket.step, "state loaded");
+        }
         if !d.skipped {
             store
                 .chunks

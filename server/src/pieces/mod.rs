@@ -397,6 +397,7 @@ pub fn divide(acc: &mut Accumulator, n: usize) {
     }
 }
 
+pub mod load;
 mod staging;
 pub use staging::{Buffers, Spare, Staged, Staging};
 

@@ -194,20 +194,22 @@ class PullRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ..., round: _Optional[int] = ..., params: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RoundOutcome(_message.Message):
-    __slots__ = ("round", "step", "skipped", "grad_norm", "clip_coefficient", "lr")
+    __slots__ = ("round", "step", "skipped", "grad_norm", "clip_coefficient", "lr", "loaded_state")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     CLIP_COEFFICIENT_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
+    LOADED_STATE_FIELD_NUMBER: _ClassVar[int]
     round: int
     step: int
     skipped: bool
     grad_norm: float
     clip_coefficient: float
     lr: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, round: _Optional[int] = ..., step: _Optional[int] = ..., skipped: _Optional[bool] = ..., grad_norm: _Optional[float] = ..., clip_coefficient: _Optional[float] = ..., lr: _Optional[_Iterable[float]] = ...) -> None: ...
+    loaded_state: int
+    def __init__(self, round: _Optional[int] = ..., step: _Optional[int] = ..., skipped: _Optional[bool] = ..., grad_norm: _Optional[float] = ..., clip_coefficient: _Optional[float] = ..., lr: _Optional[_Iterable[float]] = ..., loaded_state: _Optional[int] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("round", "last", "params")
@@ -336,20 +338,24 @@ class CreateShardResponse(_message.Message):
     def __init__(self, round: _Optional[int] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
-    __slots__ = ("job", "round", "shard", "chunks", "sum_squares", "non_finite")
+    __slots__ = ("job", "round", "shard", "chunks", "sum_squares", "non_finite", "load", "load_step")
     JOB_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     SUM_SQUARES_FIELD_NUMBER: _ClassVar[int]
     NON_FINITE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    LOAD_STEP_FIELD_NUMBER: _ClassVar[int]
     job: str
     round: int
     shard: int
     chunks: _containers.RepeatedScalarFieldContainer[int]
     sum_squares: _containers.RepeatedScalarFieldContainer[float]
     non_finite: bool
-    def __init__(self, job: _Optional[str] = ..., round: _Optional[int] = ..., shard: _Optional[int] = ..., chunks: _Optional[_Iterable[int]] = ..., sum_squares: _Optional[_Iterable[float]] = ..., non_finite: _Optional[bool] = ...) -> None: ...
+    load: int
+    load_step: int
+    def __init__(self, job: _Optional[str] = ..., round: _Optional[int] = ..., shard: _Optional[int] = ..., chunks: _Optional[_Iterable[int]] = ..., sum_squares: _Optional[_Iterable[float]] = ..., non_finite: _Optional[bool] = ..., load: _Optional[int] = ..., load_step: _Optional[int] = ...) -> None: ...
 
 class ReportResponse(_message.Message):
     __slots__ = ("decision",)
@@ -550,3 +556,21 @@ class StateSegment(_message.Message):
     data: bytes
     step: int
     def __init__(self, param: _Optional[str] = ..., buffer: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., step: _Optional[int] = ...) -> None: ...
+
+class LoadStateRequest(_message.Message):
+    __slots__ = ("job", "round", "id", "step", "state")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    round: int
+    id: int
+    step: int
+    state: _containers.RepeatedCompositeFieldContainer[StateSegment]
+    def __init__(self, job: _Optional[str] = ..., round: _Optional[int] = ..., id: _Optional[int] = ..., step: _Optional[int] = ..., state: _Optional[_Iterable[_Union[StateSegment, _Mapping]]] = ...) -> None: ...
+
+class LoadStateResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
