@@ -313,14 +313,17 @@ impl Client {
             .iter()
             .map(|(n, v)| (Arc::from(*n), Payload::Owned(to_le_bytes(v))))
             .collect();
-        self.push_payloads(job, worker, round, &grads, &[]).await
+        self.push_payloads(job, worker, round, &grads, &[], pb::Dtype::F32)
+            .await
     }
 
     /// [`Client::push`] of tensors given as wire bytes: owned, or lent by
     /// the caller (see [`memory`]) and encoded straight from its memory.
     /// `no_grad` names the parameters this worker has no gradient for
     /// (torch's `grad is None`), sent instead of values: a parameter no
-    /// worker of the round has a gradient for is not stepped.
+    /// worker of the round has a gradient for is not stepped. The payloads
+    /// are little-endian elements of `dtype` (bf16 and f16 halve the bytes
+    /// on the wire; the server decodes them exactly to f32).
     pub async fn push_payloads(
         &self,
         job: &str,
@@ -328,43 +331,48 @@ impl Client {
         round: u64,
         grads: &[(Arc<str>, Payload)],
         no_grad: &[Arc<str>],
+        dtype: pb::Dtype,
     ) -> Result<pb::PushResponse> {
         let route = self.route(job).await?;
         let n = route.shards.len();
         let policy = &self.retry(true);
-        let calls = route.split(grads).into_iter().enumerate().map(|(i, segs)| {
-            // A header-only first message: the server admits or refuses the
-            // push (stale, early, duplicate) before any payload is sent.
-            let header = PushMessage::Header(pb::PushRequest {
-                job: job.to_owned(),
-                worker,
-                round,
-                grads: Vec::new(),
-                no_grad: no_grad.iter().map(|n| n.to_string()).collect(),
+        let calls = route
+            .split(grads, dtype)
+            .into_iter()
+            .enumerate()
+            .map(|(i, segs)| {
+                // A header-only first message: the server admits or refuses the
+                // push (stale, early, duplicate) before any payload is sent.
+                let header = PushMessage::Header(pb::PushRequest {
+                    job: job.to_owned(),
+                    worker,
+                    round,
+                    grads: Vec::new(),
+                    no_grad: no_grad.iter().map(|n| n.to_string()).collect(),
+                });
+                let messages: Vec<PushMessage> =
+                    std::iter::once(header).chain(pack_refs(segs)).collect();
+                let shard = &route.shards[i];
+                async move {
+                    // ABORTED: another copy of this push is being received (a
+                    // retry raced the original); sent again, it will be a
+                    // duplicate.
+                    policy
+                        .run(|left| {
+                            let messages = messages.clone();
+                            async move {
+                                let mut grpc = raw_grpc(&shard.channel).await?;
+                                let mut req = tonic::Request::new(futures::stream::iter(messages));
+                                req.set_timeout(left);
+                                let path = PathAndQuery::from_static("/paramd.v1.ParamServer/Push");
+                                grpc.client_streaming(req, path, PushCodec).await
+                            }
+                        })
+                        .await
+                        .map(tonic::Response::into_inner)
+                        .map_err(|s| shard_error(i, &shard.url, s, n))
+                }
             });
-            let messages: Vec<PushMessage> =
-                std::iter::once(header).chain(pack_refs(segs)).collect();
-            let shard = &route.shards[i];
-            async move {
-                // ABORTED: another copy of this push is being received (a
-                // retry raced the original); sent again, it will be a
-                // duplicate.
-                policy
-                    .run(|left| {
-                        let messages = messages.clone();
-                        async move {
-                            let mut grpc = raw_grpc(&shard.channel).await?;
-                            let mut req = tonic::Request::new(futures::stream::iter(messages));
-                            req.set_timeout(left);
-                            let path = PathAndQuery::from_static("/paramd.v1.ParamServer/Push");
-                            grpc.client_streaming(req, path, PushCodec).await
-                        }
-                    })
-                    .await
-                    .map(tonic::Response::into_inner)
-                    .map_err(|s| shard_error(i, &shard.url, s, n))
-            }
-        });
         let mut out = pb::PushResponse {
             duplicate: true,
             pushed: u32::MAX,
@@ -422,6 +430,7 @@ fn segments(name: &str, values: &[f32]) -> Vec<pb::Segment> {
             param: name.to_owned(),
             offset: 0,
             data: Bytes::new(),
+            dtype: 0,
         }];
     }
     values
@@ -431,6 +440,7 @@ fn segments(name: &str, values: &[f32]) -> Vec<pb::Segment> {
             param: name.to_owned(),
             offset: (k * (MESSAGE_BYTES / 4)) as u64,
             data: to_le_bytes(part),
+            dtype: 0,
         })
         .collect()
 }

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, BufMut, Bytes};
 use paramd_proto::v1 as pb;
+use paramd_proto::wire;
 use prost::Message;
 use tonic::Status;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -60,6 +61,8 @@ pub struct SegmentRef {
     pub payload: Payload,
     pub start: usize,
     pub len: usize,
+    /// The dtype of the payload's elements.
+    pub dtype: pb::Dtype,
 }
 
 /// A message of a push: the header-only first one, then the payload.
@@ -74,6 +77,7 @@ const PUSH_GRADS: u32 = 4;
 const SEGMENT_PARAM: u32 = 1;
 const SEGMENT_OFFSET: u32 = 2;
 const SEGMENT_DATA: u32 = 3;
+const SEGMENT_DTYPE: u32 = 4;
 const PULL_ROUND: u32 = 1;
 const PULL_LAST: u32 = 2;
 const PULL_PARAMS: u32 = 3;
@@ -110,6 +114,9 @@ impl SegmentRef {
         if self.len != 0 {
             n += 1 + varint_len(self.len as u64) + self.len;
         }
+        if self.dtype != pb::Dtype::F32 {
+            n += 1 + varint_len(self.dtype as u64);
+        }
         n
     }
 
@@ -131,6 +138,10 @@ impl SegmentRef {
             self.payload
                 .read(self.start, self.len, |bytes| dst.put_slice(bytes))
                 .ok_or_else(|| Status::cancelled("the push ended before its payload was sent"))?;
+        }
+        if self.dtype != pb::Dtype::F32 {
+            put_key(dst, SEGMENT_DTYPE, VARINT);
+            put_varint(dst, self.dtype as u64);
         }
         Ok(())
     }
@@ -310,14 +321,19 @@ impl PullCodec {
     fn place(&self, segment: &[u8], out: &mut PullMessage) -> Result<(), Status> {
         let mut r = Reader(segment);
         let (mut param, mut offset, mut data): (&[u8], u64, &[u8]) = (b"", 0, b"");
+        let mut dtype = 0;
         while !r.0.is_empty() {
             match r.key()? {
                 (SEGMENT_PARAM, LENGTH_DELIMITED) => param = r.delimited()?,
                 (SEGMENT_OFFSET, VARINT) => offset = r.varint()?,
                 (SEGMENT_DATA, LENGTH_DELIMITED) => data = r.delimited()?,
+                (SEGMENT_DTYPE, VARINT) => dtype = r.varint()?,
                 (_, wire) => r.skip(wire)?,
             }
         }
+        let dtype = i32::try_from(dtype)
+            .map_err(|_| malformed("dtype"))
+            .and_then(|d| wire::dtype(d).map_err(|e| malformed(&e)))?;
         let name = String::from_utf8_lossy(param);
         let t = &self.targets;
         let Some((index, first, numel, target)) = t.params.get(name.as_ref()) else {
@@ -326,14 +342,15 @@ impl PullCodec {
                 self.shard
             )));
         };
-        if data.len() % 4 != 0 {
+        let e = wire::elem_bytes(dtype);
+        if data.len() % e != 0 {
             return Err(Status::internal(format!(
-                "shard {} sent {} bytes for '{name}', not a multiple of 4",
+                "shard {} sent {} bytes for '{name}', not a multiple of {e}",
                 self.shard,
                 data.len()
             )));
         }
-        let n = data.len() / 4;
+        let n = data.len() / e;
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         let end = start.saturating_add(n);
         if end > *numel {
@@ -350,7 +367,15 @@ impl PullCodec {
                     self.shard, t.owners[c]
                 )));
             }
-            if !target.write(start, data) {
+            let written = if dtype == pb::Dtype::F32 {
+                target.write(start, data)
+            } else {
+                // Decoded to f32 on the way: the destination is f32.
+                let mut values = vec![0.0f32; n];
+                wire::decode_into(&mut values, data, dtype);
+                target.write(start, &wire::to_le_bytes(&values))
+            };
+            if !written {
                 return Err(Status::cancelled(
                     "the pull ended before its values arrived",
                 ));
@@ -412,6 +437,7 @@ mod tests {
     fn a_segment_encodes_as_prost_encodes_it() {
         let values: Vec<u8> = (0..40).collect();
         let seg = SegmentRef {
+            dtype: pb::Dtype::F32,
             param: Arc::from("layer.weight"),
             offset: 300,
             payload: Payload::Owned(Bytes::from(values.clone())),
@@ -420,6 +446,7 @@ mod tests {
         };
         let expected = pb::PushRequest {
             grads: vec![pb::Segment {
+                dtype: 0,
                 param: "layer.weight".into(),
                 offset: 300,
                 data: Bytes::from(values[8..32].to_vec()),

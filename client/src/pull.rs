@@ -93,6 +93,19 @@ impl Client {
         round: u64,
         targets: &[PullInto],
     ) -> Result<(u64, Option<pb::RoundOutcome>)> {
+        self.pull_into_as(job, round, targets, pb::Dtype::F32).await
+    }
+
+    /// [`Client::pull_into`] with the values sent as `dtype`: bf16 and f16
+    /// are rounded to nearest even by the server, halving the bytes on the
+    /// wire, and decoded to f32 into the targets.
+    pub async fn pull_into_as(
+        &self,
+        job: &str,
+        round: u64,
+        targets: &[PullInto],
+        dtype: pb::Dtype,
+    ) -> Result<(u64, Option<pb::RoundOutcome>)> {
         let route = self.route(job).await?;
         let mut params = HashMap::new();
         for (k, t) in targets.iter().enumerate() {
@@ -132,7 +145,9 @@ impl Client {
         let policy = self.retry(true);
         let mut want = round;
         for _ in 0..MAX_PULL_ATTEMPTS {
-            let (got, newest, last) = self.pull_once(&route, &pull, want, &names, &policy).await?;
+            let (got, newest, last) = self
+                .pull_once(&route, &pull, want, &names, dtype, &policy)
+                .await?;
             if got == newest {
                 return Ok((got, last));
             }
@@ -152,6 +167,7 @@ impl Client {
         pull: &Arc<PullTargets>,
         round: u64,
         names: &[String],
+        dtype: pb::Dtype,
         policy: &Retry,
     ) -> Result<(u64, u64, Option<pb::RoundOutcome>)> {
         let n = route.shards.len();
@@ -160,6 +176,7 @@ impl Client {
                 job: route.job.clone(),
                 round,
                 params: names.to_vec(),
+                dtype: dtype as i32,
             };
             let codec = PullCodec {
                 targets: Arc::clone(pull),

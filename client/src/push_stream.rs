@@ -99,7 +99,12 @@ impl PushStream {
             )));
         }
         let tensor = [(name, payload)];
-        for (i, segments) in self.route.split(&tensor).into_iter().enumerate() {
+        for (i, segments) in self
+            .route
+            .split(&tensor, pb::Dtype::F32)
+            .into_iter()
+            .enumerate()
+        {
             if segments.is_empty() {
                 continue;
             }
@@ -189,6 +194,7 @@ impl PushStream {
                         self.round,
                         &self.given,
                         &self.no_grad,
+                        pb::Dtype::F32,
                     )
                     .await
             }

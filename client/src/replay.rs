@@ -139,7 +139,14 @@ async fn run_worker(
             }
         }
         client
-            .push_payloads(job, w, start + t, &given, &no_grad)
+            .push_payloads(
+                job,
+                w,
+                start + t,
+                &given,
+                &no_grad,
+                paramd_proto::v1::Dtype::F32,
+            )
             .await?;
         let mut pulled = client.pull(job, start + t + 1).await?;
         let last = pulled

@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use paramd_proto::transport::AuthChannel;
 use paramd_proto::v1 as pb;
+use paramd_proto::v1::Dtype;
+use paramd_proto::wire::elem_bytes;
 
 use crate::codec::{Payload, PushMessage, SegmentRef};
 use crate::{ClientError, MESSAGE_BYTES, Result};
@@ -137,15 +139,20 @@ impl Route {
     /// tensor the layout does not describe (unknown, or of the wrong size)
     /// goes whole to every shard: each refuses the whole push, naming what
     /// is wrong, so no shard counts part of it.
-    pub(crate) fn split(&self, tensors: &[(Arc<str>, Payload)]) -> Vec<Vec<SegmentRef>> {
+    pub(crate) fn split(
+        &self,
+        tensors: &[(Arc<str>, Payload)],
+        dtype: Dtype,
+    ) -> Vec<Vec<SegmentRef>> {
+        let e = elem_bytes(dtype);
         let mut out = vec![Vec::new(); self.shards.len()];
         for (name, payload) in tensors {
             let known = self
                 .index
                 .get(name)
-                .filter(|&&i| self.numel(i) * 4 == payload.len());
+                .filter(|&&i| self.numel(i) * e == payload.len());
             let Some(&i) = known else {
-                let whole = runs(name, payload, 0, payload.len() / 4);
+                let whole = runs(name, payload, 0, payload.len() / e, dtype);
                 for shard in &mut out {
                     shard.extend(whole.iter().cloned());
                 }
@@ -160,7 +167,7 @@ impl Route {
                 while j < chunks && self.owners[first + j] == owner {
                     j += 1;
                 }
-                out[owner as usize].extend(runs(name, payload, k * ce, (j * ce).min(numel)));
+                out[owner as usize].extend(runs(name, payload, k * ce, (j * ce).min(numel), dtype));
                 k = j;
             }
         }
@@ -176,14 +183,17 @@ pub(crate) fn runs(
     payload: &Payload,
     start: usize,
     end: usize,
+    dtype: Dtype,
 ) -> Vec<SegmentRef> {
-    let step = MESSAGE_BYTES / 4;
+    let e = elem_bytes(dtype);
+    let step = MESSAGE_BYTES / e;
     let segment = |from: usize, to: usize| SegmentRef {
         param: Arc::clone(name),
         offset: from as u64,
         payload: payload.clone(),
-        start: from * 4,
-        len: (to - from) * 4,
+        start: from * e,
+        len: (to - from) * e,
+        dtype,
     };
     if end <= start {
         return vec![segment(start, start)];
@@ -224,13 +234,22 @@ mod tests {
         let n = MESSAGE_BYTES / 4 * 2 + 3;
         let payload = Payload::Owned(to_le_bytes(&vec![0.5; n]));
         let name: Arc<str> = Arc::from("w");
-        let segs = runs(&name, &payload, 0, n);
+        let segs = runs(&name, &payload, 0, n, Dtype::F32);
         assert_eq!(segs.len(), 3);
         assert_eq!(segs.iter().map(|s| s.len).sum::<usize>(), n * 4);
         assert!(segs.windows(2).all(|w| w[0].start + w[0].len == w[1].start));
         let messages = pack_refs(segs);
         assert_eq!(messages.len(), 3);
-        let empty = runs(&name, &Payload::Owned(Bytes::new()), 0, 0);
+        let empty = runs(&name, &Payload::Owned(Bytes::new()), 0, 0, Dtype::F32);
+        let halves = runs(
+            &name,
+            &Payload::Owned(Bytes::from(vec![0u8; 2 * n])),
+            0,
+            n,
+            Dtype::Bf16,
+        );
+        assert_eq!(halves.iter().map(|s| s.len).sum::<usize>(), n * 2);
+        assert_eq!(halves.len(), 2, "bf16 elements fill messages twice as full");
         assert_eq!(empty.len(), 1, "an empty tensor still travels");
     }
 }

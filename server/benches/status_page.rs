@@ -32,6 +32,7 @@ fn decision(round: u64) -> Decision {
             .map(|g| 1e-3 * (g + 1) as f64 * (1.0 - x / 2e4))
             .collect(),
         loaded_state: 0,
+        participants: 16,
     }
 }
 
@@ -57,6 +58,7 @@ fn job_status(i: usize) -> pb::JobStatus {
             clip_coefficient: last.clip_coefficient,
             lr: last.lr,
             loaded_state: 0,
+            participants: 16,
         }),
         shards: (0..3)
             .map(|s| pb::ShardInfo {

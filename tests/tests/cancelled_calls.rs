@@ -157,6 +157,7 @@ async fn cancelled_pushes_inits_and_pulls_leave_training_going() {
     let mut r = raw(&url).await;
     let mut stream = r
         .pull(pb::PullRequest {
+            dtype: 0,
             job: "other".into(),
             round: 0,
             params: Vec::new(),

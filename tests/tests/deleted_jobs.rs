@@ -42,6 +42,7 @@ async fn a_push_admitted_before_the_delete_is_refused_not_acknowledged() {
     c.delete_job("run").await.expect("delete");
     let payload = pb::PushRequest {
         grads: vec![pb::Segment {
+            dtype: 0,
             param: "w".into(),
             offset: 0,
             data: paramd_client::to_le_bytes(&[1.0; 3]),

@@ -21,6 +21,7 @@ fn corpus(target: &str) -> PathBuf {
 
 fn segment(param: &str, offset: u64, n: usize) -> pb::Segment {
     pb::Segment {
+        dtype: 0,
         param: param.into(),
         offset,
         data: paramd_client::to_le_bytes(&vec![0.5; n]),

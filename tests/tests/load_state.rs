@@ -104,7 +104,7 @@ async fn round_of(c: &mut Client, job: &str, round: u64, data: u64) {
         } else {
             vec![std::sync::Arc::from("late")]
         };
-        c.push_payloads(job, worker, round, &refs, &no_grad)
+        c.push_payloads(job, worker, round, &refs, &no_grad, pb::Dtype::F32)
             .await
             .expect("push");
     }

@@ -99,6 +99,7 @@ async fn a_round_that_cannot_complete_says_why_and_completes_once_it_can() {
     let mut raw = pb::param_server_client::ParamServerClient::new(channel);
     let status = raw
         .pull(pb::PullRequest {
+            dtype: 0,
             job: "run".into(),
             round: 2,
             params: Vec::new(),

@@ -431,6 +431,7 @@ async fn an_oversized_message_is_refused_before_it_is_buffered() {
         worker: 0,
         round: 0,
         grads: vec![pb::Segment {
+            dtype: 0,
             param: "w".into(),
             offset: 0,
             data: bytes::Bytes::from(vec![0u8; SIZE]),

@@ -78,6 +78,7 @@ async fn shard_params(
         .await
         .expect("connect");
     let mut req = tonic::Request::new(pb::PullRequest {
+        dtype: 0,
         job: "run".into(),
         round,
         params: vec![],

@@ -348,6 +348,7 @@ async fn on_three_shards_a_push_that_reached_some_shards_only_is_dropped_on_all(
         .enumerate()
         .filter(|&(_, &owner)| owner == 0)
         .map(|(i, _)| pb::Segment {
+            dtype: 0,
             param: "w".into(),
             offset: (i * 4) as u64,
             data: paramd_client::to_le_bytes(&g3[i * 4..i * 4 + 4]),

@@ -24,7 +24,7 @@ import numpy as np
 from . import _native, errors
 from .config import ClipGradNorm, Optimizer, Schedule, job_spec
 from .credentials import TLS, resolve_tls, resolve_token
-from .layout import Route, as_f32
+from .layout import Route, as_f32, check_wire, to_wire
 from .safetensors import write_safetensors
 from .v1 import paramd_pb2 as pb
 
@@ -270,7 +270,7 @@ class Client:
         round, created = self._call("init", job, spec.SerializeToString(), list(values), flat)
         return InitResult(int(round), bool(created))
 
-    def push(self, job: str, worker: int, round: int, grads: Mapping[str, Any]) -> PushResult:
+    def push(self, job: str, worker: int, round: int, grads: Mapping[str, Any], wire: str = "f32") -> PushResult:
         """Pushes worker `worker`'s gradients for `round`, each chunk
         straight to its shard, every shard at once; a shard holding none of
         the job's chunks still gets the push, without payload, since a round
@@ -283,11 +283,17 @@ class Client:
         only some workers have a gradient for is averaged over all of them,
         the others counting as zeros, as DistributedDataParallel does.
         Contiguous float32 arrays are sent from their own memory; others are
-        converted once first. Safe to retry."""
+        converted once first. `wire` "bf16" or "f16" sends the values cast
+        to that dtype (rounded to nearest even, as torch's `.to()` casts),
+        half the bytes; the server decodes them exactly to f32. Safe to
+        retry."""
+        check_wire(wire)
         names = [n for n in grads if grads[n] is not None]
         no_grad = [n for n in grads if grads[n] is None]
         flat = [as_f32(n, grads[n]) for n in names]
-        duplicate, pushed = self._call("push", job, int(worker), int(round), names, flat, no_grad)
+        if wire != "f32":
+            flat = [to_wire(a, wire) for a in flat]
+        duplicate, pushed = self._call("push", job, int(worker), int(round), names, flat, no_grad, wire)
         return PushResult(duplicate=bool(duplicate), pushed=int(pushed))
 
     def push_stream(self, job: str, worker: int, round: int) -> "PushStream":
@@ -298,13 +304,18 @@ class Client:
         counts it."""
         return PushStream(self._call("push_start", job, int(worker), int(round)))
 
-    def pull_into(self, job: str, round: int, out: Mapping[str, np.ndarray]) -> Tuple[int, Optional[Any]]:
+    def pull_into(
+        self, job: str, round: int, out: Mapping[str, np.ndarray], wire: str = "f32"
+    ) -> Tuple[int, Optional[Any]]:
         """Pulls the parameters `out` names once `round` rounds have
         completed, writing each straight into its array (contiguous,
         writable float32 of the parameter's size: a model's parameters
         through `param.detach().numpy()`). Returns the round the values are
         from and its outcome (as `Pulled`). All values come from one round.
-        A pull that fails may have written part of the arrays."""
+        A pull that fails may have written part of the arrays. `wire` "bf16"
+        or "f16" has the server send the values rounded to that dtype (to
+        nearest even), half the bytes, written into the arrays as f32."""
+        check_wire(wire)
         names = list(out)
         flat = []
         for n in names:
@@ -315,16 +326,16 @@ class Client:
                     % (n, "%s %s" % (a.dtype, a.shape) if isinstance(a, np.ndarray) else type(a).__name__)
                 )
             flat.append(a.reshape(-1))  # a view: the same memory
-        round, last = self._call("pull_into", job, int(round), names, flat)
+        round, last = self._call("pull_into", job, int(round), names, flat, wire)
         return int(round), (pb.RoundOutcome.FromString(last) if last is not None else None)
 
-    def pull(self, job: str, round: int = 0, params: Optional[Sequence[str]] = None) -> Pulled:
+    def pull(self, job: str, round: int = 0, params: Optional[Sequence[str]] = None, wire: str = "f32") -> Pulled:
         """The parameters (all, or those named) once `round` rounds have
         completed on every shard; waits for that, within the deadline
         (`paramd.DeadlineExceeded` past it). `round=0` reads them as they
         are. All values come from the same round: if the shards answered
         from different rounds (training went on meanwhile), the pull is
-        repeated at the newest of them."""
+        repeated at the newest of them. `wire`: as `pull_into`'s."""
         route = self.route(job)
         names = list(params) if params else route.order
         arrays = {}
@@ -333,7 +344,7 @@ class Client:
             if shape is None:
                 raise errors.InvalidArgument("pull of job %r: unknown parameter %r" % (job, n))
             arrays[n] = np.empty(shape, dtype="<f4")
-        got, last = self.pull_into(job, round, arrays)
+        got, last = self.pull_into(job, round, arrays, wire)
         return Pulled(got, last, arrays)
 
     def state(self, job: str, round: int = 0) -> OptimizerState:

@@ -8,7 +8,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from .errors import Error
+from .errors import Error, InvalidArgument
 from .v1 import paramd_pb2 as pb
 
 __all__ = ["Route", "as_f32"]
@@ -26,6 +26,30 @@ def as_f32(name: str, values) -> np.ndarray:
             raise Error("tensor %r has dtype %s; expected floats" % (name, a.dtype))
         a = a.astype(_F32)
     return np.ascontiguousarray(a).reshape(-1)
+
+
+WIRE_DTYPES = ("f32", "bf16", "f16")
+
+
+def check_wire(wire: str) -> str:
+    """`wire` if it names a wire dtype, else a refusal naming it."""
+    if wire not in WIRE_DTYPES:
+        raise InvalidArgument("wire must be one of %s, got %r" % (", ".join(map(repr, WIRE_DTYPES)), wire))
+    return wire
+
+
+def to_wire(values: np.ndarray, wire: str) -> np.ndarray:
+    """Flat f32 `values` encoded as `wire` ("bf16" or "f16"): the
+    little-endian 2-byte elements as a uint8 array, rounded to nearest, ties
+    to even, as torch's `.to(torch.bfloat16)` and `.to(torch.float16)` round
+    (NaN stays NaN, as torch writes it)."""
+    if wire == "f16":
+        with np.errstate(over="ignore"):  # past f16's range: inf, as torch
+            return values.astype("<f2").view(np.uint8)
+    u = values.view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    rounded[np.isnan(values)] = 0x7FFF  # torch's NaN
+    return rounded.astype("<u2").view(np.uint8)
 
 
 class Route:

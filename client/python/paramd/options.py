@@ -32,6 +32,10 @@ class JobOptions:
       the job (default: `timeout`).
     - `overlap`: push each gradient as soon as backward has accumulated it
       (see `paramd.torch`).
+    - `wire`, `pull_wire`: the dtype gradients are pushed in and parameters
+      pulled in, "f32" (default), "bf16" or "f16": half the bytes, cast as
+      torch's `.to()` casts (round to nearest even); the server decodes
+      and computes in f32, so the step is the f32 step on the cast values.
     """
 
     server: Optional[str] = None
@@ -49,6 +53,8 @@ class JobOptions:
     worker_timeout: Optional[float] = None
     backup_workers: int = 0
     overlap: bool = False
+    wire: str = "f32"
+    pull_wire: str = "f32"
 
     @classmethod
     def of(cls, options: Optional["JobOptions"], keywords: Mapping[str, Any], caller: str) -> "JobOptions":

@@ -39,6 +39,7 @@ import torch
 from . import errors
 from .client import Client, ParamState
 from .config import SGD, Adam, AdamW, Optimizer, job_spec
+from .layout import check_wire
 from .options import JobOptions
 
 __all__ = ["RemoteOptimizer", "DistributedOptimizer", "JobOptions", "translate"]
@@ -157,6 +158,11 @@ class _Remote:
             client = Client(o.server, token=o.token, tls=o.tls, timeout=o.timeout)
         self.client = client
         self.job = job
+        self._wire, self._pull_wire = check_wire(o.wire), check_wire(o.pull_wire)
+        if o.overlap and self._wire != "f32":
+            raise errors.InvalidArgument(
+                "overlap=True pushes float32 (wire=%r is sent whole at step(); use overlap=False)" % o.wire
+            )
         self._schedule = o.schedule
         self._base = optimizer
         self.rank, self.world_size = _rank_and_world(o.rank, o.world_size)
@@ -250,7 +256,7 @@ class _Remote:
                 buf = _host_buffer(self._pull_host, n, p)
                 staged.append((p, buf))
                 out[n] = buf.numpy()
-        _, last = self.client.pull_into(self.job, round, out)
+        _, last = self.client.pull_into(self.job, round, out, self._pull_wire)
         if staged:
             with torch.no_grad():
                 for p, buf in staged:
@@ -280,12 +286,12 @@ class _Remote:
             return host.numpy()
         return g.detach().to(torch.float32).contiguous().numpy()
 
-    def _push(self) -> None:
-        """Pushes this rank's gradients for the current round: the open
-        push (overlap) completed with what backward did not give it, or
-        all of them at once."""
-        if not self._overlap:
-            self.client.push(self.job, self.rank, self.round, self._grads())
+    def _push(self, grads: Optional[Dict[str, Optional[np.ndarray]]] = None) -> None:
+        """Pushes this rank's gradients for the current round (`grads`, or
+        the parameters'): the open push (overlap) completed with what
+        backward did not give it, or all of them at once."""
+        if grads is not None or not self._overlap:
+            self.client.push(self.job, self.rank, self.round, self._grads() if grads is None else grads, self._wire)
             return
         stream, self._stream = self._stream, None
         sent, self._sent = self._sent, set()
@@ -304,8 +310,16 @@ class _Remote:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._exchange(None)
+        return loss
+
+    def _exchange(self, grads: Optional[Dict[str, Optional[np.ndarray]]]) -> bool:
+        """Pushes `grads` (the parameters' gradients when None) for the
+        current round, waits for it and copies the new parameters into the
+        model. False if the round completed without this worker (its push
+        was stale): the model then holds the current parameters."""
         try:
-            self._push()
+            self._push(grads)
         except errors.StalePush:
             # The round completed without this worker (dropped after the
             # job's worker_timeout): take the current parameters and join
@@ -319,11 +333,11 @@ class _Remote:
             self.round = current
             self._sync(current)
             self._check_loaded()
-            return loss
+            return False
         self.round += 1
         self._sync(self.round)
         self._check_loaded()
-        return loss
+        return True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears the gradients of the job's parameters, as torch.optim does."""

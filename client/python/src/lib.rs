@@ -81,9 +81,16 @@ fn error(e: ClientError) -> PyErr {
 }
 
 /// A contiguous f32 buffer of `obj`, named `name` in errors.
-fn buffer(name: &str, obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<PyBuffer<f32>> {
-    let buf = PyBuffer::<f32>::get(obj).map_err(|e| {
-        PyValueError::new_err(format!("tensor '{name}': not a float32 buffer ({e})"))
+fn buffer<T: pyo3::buffer::Element>(
+    name: &str,
+    obj: &Bound<'_, PyAny>,
+    writable: bool,
+) -> PyResult<PyBuffer<T>> {
+    let buf = PyBuffer::<T>::get(obj).map_err(|e| {
+        PyValueError::new_err(format!(
+            "tensor '{name}': not a {} buffer ({e})",
+            std::any::type_name::<T>()
+        ))
     })?;
     if !buf.is_c_contiguous() {
         return Err(PyValueError::new_err(format!(
@@ -96,6 +103,18 @@ fn buffer(name: &str, obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<PyBuff
         )));
     }
     Ok(buf)
+}
+
+/// The wire dtype a Python caller names ("f32", "bf16" or "f16").
+fn wire_dtype(name: &str) -> PyResult<pb::Dtype> {
+    match name {
+        "f32" => Ok(pb::Dtype::F32),
+        "bf16" => Ok(pb::Dtype::Bf16),
+        "f16" => Ok(pb::Dtype::F16),
+        _ => Err(PyValueError::new_err(format!(
+            "wire dtype must be 'f32', 'bf16' or 'f16', got {name:?}"
+        ))),
+    }
 }
 
 /// Checks that names and arrays pair up.
@@ -121,7 +140,7 @@ fn pairs<'a, 'py>(
 /// `Client::push` and `Client::pull_into`). Python code running meanwhile
 /// in other threads must not write the arrays being pushed or touch those
 /// being pulled into, as with any C extension that releases the GIL.
-fn lend_source(buf: &PyBuffer<f32>, guard: &LeaseGuard) -> Payload {
+fn lend_source<T: pyo3::buffer::Element>(buf: &PyBuffer<T>, guard: &LeaseGuard) -> Payload {
     let source = unsafe { Source::from_raw(buf.buf_ptr().cast_const().cast(), buf.len_bytes()) };
     Payload::Lent(Lent::new(source, guard.lease()))
 }
@@ -228,7 +247,9 @@ impl Client {
     /// the arrays; returns (duplicate, pushed). Every parameter of the job
     /// must be given, with its size, or named in `no_grad` (no gradient,
     /// torch's `grad is None`): checked before anything is sent.
-    #[pyo3(signature = (job, worker, round, names, grads, no_grad = Vec::new()))]
+    /// `dtype` is "f32" (float32 arrays), or "bf16" or "f16": the arrays
+    /// then hold the little-endian 2-byte elements as bytes (uint8).
+    #[pyo3(signature = (job, worker, round, names, grads, no_grad = Vec::new(), dtype = "f32"))]
     #[allow(clippy::too_many_arguments)]
     fn push(
         &self,
@@ -239,34 +260,49 @@ impl Client {
         names: Vec<String>,
         grads: Vec<Bound<'_, PyAny>>,
         no_grad: Vec<String>,
+        dtype: &str,
     ) -> PyResult<(bool, u32)> {
-        let mut bufs = Vec::with_capacity(names.len());
-        for (name, g) in pairs(&names, &grads)? {
-            bufs.push(buffer(name, g, false)?);
-        }
+        let dtype = wire_dtype(dtype)?;
         let guard = LeaseGuard::new();
-        let payloads: Vec<(Arc<str>, Payload)> = names
-            .iter()
-            .zip(&bufs)
-            .map(|(n, b)| (Arc::from(n.as_str()), lend_source(b, &guard)))
-            .collect();
-        let sizes: Vec<(String, usize)> = names
-            .iter()
-            .zip(&bufs)
-            .map(|(n, b)| (n.clone(), b.item_count()))
-            .collect();
+        // The buffers are held until the lease ends (below).
+        let mut f32s = Vec::new();
+        let mut halves = Vec::new();
+        let mut payloads: Vec<(Arc<str>, Payload)> = Vec::with_capacity(names.len());
+        let mut sizes: Vec<(String, usize)> = Vec::with_capacity(names.len());
+        for (name, g) in pairs(&names, &grads)? {
+            let (payload, n) = if dtype == pb::Dtype::F32 {
+                let b = buffer::<f32>(name, g, false)?;
+                let lent = (lend_source(&b, &guard), b.item_count());
+                f32s.push(b);
+                lent
+            } else {
+                let b = buffer::<u8>(name, g, false)?;
+                if b.len_bytes() % 2 != 0 {
+                    return Err(PyValueError::new_err(format!(
+                        "tensor '{name}': {} bytes are not whole 2-byte elements",
+                        b.len_bytes()
+                    )));
+                }
+                let lent = (lend_source(&b, &guard), b.len_bytes() / 2);
+                halves.push(b);
+                lent
+            };
+            payloads.push((Arc::from(name.as_str()), payload));
+            sizes.push((name.clone(), n));
+        }
         let what = format!("push of worker {worker} for round {round}");
         let r = self.run(py, |c| async move {
             let sizes: Vec<(&str, usize)> = sizes.iter().map(|(n, s)| (n.as_str(), *s)).collect();
             let absent: Vec<&str> = no_grad.iter().map(String::as_str).collect();
             c.check_push(&job, &what, &sizes, &absent).await?;
             let no_grad: Vec<Arc<str>> = no_grad.iter().map(|n| Arc::from(n.as_str())).collect();
-            c.push_payloads(&job, worker, round, &payloads, &no_grad)
+            c.push_payloads(&job, worker, round, &payloads, &no_grad, dtype)
                 .await
         });
         // The lease ends before the buffers are released.
         drop(guard);
-        drop(bufs);
+        drop(f32s);
+        drop(halves);
         let r = r?;
         Ok((r.duplicate, r.pushed))
     }
@@ -275,6 +311,7 @@ impl Client {
     /// writing straight into the arrays; returns (round, the encoded
     /// `RoundOutcome` of the last round or None). A pull that fails may
     /// have written part of the arrays.
+    #[pyo3(signature = (job, round, names, outs, dtype = "f32"))]
     fn pull_into<'py>(
         &self,
         py: Python<'py>,
@@ -282,10 +319,12 @@ impl Client {
         round: u64,
         names: Vec<String>,
         outs: Vec<Bound<'py, PyAny>>,
+        dtype: &str,
     ) -> PyResult<(u64, Option<Bound<'py, PyBytes>>)> {
+        let dtype = wire_dtype(dtype)?;
         let mut bufs = Vec::with_capacity(names.len());
         for (name, o) in pairs(&names, &outs)? {
-            bufs.push(buffer(name, o, true)?);
+            bufs.push(buffer::<f32>(name, o, true)?);
         }
         let guard = LeaseGuard::new();
         let targets: Vec<PullInto> = names
@@ -296,10 +335,9 @@ impl Client {
                 target: lend_dest(b, &guard),
             })
             .collect();
-        let r = self.run(
-            py,
-            |c| async move { c.pull_into(&job, round, &targets).await },
-        );
+        let r = self.run(py, |c| async move {
+            c.pull_into_as(&job, round, &targets, dtype).await
+        });
         drop(guard);
         drop(bufs);
         let (round, last) = r?;

@@ -267,6 +267,7 @@ impl ParamServer for Service {
     ) -> Result<Response<PullStream>, Status> {
         let wait = self.wait(request.metadata());
         let req = request.into_inner();
+        let dtype = paramd_proto::wire::dtype(req.dtype).map_err(Error::Invalid)?;
         let job = self.at_round(&req.job, req.round, wait).await?;
         let plan = job.pull_plan(&req.params)?;
         // Messages are built as the client reads them: each holds chunks up
@@ -278,29 +279,32 @@ impl ParamServer for Service {
             params: Vec::new(),
         };
         let state = (job, plan, 0usize, Some(first));
-        let stream = futures::stream::unfold(state, |(job, plan, mut next, first)| async move {
-            let is_first = first.is_some();
-            let mut msg = first.unwrap_or_default();
-            let mut size = 0;
-            while next < plan.chunks.len() && (size < PULL_MESSAGE_BYTES || msg.params.is_empty()) {
-                match job.read_chunk(plan.chunks[next], plan.round) {
-                    Ok(seg) => {
-                        size += seg.data.len();
-                        msg.params.push(seg);
-                        next += 1;
-                    }
-                    Err(e) => {
-                        // Ends the stream after the error.
-                        next = usize::MAX;
-                        return Some((Err(Status::from(e)), (job, plan, next, None)));
+        let stream =
+            futures::stream::unfold(state, move |(job, plan, mut next, first)| async move {
+                let is_first = first.is_some();
+                let mut msg = first.unwrap_or_default();
+                let mut size = 0;
+                while next < plan.chunks.len()
+                    && (size < PULL_MESSAGE_BYTES || msg.params.is_empty())
+                {
+                    match job.read_chunk(plan.chunks[next], plan.round, dtype) {
+                        Ok(seg) => {
+                            size += seg.data.len();
+                            msg.params.push(seg);
+                            next += 1;
+                        }
+                        Err(e) => {
+                            // Ends the stream after the error.
+                            next = usize::MAX;
+                            return Some((Err(Status::from(e)), (job, plan, next, None)));
+                        }
                     }
                 }
-            }
-            if msg.params.is_empty() && !is_first {
-                return None;
-            }
-            Some((Ok(msg), (job, plan, next, None)))
-        });
+                if msg.params.is_empty() && !is_first {
+                    return None;
+                }
+                Some((Ok(msg), (job, plan, next, None)))
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -30,9 +30,10 @@ use super::param_server::{PullStream, Service};
 /// The path of the Pull call.
 const PULL: &str = "/paramd.v1.ParamServer/Pull";
 
-/// `params` in `PullResponse`, `data` in `Segment`.
+/// `params` in `PullResponse`, `data` and `dtype` in `Segment`.
 const PARAMS_TAG: u32 = 3;
 const DATA_TAG: u32 = 3;
+const DTYPE_TAG: u32 = 4;
 
 /// The ParamServer service `inner`, with its Pull call's responses framed
 /// by `PullBody`.
@@ -206,11 +207,13 @@ fn frame(message: pb::PullResponse, out: &mut VecDeque<Bytes>) {
             param,
             offset,
             data,
+            dtype,
         } = s;
         pb::Segment {
             param,
             offset,
             data: Bytes::new(),
+            dtype: 0,
         }
         .encode_raw(&mut buf);
         if !data.is_empty() {
@@ -218,6 +221,10 @@ fn frame(message: pb::PullResponse, out: &mut VecDeque<Bytes>) {
             encode_varint(data.len() as u64, &mut buf);
             out.push_back(buf.split().freeze());
             out.push_back(data);
+        }
+        if dtype != 0 {
+            encode_key(DTYPE_TAG, WireType::Varint, &mut buf);
+            encode_varint(dtype as u64, &mut buf);
         }
     }
     if !buf.is_empty() {
@@ -243,16 +250,25 @@ mod tests {
                     param: "w".into(),
                     offset: 300,
                     data: Bytes::from(vec![7u8; 1000]),
+                    dtype: 0,
                 },
                 pb::Segment {
                     param: "empty".into(),
                     offset: 0,
                     data: Bytes::new(),
+                    dtype: 0,
                 },
                 pb::Segment {
                     param: "b".into(),
                     offset: 0,
                     data: Bytes::from(vec![1u8, 2, 3, 4]),
+                    dtype: 0,
+                },
+                pb::Segment {
+                    param: "h".into(),
+                    offset: 2,
+                    data: Bytes::from(vec![1u8, 2, 3, 4]),
+                    dtype: pb::Dtype::Bf16 as i32,
                 },
             ],
         };

@@ -61,6 +61,9 @@ pub struct Decision {
     /// The id of the state load applied before this round's step (0: none).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub loaded_state: u64,
+    /// The workers whose pushes the round averaged.
+    #[serde(default)]
+    pub participants: u32,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -136,6 +139,7 @@ impl Policy {
             lr: self.lrs(step),
             step: if skip { step } else { step + 1 },
             loaded_state: load.map_or(0, |l| l.id),
+            participants: 0,
         }
     }
 
@@ -264,7 +268,10 @@ impl Coordinator {
         }
         let round = g.round;
         let reports: Vec<Report> = g.reports.iter_mut().filter_map(Option::take).collect();
-        let decision = self.policy.decide(round, g.step, &reports);
+        let mut decision = self.policy.decide(round, g.step, &reports);
+        decision.participants = self
+            .chosen(round)
+            .map_or(0, |m| u32::try_from(m.workers.len()).unwrap_or(u32::MAX));
         g.step = decision.step;
         g.round += 1;
         g.first_report = None;

@@ -17,6 +17,7 @@ impl From<&Decision> for pb::RoundOutcome {
             clip_coefficient: d.clip_coefficient,
             lr: d.lr.clone(),
             loaded_state: d.loaded_state,
+            participants: d.participants,
         }
     }
 }
@@ -31,6 +32,7 @@ impl From<pb::RoundOutcome> for Decision {
             lr: d.lr,
             step: d.step,
             loaded_state: d.loaded_state,
+            participants: d.participants,
         }
     }
 }
@@ -110,6 +112,7 @@ mod tests {
             lr: vec![0.1, 0.01],
             step: 2,
             loaded_state: 9,
+            participants: 3,
         };
         assert_eq!(Decision::from(pb::RoundOutcome::from(&d)), d);
         let report = Report {

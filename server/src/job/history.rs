@@ -140,6 +140,7 @@ mod tests {
             clip_coefficient: 1.0,
             lr: vec![0.1 * round as f64, 0.5],
             loaded_state: 0,
+            participants: 2,
         }
     }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use paramd_proto::v1 as pb;
-use paramd_proto::v1::Segment;
+use paramd_proto::v1::{Dtype, Segment};
 use paramd_proto::wire::to_le_bytes;
 
 use super::{Job, Snapshot};
@@ -88,10 +88,10 @@ impl Job {
         })
     }
 
-    /// The values of local chunk `local` as of `round`. If a round was
-    /// applied since the pull began, the pull is aborted rather than mixing
-    /// two rounds.
-    pub fn read_chunk(&self, local: usize, round: u64) -> Result<Segment> {
+    /// The values of local chunk `local` as of `round`, as `dtype` (f32:
+    /// the chunk's own memory, not a copy). If a round was applied since
+    /// the pull began, the pull is aborted rather than mixing two rounds.
+    pub fn read_chunk(&self, local: usize, round: u64, dtype: Dtype) -> Result<Segment> {
         let store = self.store.read();
         if store.round != round {
             return Err(Error::Aborted(format!(
@@ -100,13 +100,20 @@ impl Job {
             )));
         }
         let meta = &self.layout.chunks[self.own.chunks[local]];
-        let data = store.chunks[local].values.to_le_bytes();
-        drop(store);
+        let data = if dtype == Dtype::F32 {
+            store.chunks[local].values.to_le_bytes()
+        } else {
+            // Converted outside the lock, from the round's values.
+            let values = store.chunks[local].values.clone();
+            drop(store);
+            paramd_proto::wire::encode(&values, dtype)
+        };
         self.metrics.pull_bytes.increment(data.len() as u64);
         Ok(Segment {
             param: self.config.params[meta.param].name.clone(),
             offset: meta.offset as u64,
             data,
+            dtype: dtype as i32,
         })
     }
 

@@ -54,6 +54,7 @@ fn job(workers: u32) -> Arc<Job> {
 /// Worker `w`'s gradient: every element `w + 1`.
 fn gradient(w: u32) -> Vec<pb::Segment> {
     vec![pb::Segment {
+        dtype: 0,
         param: "p".into(),
         offset: 0,
         data: to_le_bytes(&[(w + 1) as f32; ELEMS as usize]),

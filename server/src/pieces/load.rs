@@ -5,9 +5,10 @@
 
 use std::collections::HashMap;
 
-use paramd_proto::v1::{Segment, StateSegment};
+use paramd_proto::v1::{Dtype, Segment, StateSegment};
+use paramd_proto::wire::decode_into;
 
-use super::{Ownership, check_segment, claim, decode_into, runs};
+use super::{Ownership, check_segment, claim, runs};
 use crate::error::Result;
 use crate::invalid;
 use crate::layout::Layout;
@@ -104,8 +105,10 @@ impl<'a> Loading<'a> {
             param: s.param,
             offset: s.offset,
             data: s.data,
+            dtype: Dtype::F32 as i32,
         };
-        let (p, offset, n) = check_segment(&self.config.params, self.index, &seg)?;
+        let c = check_segment(&self.config.params, self.index, &seg)?;
+        let (p, offset, n) = (c.p, c.offset, c.n);
         let info = &self.config.params[p];
         match self.steps[p] {
             Some(step) if step != s.step => {
@@ -170,7 +173,8 @@ impl<'a> Loading<'a> {
             }
             decode_into(
                 &mut buffer.values[start..start + run.len()],
-                &seg.data[4 * run.start..4 * run.end],
+                c.bytes(&seg.data, &run),
+                c.dtype,
             );
             buffer.got += run.len();
         }

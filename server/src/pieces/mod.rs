@@ -10,7 +10,8 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use paramd_proto::v1::Segment;
+use paramd_proto::v1::{Dtype, Segment};
+use paramd_proto::wire::{decode_into, dtype, elem_bytes, element};
 pub use paramd_proto::wire::{pack, to_le_bytes};
 
 use crate::error::Result;
@@ -54,42 +55,63 @@ pub struct Target<'a> {
     pub finite_only: bool,
 }
 
-/// Checks one segment against the job's parameters: a known parameter,
-/// whole f32 values, inside the parameter. Returns the parameter, the first
-/// element and the number of elements.
+/// A segment checked against the job's parameters: the parameter, its
+/// first element, the number of elements and their dtype on the wire.
+#[derive(Clone, Copy, Debug)]
+struct Checked {
+    p: usize,
+    offset: usize,
+    n: usize,
+    dtype: Dtype,
+}
+
+impl Checked {
+    /// The bytes of elements `run` (counted from `offset`) in the segment.
+    fn bytes<'a>(&self, data: &'a [u8], run: &std::ops::Range<usize>) -> &'a [u8] {
+        let e = elem_bytes(self.dtype);
+        &data[e * run.start..e * run.end]
+    }
+}
+
+/// Checks one segment against the job's parameters: a known parameter, a
+/// known dtype, whole elements, inside the parameter.
 fn check_segment(
     params: &[ParamInfo],
     index: &HashMap<String, usize>,
     s: &Segment,
-) -> std::result::Result<(usize, usize, usize), String> {
+) -> std::result::Result<Checked, String> {
     let &p = index
         .get(&s.param)
         .ok_or_else(|| format!("unknown parameter '{}'", s.param))?;
     let info = &params[p];
-    if !s.data.len().is_multiple_of(4) {
+    let dtype = dtype(s.dtype).map_err(|e| format!("parameter '{}': {e}", info.name))?;
+    let e = elem_bytes(dtype);
+    if !s.data.len().is_multiple_of(e) {
         return Err(format!(
-            "parameter '{}': {} bytes at element {} is not a multiple of 4 (f32)",
+            "parameter '{}': {} bytes at element {} is not a multiple of {e} ({})",
             info.name,
             s.data.len(),
-            s.offset
+            s.offset,
+            dtype.as_str_name()
         ));
     }
-    let n = s.data.len() / 4;
+    let n = s.data.len() / e;
     // Checked: the offset comes from the client and may be anything.
     let offset = usize::try_from(s.offset)
         .ok()
         .filter(|&o| o <= info.numel && n <= info.numel - o)
         .ok_or_else(|| {
             format!(
-                "parameter '{}' {:?}: expected {} bytes, got {} bytes at element {}",
-                info.name,
-                info.shape,
-                info.numel * 4,
-                s.data.len(),
-                s.offset
+                "parameter '{}' {:?}: expected {} elements, got {n} at element {}",
+                info.name, info.shape, info.numel, s.offset
             )
         })?;
-    Ok((p, offset, n))
+    Ok(Checked {
+        p,
+        offset,
+        n,
+        dtype,
+    })
 }
 
 /// The chunks elements `offset..offset + n` of parameter `p` fall in, in
@@ -114,18 +136,18 @@ fn runs(
     })
 }
 
-/// Writes little-endian f32 `bytes` into `dst`.
-fn decode_into(dst: &mut [f32], bytes: &[u8]) {
-    for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
-        *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+/// Writes `sum` plus the little-endian elements of `dtype` in `bytes`
+/// into `dst`: the same addition, in the same order, as `fold_into` makes
+/// later.
+fn add_into(dst: &mut [f32], sum: &[f32], bytes: &[u8], dtype: Dtype) {
+    if dtype == Dtype::F32 {
+        for ((d, a), b) in dst.iter_mut().zip(sum).zip(bytes.chunks_exact(4)) {
+            *d = a + f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        return;
     }
-}
-
-/// Writes `sum` plus the little-endian f32 `bytes` into `dst`: the same
-/// addition, in the same order, as `fold_into` makes later.
-fn add_into(dst: &mut [f32], sum: &[f32], bytes: &[u8]) {
-    for ((d, a), b) in dst.iter_mut().zip(sum).zip(bytes.chunks_exact(4)) {
-        *d = a + f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    for (i, (d, a)) in dst.iter_mut().zip(sum).enumerate() {
+        *d = a + element(bytes, i, dtype);
     }
 }
 
@@ -168,7 +190,7 @@ pub struct Filling {
     /// First global element of each parameter, for `seen`.
     base: Vec<usize>,
     seen: Vec<u64>,
-    /// Bytes received per parameter.
+    /// Elements received per parameter.
     got: Vec<u64>,
     chunks: Vec<Vec<f32>>,
     forward: Vec<Vec<Segment>>,
@@ -247,9 +269,10 @@ impl Filling {
     }
 
     fn segment(&mut self, s: Segment) -> std::result::Result<(), String> {
-        let (p, offset, n) = check_segment(&self.params, &self.index, &s)?;
+        let c = check_segment(&self.params, &self.index, &s)?;
+        let (p, offset, n) = (c.p, c.offset, c.n);
         let info = &self.params[p];
-        self.got[p] += s.data.len() as u64;
+        self.got[p] += n as u64;
         if let Some(e) = claim(
             &mut self.seen,
             self.base[p] + offset,
@@ -263,16 +286,21 @@ impl Filling {
             ));
         }
         for (id, start, run) in runs(&self.layout, p, offset, n) {
-            let bytes = &s.data[4 * run.start..4 * run.end];
+            let bytes = c.bytes(&s.data, &run);
             match self.place[id] {
                 Place::Here(local) => {
-                    decode_into(&mut self.chunks[local][start..][..run.len()], bytes);
+                    decode_into(
+                        &mut self.chunks[local][start..][..run.len()],
+                        bytes,
+                        c.dtype,
+                    );
                 }
                 // Copied: a slice would keep the whole received message.
                 Place::Forward(shard) => self.forward[shard].push(Segment {
                     param: info.name.clone(),
                     offset: (offset + run.start) as u64,
                     data: Bytes::copy_from_slice(bytes),
+                    dtype: c.dtype as i32,
                 }),
                 Place::Refused => return Err(not_held(info, &self.layout.chunks[id])),
             }
@@ -287,19 +315,19 @@ impl Filling {
                 .layout
                 .chunks_of(p)
                 .filter(|&c| !matches!(self.place[c], Place::Refused))
-                .map(|c| self.layout.chunks[c].len as u64 * 4)
+                .map(|c| self.layout.chunks[c].len as u64)
                 .sum();
             // No element twice and none outside: the sizes agree only if
             // every element is there.
             if self.got[p] != expected {
                 return Err(if self.got[p] == 0 {
                     invalid!(
-                        "initial values: parameter '{}' is missing: expected {expected} bytes",
+                        "initial values: parameter '{}' is missing: expected {expected} elements",
                         info.name
                     )
                 } else {
                     invalid!(
-                        "initial values: parameter '{}' {:?}: expected {expected} bytes, got {}",
+                        "initial values: parameter '{}' {:?}: expected {expected} elements, got {}",
                         info.name,
                         info.shape,
                         self.got[p]

@@ -8,10 +8,10 @@ use paramd_proto::v1::Segment;
 use parking_lot::Mutex;
 use rayon::prelude::*;
 
-use super::{Accumulator, Target, add_into, check_segment, decode_into, fold_into, not_held, runs};
+use super::{Accumulator, Target, add_into, check_segment, fold_into, not_held, runs};
 use crate::error::{Error, Result};
 use crate::invalid;
-use crate::optim::le_f32;
+use paramd_proto::wire::{decode_into, element};
 
 impl<'a> Target<'a> {
     /// Starts receiving one push into `buffers`, message by message. With
@@ -170,7 +170,8 @@ impl Staging<'_> {
             self.absent[p] = true;
         }
         for s in segments {
-            let (p, offset, n) = check_segment(t.params, t.index, &s).map_err(Error::Invalid)?;
+            let c = check_segment(t.params, t.index, &s).map_err(Error::Invalid)?;
+            let (p, offset, n) = (c.p, c.offset, c.n);
             if self.absent[p] {
                 return Err(sent_and_absent(&s.param));
             }
@@ -181,14 +182,14 @@ impl Staging<'_> {
             // Only a job refusing non-finite gradients pays for this scan.
             let bad = t
                 .finite_only
-                .then(|| (0..n).find(|&i| !le_f32(&s.data, i).is_finite()))
+                .then(|| (0..n).find(|&i| !element(&s.data, i, c.dtype).is_finite()))
                 .flatten();
             if let Some(i) = bad {
                 return Err(invalid!(
                     "parameter '{}': element {} is {}, and the job refuses non-finite gradients",
                     s.param,
                     offset + i,
-                    le_f32(&s.data, i)
+                    element(&s.data, i, c.dtype)
                 ));
             }
             for (id, start, run) in runs(t.layout, p, offset, n) {
@@ -196,13 +197,15 @@ impl Staging<'_> {
                 let local =
                     t.own.local[id].ok_or_else(|| Error::Invalid(not_held(&t.params[p], chunk)))?;
                 let dst = &mut self.buffers.chunks[local][start..][..run.len()];
-                let bytes = &s.data[4 * run.start..4 * run.end];
+                let bytes = c.bytes(&s.data, &run);
                 match sum {
-                    Some(accs) => add_into(dst, &accs[local].sum[start..][..run.len()], bytes),
-                    None => decode_into(dst, bytes),
+                    Some(accs) => {
+                        add_into(dst, &accs[local].sum[start..][..run.len()], bytes, c.dtype);
+                    }
+                    None => decode_into(dst, bytes, c.dtype),
                 }
             }
-            self.got[p] += s.data.len();
+            self.got[p] += n;
             self.spans.push((p, offset, n));
             self.bytes += s.data.len();
         }
@@ -244,7 +247,7 @@ impl Staging<'_> {
         let mut expected = vec![0usize; t.params.len()];
         for &id in &t.own.chunks {
             let chunk = &t.layout.chunks[id];
-            expected[chunk.param] += chunk.len * 4;
+            expected[chunk.param] += chunk.len;
         }
         for (p, info) in t.params.iter().enumerate() {
             if self.absent[p] || self.got[p] == expected[p] {
@@ -253,12 +256,12 @@ impl Staging<'_> {
             let (expected, got) = (expected[p], self.got[p]);
             return Err(if got == 0 {
                 invalid!(
-                    "parameter '{}' is missing: expected {expected} bytes",
+                    "parameter '{}' is missing: expected {expected} elements",
                     info.name
                 )
             } else {
                 invalid!(
-                    "parameter '{}' {:?}: expected {expected} bytes, got {got}",
+                    "parameter '{}' {:?}: expected {expected} elements, got {got}",
                     info.name,
                     info.shape
                 )

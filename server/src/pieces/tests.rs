@@ -43,6 +43,7 @@ fn config(shapes: &[&[u64]]) -> JobConfig {
 
 fn seg(p: usize, offset: u64, values: &[f32]) -> Segment {
     Segment {
+        dtype: 0,
         param: format!("p{p}"),
         offset,
         data: to_le_bytes(values),
@@ -104,15 +105,15 @@ fn twice_missing_short_outside_and_elsewhere_are_refused() {
     );
     refused(
         fill(all(), vec![seg(0, 0, &[0.0; 4])]),
-        "'p1' is missing: expected 8 bytes",
+        "'p1' is missing: expected 2 elements",
     );
     refused(
         fill(all(), vec![seg(0, 0, &[0.0; 3]), seg(1, 0, &[0.0; 2])]),
-        "'p0' [4]: expected 16 bytes, got 12",
+        "'p0' [4]: expected 4 elements, got 3",
     );
     refused(
         fill(all(), vec![seg(0, 3, &[0.0; 2])]),
-        "'p0' [4]: expected 16 bytes, got 8 bytes at element 3",
+        "'p0' [4]: expected 4 elements, got 2 at element 3",
     );
     refused(
         fill(all(), vec![seg(0, u64::MAX, &[0.0])]),
@@ -283,17 +284,17 @@ fn a_push_with_elements_twice_missing_outside_or_not_finite_is_refused() {
     refused(
         &all,
         vec![seg(0, 0, &[0.0; 4])],
-        "'p1' is missing: expected 8 bytes",
+        "'p1' is missing: expected 2 elements",
     );
     refused(
         &all,
         vec![seg(0, 0, &[0.0; 3]), p1()],
-        "'p0' [4]: expected 16 bytes, got 12",
+        "'p0' [4]: expected 4 elements, got 3",
     );
     refused(
         &all,
         vec![seg(0, 3, &[0.0; 2])],
-        "'p0' [4]: expected 16 bytes, got 8 bytes at element 3",
+        "'p0' [4]: expected 4 elements, got 2 at element 3",
     );
     refused(&all, vec![seg(2, 0, &[0.0])], "unknown parameter 'p2'");
     refused(

@@ -131,6 +131,7 @@ pub(crate) fn bits(p: &Params) -> BTreeMap<String, Vec<u32>> {
 
 pub(crate) fn segment(param: &str, offset: u64, values: &[f32]) -> pb::Segment {
     pb::Segment {
+        dtype: 0,
         param: param.to_owned(),
         offset,
         data: paramd_client::to_le_bytes(values),

@@ -53,6 +53,7 @@ fn bad_pushes(job: &str, round: u64, worker: u32) -> Vec<BadPush> {
     let mut b_twice = segments(&good);
     b_twice.push(segment("b", 0, &[1.0]));
     let odd = pb::Segment {
+        dtype: 0,
         param: "w".to_owned(),
         offset: 0,
         data: Bytes::from(vec![0u8; 7]),

@@ -7,6 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_F32: _ClassVar[Dtype]
+    DTYPE_BF16: _ClassVar[Dtype]
+    DTYPE_F16: _ClassVar[Dtype]
+
 class OptimizerKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     OPTIMIZER_KIND_UNSPECIFIED: _ClassVar[OptimizerKind]
@@ -18,6 +24,9 @@ class NonFinitePolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     NON_FINITE_POLICY_SKIP: _ClassVar[NonFinitePolicy]
     NON_FINITE_POLICY_ERROR: _ClassVar[NonFinitePolicy]
+DTYPE_F32: Dtype
+DTYPE_BF16: Dtype
+DTYPE_F16: Dtype
 OPTIMIZER_KIND_UNSPECIFIED: OptimizerKind
 OPTIMIZER_KIND_SGD: OptimizerKind
 OPTIMIZER_KIND_ADAM: OptimizerKind
@@ -26,14 +35,16 @@ NON_FINITE_POLICY_SKIP: NonFinitePolicy
 NON_FINITE_POLICY_ERROR: NonFinitePolicy
 
 class Segment(_message.Message):
-    __slots__ = ("param", "offset", "data")
+    __slots__ = ("param", "offset", "data", "dtype")
     PARAM_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     param: str
     offset: int
     data: bytes
-    def __init__(self, param: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    dtype: Dtype
+    def __init__(self, param: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., dtype: _Optional[_Union[Dtype, str]] = ...) -> None: ...
 
 class ParamSpec(_message.Message):
     __slots__ = ("name", "shape")
@@ -184,17 +195,19 @@ class PushResponse(_message.Message):
     def __init__(self, duplicate: _Optional[bool] = ..., pushed: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("job", "round", "params")
+    __slots__ = ("job", "round", "params", "dtype")
     JOB_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     job: str
     round: int
     params: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job: _Optional[str] = ..., round: _Optional[int] = ..., params: _Optional[_Iterable[str]] = ...) -> None: ...
+    dtype: Dtype
+    def __init__(self, job: _Optional[str] = ..., round: _Optional[int] = ..., params: _Optional[_Iterable[str]] = ..., dtype: _Optional[_Union[Dtype, str]] = ...) -> None: ...
 
 class RoundOutcome(_message.Message):
-    __slots__ = ("round", "step", "skipped", "grad_norm", "clip_coefficient", "lr", "loaded_state")
+    __slots__ = ("round", "step", "skipped", "grad_norm", "clip_coefficient", "lr", "loaded_state", "participants")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +215,7 @@ class RoundOutcome(_message.Message):
     CLIP_COEFFICIENT_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     LOADED_STATE_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     round: int
     step: int
     skipped: bool
@@ -209,7 +223,8 @@ class RoundOutcome(_message.Message):
     clip_coefficient: float
     lr: _containers.RepeatedScalarFieldContainer[float]
     loaded_state: int
-    def __init__(self, round: _Optional[int] = ..., step: _Optional[int] = ..., skipped: _Optional[bool] = ..., grad_norm: _Optional[float] = ..., clip_coefficient: _Optional[float] = ..., lr: _Optional[_Iterable[float]] = ..., loaded_state: _Optional[int] = ...) -> None: ...
+    participants: int
+    def __init__(self, round: _Optional[int] = ..., step: _Optional[int] = ..., skipped: _Optional[bool] = ..., grad_norm: _Optional[float] = ..., clip_coefficient: _Optional[float] = ..., lr: _Optional[_Iterable[float]] = ..., loaded_state: _Optional[int] = ..., participants: _Optional[int] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("round", "last", "params")

@@ -59,13 +59,6 @@ impl Hyper {
     }
 }
 
-/// Reads the `i`-th little-endian f32 of a byte slice.
-#[inline]
-pub fn le_f32(bytes: &[u8], i: usize) -> f32 {
-    let b = &bytes[4 * i..4 * i + 4];
-    f32::from_le_bytes([b[0], b[1], b[2], b[3]])
-}
-
 /// Defines `pub fn $name`, which runs `$kernel` compiled with FMA
 /// instructions (`$fma`) where the CPU has them, and as it is elsewhere.
 /// The kernels' multiply-adds are then one instruction, and vectorized;
