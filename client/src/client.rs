@@ -86,6 +86,16 @@ pub(crate) async fn raw_grpc(
     Ok(grpc)
 }
 
+/// How a push travels and counts.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PushOptions {
+    /// The dtype of its values on the wire (f32 by default).
+    pub dtype: pb::Dtype,
+    /// Its weight in a job whose merge is weighted (> 0); 0 in a job that
+    /// merges by mean.
+    pub weight: f32,
+}
+
 impl Client {
     /// Connects to `url` (`http://host:port`), the coordinator of a cluster.
     pub async fn connect(url: &str) -> Result<Client> {
@@ -313,7 +323,7 @@ impl Client {
             .iter()
             .map(|(n, v)| (Arc::from(*n), Payload::Owned(to_le_bytes(v))))
             .collect();
-        self.push_payloads(job, worker, round, &grads, &[], pb::Dtype::F32)
+        self.push_payloads(job, worker, round, &grads, &[], PushOptions::default())
             .await
     }
 
@@ -321,9 +331,10 @@ impl Client {
     /// the caller (see [`memory`]) and encoded straight from its memory.
     /// `no_grad` names the parameters this worker has no gradient for
     /// (torch's `grad is None`), sent instead of values: a parameter no
-    /// worker of the round has a gradient for is not stepped. The payloads
-    /// are little-endian elements of `dtype` (bf16 and f16 halve the bytes
-    /// on the wire; the server decodes them exactly to f32).
+    /// worker of the round has a gradient for is not stepped. `options`:
+    /// the payloads' dtype (little-endian elements; bf16 and f16 halve the
+    /// bytes on the wire, and the server decodes them exactly to f32) and
+    /// the push's weight.
     pub async fn push_payloads(
         &self,
         job: &str,
@@ -331,48 +342,46 @@ impl Client {
         round: u64,
         grads: &[(Arc<str>, Payload)],
         no_grad: &[Arc<str>],
-        dtype: pb::Dtype,
+        options: PushOptions,
     ) -> Result<pb::PushResponse> {
         let route = self.route(job).await?;
         let n = route.shards.len();
         let policy = &self.retry(true);
-        let calls = route
-            .split(grads, dtype)
-            .into_iter()
-            .enumerate()
-            .map(|(i, segs)| {
-                // A header-only first message: the server admits or refuses the
-                // push (stale, early, duplicate) before any payload is sent.
-                let header = PushMessage::Header(pb::PushRequest {
-                    job: job.to_owned(),
-                    worker,
-                    round,
-                    grads: Vec::new(),
-                    no_grad: no_grad.iter().map(|n| n.to_string()).collect(),
-                });
-                let messages: Vec<PushMessage> =
-                    std::iter::once(header).chain(pack_refs(segs)).collect();
-                let shard = &route.shards[i];
-                async move {
-                    // ABORTED: another copy of this push is being received (a
-                    // retry raced the original); sent again, it will be a
-                    // duplicate.
-                    policy
-                        .run(|left| {
-                            let messages = messages.clone();
-                            async move {
-                                let mut grpc = raw_grpc(&shard.channel).await?;
-                                let mut req = tonic::Request::new(futures::stream::iter(messages));
-                                req.set_timeout(left);
-                                let path = PathAndQuery::from_static("/paramd.v1.ParamServer/Push");
-                                grpc.client_streaming(req, path, PushCodec).await
-                            }
-                        })
-                        .await
-                        .map(tonic::Response::into_inner)
-                        .map_err(|s| shard_error(i, &shard.url, s, n))
-                }
+        let split = route.split(grads, options.dtype);
+        let calls = split.into_iter().enumerate().map(|(i, segs)| {
+            // A header-only first message: the server admits or refuses the
+            // push (stale, early, duplicate) before any payload is sent.
+            let header = PushMessage::Header(pb::PushRequest {
+                job: job.to_owned(),
+                worker,
+                round,
+                grads: Vec::new(),
+                no_grad: no_grad.iter().map(|n| n.to_string()).collect(),
+                weight: options.weight,
             });
+            let messages: Vec<PushMessage> =
+                std::iter::once(header).chain(pack_refs(segs)).collect();
+            let shard = &route.shards[i];
+            async move {
+                // ABORTED: another copy of this push is being received (a
+                // retry raced the original); sent again, it will be a
+                // duplicate.
+                policy
+                    .run(|left| {
+                        let messages = messages.clone();
+                        async move {
+                            let mut grpc = raw_grpc(&shard.channel).await?;
+                            let mut req = tonic::Request::new(futures::stream::iter(messages));
+                            req.set_timeout(left);
+                            let path = PathAndQuery::from_static("/paramd.v1.ParamServer/Push");
+                            grpc.client_streaming(req, path, PushCodec).await
+                        }
+                    })
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(|s| shard_error(i, &shard.url, s, n))
+            }
+        });
         let mut out = pb::PushResponse {
             duplicate: true,
             pushed: u32::MAX,

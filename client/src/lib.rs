@@ -28,7 +28,7 @@ mod state;
 #[cfg(feature = "tools")]
 pub mod trace;
 
-pub use client::{Client, MAX_MESSAGE_BYTES};
+pub use client::{Client, MAX_MESSAGE_BYTES, PushOptions};
 pub(crate) use client::{MAX_PULL_ATTEMPTS, MESSAGE_BYTES, raw_grpc};
 pub(crate) use error::shard_error;
 pub use error::{ClientError, Result};

@@ -50,6 +50,7 @@ impl Client {
                 round,
                 grads: Vec::new(),
                 no_grad: Vec::new(),
+                weight: 0.0,
             }));
             let channel = shard.channel.clone();
             let timeout = self.timeout;
@@ -194,7 +195,7 @@ impl PushStream {
                         self.round,
                         &self.given,
                         &self.no_grad,
-                        pb::Dtype::F32,
+                        crate::PushOptions::default(),
                     )
                     .await
             }

@@ -145,7 +145,7 @@ async fn run_worker(
                 start + t,
                 &given,
                 &no_grad,
-                paramd_proto::v1::Dtype::F32,
+                crate::PushOptions::default(),
             )
             .await?;
         let mut pulled = client.pull(job, start + t + 1).await?;

@@ -80,7 +80,7 @@ pub fn push(data: &[u8]) -> bool {
         .iter()
         .map(|&c| t.layout.chunks[c].len)
         .collect();
-    let mut staging = target.stage(Spare::new(lens, 1).take(), false);
+    let mut staging = target.stage(Spare::new(lens, 1).take(), false, None);
     staging.feed(req.grads, &req.no_grad, None).is_ok() && staging.finish(None).is_ok()
 }
 

@@ -50,6 +50,17 @@ pub struct JobConfig {
     pub worker_timeout: Duration,
     /// Workers a round does not wait for.
     pub backup_workers: u32,
+    /// How a round combines its pushes.
+    pub merge: Merge,
+}
+
+/// How a round combines its participants' pushes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Merge {
+    /// Their mean.
+    Mean,
+    /// Their mean weighted by each push's `weight`.
+    Weighted,
 }
 
 /// How long a round waits for a missing worker by default.
@@ -138,6 +149,9 @@ impl JobConfig {
                 &self.worker_timeout,
                 &other.worker_timeout,
             );
+        }
+        if self.merge != other.merge {
+            return differ("merge", &self.merge, &other.merge);
         }
         differ(
             "backup_workers",
@@ -250,6 +264,16 @@ impl TryFrom<&pb::JobSpec> for JobConfig {
                 spec.backup_workers
             ));
         }
+        let merge = match pb::Merge::try_from(spec.merge) {
+            Ok(pb::Merge::Mean) => Merge::Mean,
+            Ok(pb::Merge::Weighted) => Merge::Weighted,
+            Err(_) => {
+                return Err(invalid!(
+                    "merge {} is not a known merge (0: mean, 1: weighted)",
+                    spec.merge
+                ));
+            }
+        };
         Ok(JobConfig {
             params,
             groups,
@@ -259,6 +283,7 @@ impl TryFrom<&pb::JobSpec> for JobConfig {
             non_finite,
             worker_timeout,
             backup_workers: spec.backup_workers,
+            merge,
         })
     }
 }

@@ -30,6 +30,7 @@ fn segment(param: &str, offset: u64, n: usize) -> pb::Segment {
 
 fn valid_push() -> Vec<u8> {
     pb::PushRequest {
+        weight: 0.0,
         job: "j".into(),
         worker: 1,
         round: 0,

@@ -104,9 +104,16 @@ async fn round_of(c: &mut Client, job: &str, round: u64, data: u64) {
         } else {
             vec![std::sync::Arc::from("late")]
         };
-        c.push_payloads(job, worker, round, &refs, &no_grad, pb::Dtype::F32)
-            .await
-            .expect("push");
+        c.push_payloads(
+            job,
+            worker,
+            round,
+            &refs,
+            &no_grad,
+            paramd_client::PushOptions::default(),
+        )
+        .await
+        .expect("push");
     }
     c.pull(job, round + 1).await.expect("the round completes");
 }

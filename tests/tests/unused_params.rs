@@ -62,8 +62,15 @@ async fn push(
         .map(|(n, v)| (Arc::from(*n), Payload::Owned(to_le_bytes(v))))
         .collect();
     let no_grad: Vec<Arc<str>> = no_grad.iter().map(|&n| Arc::from(n)).collect();
-    c.push_payloads(job, worker, round, &grads, &no_grad, pb::Dtype::F32)
-        .await
+    c.push_payloads(
+        job,
+        worker,
+        round,
+        &grads,
+        &no_grad,
+        paramd_client::PushOptions::default(),
+    )
+    .await
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {

@@ -82,7 +82,7 @@ async fn push(c: &Client, job: &str, w: u32, r: u64, dtype: pb::Dtype, cast: boo
         })
         .collect();
     let sent = if cast { dtype } else { pb::Dtype::F32 };
-    c.push_payloads(job, w, r, &grads, &[], sent)
+    c.push_payloads(job, w, r, &grads, &[], as_(sent))
         .await
         .expect("push");
 }
@@ -172,6 +172,10 @@ async fn bf16_and_f16_pushes_are_their_decoded_f32_values() {
     assert_eq!(on_one, on_three, "1 and 3 shards differ");
 }
 
+fn as_(dtype: pb::Dtype) -> paramd_client::PushOptions {
+    paramd_client::PushOptions { dtype, weight: 0.0 }
+}
+
 #[tokio::test]
 async fn a_value_not_finite_once_decoded_follows_the_policy() {
     let server = TestServer::start().await;
@@ -193,7 +197,14 @@ async fn a_value_not_finite_once_decoded_follows_the_policy() {
             .collect()
     };
     let e = c
-        .push_payloads("strict", 0, 0, &grads(pb::Dtype::F16), &[], pb::Dtype::F16)
+        .push_payloads(
+            "strict",
+            0,
+            0,
+            &grads(pb::Dtype::F16),
+            &[],
+            as_(pb::Dtype::F16),
+        )
         .await
         .expect_err("an infinite f16 is refused");
     let status = e.status().expect("status");
@@ -205,7 +216,7 @@ async fn a_value_not_finite_once_decoded_follows_the_policy() {
         0,
         &grads(pb::Dtype::Bf16),
         &[],
-        pb::Dtype::Bf16,
+        as_(pb::Dtype::Bf16),
     )
     .await
     .expect("bf16 holds 65520 (rounded to 65536)");

@@ -234,6 +234,7 @@ class Client:
         worker_timeout: Optional[float] = None,
         backup_workers: int = 0,
         spec: Optional["pb.JobSpec"] = None,
+        merge: str = "mean",
     ) -> InitResult:
         """Creates job `job`, or finds it and returns its current round.
 
@@ -265,12 +266,21 @@ class Client:
                 non_finite=non_finite,
                 worker_timeout=worker_timeout,
                 backup_workers=backup_workers,
+                merge=merge,
             )
         flat = [as_f32(n, v) for n, v in values.items()]
         round, created = self._call("init", job, spec.SerializeToString(), list(values), flat)
         return InitResult(int(round), bool(created))
 
-    def push(self, job: str, worker: int, round: int, grads: Mapping[str, Any], wire: str = "f32") -> PushResult:
+    def push(
+        self,
+        job: str,
+        worker: int,
+        round: int,
+        grads: Mapping[str, Any],
+        wire: str = "f32",
+        weight: Optional[float] = None,
+    ) -> PushResult:
         """Pushes worker `worker`'s gradients for `round`, each chunk
         straight to its shard, every shard at once; a shard holding none of
         the job's chunks still gets the push, without payload, since a round
@@ -285,7 +295,9 @@ class Client:
         Contiguous float32 arrays are sent from their own memory; others are
         converted once first. `wire` "bf16" or "f16" sends the values cast
         to that dtype (rounded to nearest even, as torch's `.to()` casts),
-        half the bytes; the server decodes them exactly to f32. Safe to
+        half the bytes; the server decodes them exactly to f32. `weight`
+        (> 0) is the push's weight in a job whose merge is "weighted"
+        (tokens or samples), required there and refused elsewhere. Safe to
         retry."""
         check_wire(wire)
         names = [n for n in grads if grads[n] is not None]
@@ -293,7 +305,8 @@ class Client:
         flat = [as_f32(n, grads[n]) for n in names]
         if wire != "f32":
             flat = [to_wire(a, wire) for a in flat]
-        duplicate, pushed = self._call("push", job, int(worker), int(round), names, flat, no_grad, wire)
+        w = 0.0 if weight is None else float(weight)
+        duplicate, pushed = self._call("push", job, int(worker), int(round), names, flat, no_grad, wire, w)
         return PushResult(duplicate=bool(duplicate), pushed=int(pushed))
 
     def push_stream(self, job: str, worker: int, round: int) -> "PushStream":

@@ -324,6 +324,7 @@ class ClipGradNorm:
 
 
 _NON_FINITE = {"skip": pb.NON_FINITE_POLICY_SKIP, "error": pb.NON_FINITE_POLICY_ERROR}
+_MERGE = {"mean": pb.MERGE_MEAN, "weighted": pb.MERGE_WEIGHTED}
 
 
 def job_spec(
@@ -336,13 +337,16 @@ def job_spec(
     non_finite: str = "skip",
     worker_timeout: Optional[float] = None,
     backup_workers: int = 0,
+    merge: str = "mean",
 ) -> "pb.JobSpec":
     """The wire form of a job.
 
     `params` are (name, shape) pairs in the model's order. `param_groups` are
     dicts like torch's: `{"params": [names...], "lr": ..., ...}`; when given,
     every parameter must be in exactly one group, and each group's other keys
-    override the optimizer's hyperparameters.
+    override the optimizer's hyperparameters. `merge` is how a round
+    combines its pushes: "mean", or "weighted" (`sum(w_i * g_i) /
+    sum(w_i)`, each push giving its weight).
     """
     if not isinstance(optimizer, Optimizer):
         raise InvalidArgument("optimizer must be paramd.SGD, paramd.Adam or paramd.AdamW, got %r" % (optimizer,))
@@ -356,9 +360,12 @@ def job_spec(
         raise InvalidArgument("clip must be paramd.ClipGradNorm, got %r" % (clip,))
     if non_finite not in _NON_FINITE:
         raise InvalidArgument("non_finite must be 'skip' or 'error', got %r" % (non_finite,))
+    if merge not in _MERGE:
+        raise InvalidArgument("merge must be 'mean' or 'weighted', got %r" % (merge,))
     spec = pb.JobSpec(
         optimizer=optimizer.to_pb(),
         workers=workers,
+        merge=_MERGE[merge],
         non_finite=_NON_FINITE[non_finite],
         backup_workers=_steps("backup_workers", backup_workers),
     )

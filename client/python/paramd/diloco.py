@@ -48,7 +48,9 @@ class DiLoCo:
     the job from its weights; every worker starts from the job's current
     global weights. `outer` is paramd.SGD, Adam or AdamW. `wire` is the
     dtype pseudo-gradients are pushed in, `pull_wire` the dtype the global
-    weights are pulled in ("f32", "bf16" or "f16"). The other keywords are
+    weights are pulled in ("f32", "bf16" or "f16"). `merge` "weighted"
+    averages the pseudo-gradients weighted by the weights `step()` is given
+    (tokens or samples). The other keywords are
     `paramd.JobOptions` (server, rank, world_size, client, token, tls,
     timeout, join_timeout)."""
 
@@ -61,6 +63,7 @@ class DiLoCo:
         outer: Optimizer,
         wire: str = "f32",
         pull_wire: str = "f32",
+        merge: str = "mean",
         min_workers: Optional[int] = None,
         grace_seconds: Optional[float] = None,
         options: Optional[JobOptions] = None,
@@ -74,7 +77,7 @@ class DiLoCo:
             )
         if not isinstance(inner, torch.optim.Optimizer):
             raise errors.InvalidArgument("inner must be a torch.optim optimizer, got %r" % (inner,))
-        for key in ("schedule", "clip", "overlap", "backup_workers", "worker_timeout", "wire", "pull_wire"):
+        for key in ("schedule", "clip", "overlap", "backup_workers", "worker_timeout", "wire", "pull_wire", "merge"):
             if key in keywords:
                 raise TypeError("DiLoCo() got an unexpected keyword argument %r" % key)
         o = JobOptions.of(options, keywords, "DiLoCo")
@@ -89,7 +92,9 @@ class DiLoCo:
                 "membership is not implemented, so a round waits for every worker or grace_seconds"
                 % (min_workers, world_size)
             )
-        self._o = JobOptions.of(o, {"wire": wire, "pull_wire": pull_wire, "worker_timeout": grace_seconds}, "DiLoCo")
+        self._o = JobOptions.of(
+            o, {"wire": wire, "pull_wire": pull_wire, "worker_timeout": grace_seconds, "merge": merge}, "DiLoCo"
+        )
         self.outer = RemoteOptimizer(named, optimizer=outer, options=self._o)
         self.inner = inner
         self.sync_every = sync_every
@@ -98,6 +103,9 @@ class DiLoCo:
         # job's current parameters, which the setup pulled into the model.
         self._global = self._snapshot()
         self._calls = 0
+        self._merge = merge
+        # The weight gathered since the last synchronization.
+        self._weight = 0.0
         self.last_pseudo_grad_norm: Optional[float] = None
         self.stale_rounds = 0
 
@@ -115,9 +123,18 @@ class DiLoCo:
         last = self.outer.last
         return int(last.participants) if last is not None else None
 
-    def step(self) -> bool:
+    def step(self, weight: Optional[float] = None) -> bool:
         """Counts one inner step; every `sync_every` calls, synchronizes
-        (`sync`). Returns whether it synchronized."""
+        (`sync`). With merge="weighted", `weight` is this step's weight
+        (its tokens or samples; 1 by default): a worker's pseudo-gradient
+        counts with the sum of its steps' weights since the last
+        synchronization. Returns whether it synchronized."""
+        if weight is not None and self._merge != "weighted":
+            raise errors.InvalidArgument("step(weight=%r): the job merges by mean (pass merge='weighted')" % weight)
+        w = 1.0 if weight is None else float(weight)
+        if not (w > 0 and math.isfinite(w)):
+            raise errors.InvalidArgument("step(weight=%r): a weight must be > 0 and finite" % weight)
+        self._weight += w
         self._calls += 1
         if self._calls % self.sync_every:
             return False
@@ -136,7 +153,9 @@ class DiLoCo:
             total += float(torch.sum(d.double() * d.double()))
             deltas[n] = d.numpy()
         self.last_pseudo_grad_norm = math.sqrt(total)
-        if not self.outer._exchange(deltas):
+        weight = (self._weight or 1.0) if self._merge == "weighted" else None
+        self._weight = 0.0
+        if not self.outer._exchange(deltas, weight):
             self.stale_rounds += 1
         self._global = self._snapshot()
 

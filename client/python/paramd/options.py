@@ -36,6 +36,8 @@ class JobOptions:
       pulled in, "f32" (default), "bf16" or "f16": half the bytes, cast as
       torch's `.to()` casts (round to nearest even); the server decodes
       and computes in f32, so the step is the f32 step on the cast values.
+    - `merge`: how a round combines the workers' pushes, "mean" (default)
+      or "weighted" (`paramd.diloco`'s weighted merge).
     """
 
     server: Optional[str] = None
@@ -55,6 +57,7 @@ class JobOptions:
     overlap: bool = False
     wire: str = "f32"
     pull_wire: str = "f32"
+    merge: str = "mean"
 
     @classmethod
     def of(cls, options: Optional["JobOptions"], keywords: Mapping[str, Any], caller: str) -> "JobOptions":

@@ -183,6 +183,7 @@ class _Remote:
             non_finite=o.non_finite,
             worker_timeout=o.worker_timeout,
             backup_workers=o.backup_workers,
+            merge=o.merge,
         )
         self.last = None
         # A state load sent for a round and not yet confirmed by its step:
@@ -286,12 +287,14 @@ class _Remote:
             return host.numpy()
         return g.detach().to(torch.float32).contiguous().numpy()
 
-    def _push(self, grads: Optional[Dict[str, Optional[np.ndarray]]] = None) -> None:
+    def _push(self, grads: Optional[Dict[str, Optional[np.ndarray]]] = None, weight: Optional[float] = None) -> None:
         """Pushes this rank's gradients for the current round (`grads`, or
-        the parameters'): the open push (overlap) completed with what
-        backward did not give it, or all of them at once."""
+        the parameters'), with `weight` in a weighted job: the open push
+        (overlap) completed with what backward did not give it, or all of
+        them at once."""
         if grads is not None or not self._overlap:
-            self.client.push(self.job, self.rank, self.round, self._grads() if grads is None else grads, self._wire)
+            given = self._grads() if grads is None else grads
+            self.client.push(self.job, self.rank, self.round, given, self._wire, weight)
             return
         stream, self._stream = self._stream, None
         sent, self._sent = self._sent, set()
@@ -313,13 +316,14 @@ class _Remote:
         self._exchange(None)
         return loss
 
-    def _exchange(self, grads: Optional[Dict[str, Optional[np.ndarray]]]) -> bool:
-        """Pushes `grads` (the parameters' gradients when None) for the
-        current round, waits for it and copies the new parameters into the
-        model. False if the round completed without this worker (its push
-        was stale): the model then holds the current parameters."""
+    def _exchange(self, grads: Optional[Dict[str, Optional[np.ndarray]]], weight: Optional[float] = None) -> bool:
+        """Pushes `grads` (the parameters' gradients when None), with
+        `weight` in a weighted job, for the current round, waits for it and
+        copies the new parameters into the model. False if the round
+        completed without this worker (its push was stale): the model then
+        holds the current parameters."""
         try:
-            self._push(grads)
+            self._push(grads, weight)
         except errors.StalePush:
             # The round completed without this worker (dropped after the
             # job's worker_timeout): take the current parameters and join

@@ -25,8 +25,8 @@ use std::time::Duration;
 use paramd_client::codec::{Payload, Target};
 use paramd_client::memory::{Dest, LeaseGuard, Lent, Source};
 use paramd_client::{
-    Client as Rust, ClientError, Credentials, ParamState, PullInto, PushStream as RustPushStream,
-    v1 as pb,
+    Client as Rust, ClientError, Credentials, ParamState, PullInto, PushOptions,
+    PushStream as RustPushStream, v1 as pb,
 };
 use prost::Message;
 use pyo3::buffer::PyBuffer;
@@ -249,7 +249,9 @@ impl Client {
     /// torch's `grad is None`): checked before anything is sent.
     /// `dtype` is "f32" (float32 arrays), or "bf16" or "f16": the arrays
     /// then hold the little-endian 2-byte elements as bytes (uint8).
-    #[pyo3(signature = (job, worker, round, names, grads, no_grad = Vec::new(), dtype = "f32"))]
+    /// `weight`: the push's weight in a job whose merge is weighted (0 in
+    /// one that merges by mean).
+    #[pyo3(signature = (job, worker, round, names, grads, no_grad = Vec::new(), dtype = "f32", weight = 0.0))]
     #[allow(clippy::too_many_arguments)]
     fn push(
         &self,
@@ -261,6 +263,7 @@ impl Client {
         grads: Vec<Bound<'_, PyAny>>,
         no_grad: Vec<String>,
         dtype: &str,
+        weight: f32,
     ) -> PyResult<(bool, u32)> {
         let dtype = wire_dtype(dtype)?;
         let guard = LeaseGuard::new();
@@ -296,7 +299,8 @@ impl Client {
             let absent: Vec<&str> = no_grad.iter().map(String::as_str).collect();
             c.check_push(&job, &what, &sizes, &absent).await?;
             let no_grad: Vec<Arc<str>> = no_grad.iter().map(|n| Arc::from(n.as_str())).collect();
-            c.push_payloads(&job, worker, round, &payloads, &no_grad, dtype)
+            let options = PushOptions { dtype, weight };
+            c.push_payloads(&job, worker, round, &payloads, &no_grad, options)
                 .await
         });
         // The lease ends before the buffers are released.

@@ -4,7 +4,8 @@ data, synchronized every few steps through paramd with Nesterov SGD as the
 outer optimizer, end with the global weights of the simulation (three
 model copies, the pseudo-gradients cast as the wire casts them, averaged
 in worker order, `torch.optim.SGD(0.7, 0.9, nesterov=True)` stepping the
-global weights), bit for bit; in f32 and bf16, on 1 and 3 shards."""
+global weights), bit for bit; in f32 and bf16, by mean and weighted by
+tokens, on 1 and 3 shards."""
 
 import threading
 
@@ -36,8 +37,15 @@ def inner_step(m, opt, worker, step):
     opt.zero_grad()
 
 
-def simulate(wire):
-    """DiLoCo in one process, as the papers define it."""
+def weight_of(worker, step):
+    """Worker `worker`'s weight (tokens) at inner step `step`."""
+    return float(1 + (worker * 7 + step) % 5)
+
+
+def simulate(wire, weighted=False):
+    """DiLoCo in one process, as the papers define it; weighted: each
+    pseudo-gradient counts with its worker's tokens since the last
+    synchronization, `sum(w_i * d_i) / sum(w_i)`."""
     glob = model()
     outer = torch.optim.SGD(glob.parameters(), lr=0.7, momentum=0.9, nesterov=True)
     workers = [model() for _ in range(WORKERS)]
@@ -49,10 +57,18 @@ def simulate(wire):
         for k in range(H):
             for w, (m, opt) in enumerate(zip(workers, inners)):
                 inner_step(m, opt, w, step + k)
+        weights = [sum(weight_of(w, step + k) for k in range(H)) for w in range(WORKERS)] if weighted else None
         step += H
         with torch.no_grad():
             for name, g in glob.named_parameters():
                 deltas = [(g - dict(m.named_parameters())[name]).to(CASTS[wire]).float() for m in workers]
+                if weighted:
+                    w = torch.tensor(weights, dtype=torch.float32)
+                    total, norm = w[0] * deltas[0], w[0]
+                    for i in range(1, WORKERS):
+                        total, norm = total + w[i] * deltas[i], norm + w[i]
+                    g.grad = total / norm
+                    continue
                 total = deltas[0]
                 for d in deltas[1:]:
                     total = total + d
@@ -61,8 +77,8 @@ def simulate(wire):
     return glob
 
 
-@pytest.mark.parametrize("wire", ["f32", "bf16"])
-def test_three_workers_end_with_the_simulations_global_weights(cluster, job_name, wire):
+@pytest.mark.parametrize("wire, merge", [("f32", "mean"), ("bf16", "mean"), ("bf16", "weighted")])
+def test_three_workers_end_with_the_simulations_global_weights(cluster, job_name, wire, merge):
     torch.set_num_threads(1)
     finals, errors = {}, []
 
@@ -81,13 +97,15 @@ def test_three_workers_end_with_the_simulations_global_weights(cluster, job_name
                 sync_every=H,
                 outer=paramd.SGD(lr=0.7, momentum=0.9, nesterov=True),
                 wire=wire,
+                merge=merge,
                 rank=rank,
                 world_size=WORKERS,
                 timeout=120,
             ) as diloco:
                 for step in range(H * ROUNDS):
                     inner_step(m, inner, rank, step)
-                    synced = diloco.step()
+                    weight = weight_of(rank, step) if merge == "weighted" else None
+                    synced = diloco.step(weight)
                     assert synced == ((step + 1) % H == 0)
                 assert diloco.round == ROUNDS and diloco.participants == WORKERS
                 assert diloco.last_pseudo_grad_norm > 0
@@ -101,7 +119,7 @@ def test_three_workers_end_with_the_simulations_global_weights(cluster, job_name
     for t in threads:
         t.join(timeout=300)
     assert not errors, errors
-    want = [p.detach() for p in simulate(wire).parameters()]
+    want = [p.detach() for p in simulate(wire, merge == "weighted").parameters()]
     for rank in range(WORKERS):
         for got, w in zip(finals[rank], want):
             assert torch.equal(got, w), (rank, (got - w).abs().max())

@@ -232,7 +232,7 @@ impl ParamServer for Service {
         let pushed =
             |pushed: u32, duplicate: bool| Response::new(pb::PushResponse { duplicate, pushed });
         // Refused, or answered as a duplicate, before its payload is read.
-        let mut receiving = match job.receive(first.worker, first.round).await? {
+        let mut receiving = match job.receive(first.worker, first.round, first.weight).await? {
             Admitted::Duplicate(count) => return Ok(pushed(count, true)),
             Admitted::Receiving(r) => *r,
         };

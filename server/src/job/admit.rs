@@ -14,7 +14,7 @@ use super::{Collect, Job};
 use crate::error::{Error, Result};
 use crate::invalid;
 use crate::pieces::{Staged, Staging, Target};
-use crate::spec::NonFinite;
+use crate::spec::{Merge, NonFinite};
 
 /// What a push for a round turns out to be before its payload is read.
 #[derive(Debug, PartialEq, Eq)]
@@ -60,6 +60,8 @@ pub struct Receiving<'a> {
     job: &'a Arc<Job>,
     worker: u32,
     round: u64,
+    /// The push's weight in the merge (1 for a mean).
+    weight: f32,
     staging: Staging<'a>,
     /// Names without a gradient listed so far.
     no_grad: usize,
@@ -100,7 +102,7 @@ impl Receiving<'_> {
             .finish(self.staging)
             .inspect_err(|e| job.refused(e, worker, round))?;
         job.read_took(self.started.elapsed());
-        job.push(worker, round, push)
+        job.push(worker, round, push, self.weight)
             .inspect_err(|e| job.refused(e, worker, round))
     }
 }
@@ -114,7 +116,17 @@ impl Job {
     /// window that the push being read needs. A received push waits for
     /// its turn (`Job::staging`) and is admitted again, since the round
     /// may have moved meanwhile. Refusals are counted in the metrics.
-    pub async fn receive(self: &Arc<Self>, worker: u32, round: u64) -> Result<Admitted<'_>> {
+    /// `weight` is the header's: required (> 0, finite) by a job that
+    /// merges by weight, and refused (not 0) by one that merges by mean.
+    pub async fn receive(
+        self: &Arc<Self>,
+        worker: u32,
+        round: u64,
+        weight: f32,
+    ) -> Result<Admitted<'_>> {
+        let scale = self
+            .scale(weight)
+            .inspect_err(|e| self.refused(e, worker, round))?;
         let admit = || match self.admit(worker, round) {
             Ok(Admission::Duplicate) => {
                 self.metrics.duplicates.increment(1);
@@ -139,7 +151,7 @@ impl Job {
             self.refused(&e, worker, round);
             e
         })?;
-        let (reading, staging) = self.staging(worker, round).await;
+        let (reading, staging) = self.staging(worker, round, scale).await;
         let started = Instant::now();
         if !admit()? {
             return duplicate();
@@ -148,12 +160,31 @@ impl Job {
             job: self,
             worker,
             round,
+            weight: scale.unwrap_or(1.0),
             staging,
             no_grad: 0,
             started,
             _reading: reading,
             _slot: slot,
         })))
+    }
+
+    /// What a push of `weight` multiplies its values by: nothing in a job
+    /// that merges by mean (where a weight is refused), its weight in one
+    /// that merges by weight (where it is required).
+    fn scale(&self, weight: f32) -> Result<Option<f32>> {
+        match self.config.merge {
+            Merge::Mean if weight == 0.0 => Ok(None),
+            Merge::Mean => Err(invalid!(
+                "weight: job '{}' merges pushes by mean; weight {weight} is for a job whose merge is weighted",
+                self.name
+            )),
+            Merge::Weighted if weight.is_finite() && weight > 0.0 => Ok(Some(weight)),
+            Merge::Weighted => Err(invalid!(
+                "weight: job '{}' merges pushes by weight, which must be > 0 and finite, got {weight}",
+                self.name
+            )),
+        }
     }
 
     /// Counts and logs a refused push.
@@ -236,7 +267,12 @@ impl Job {
     /// stalled stream): memory then grows as before, and latency does not. A
     /// cluster reads pushes as they come: a shard sums none before the
     /// coordinator chooses the round's members.
-    pub(super) async fn staging(&self, worker: u32, round: u64) -> (Reading<'_>, Staging<'_>) {
+    pub(super) async fn staging(
+        &self,
+        worker: u32,
+        round: u64,
+        scale: Option<f32>,
+    ) -> (Reading<'_>, Staging<'_>) {
         self.collect.lock().reading[worker as usize] = Some(round);
         let reading = Reading { job: self, worker };
         let in_order = self.cluster.size() == 1 && self.config.backup_workers == 0;
@@ -256,7 +292,7 @@ impl Job {
             own: &self.own,
             finite_only: self.config.non_finite == NonFinite::Error,
         }
-        .stage(self.spare.take(), summed);
+        .stage(self.spare.take(), summed, scale);
         (reading, staging)
     }
 
@@ -374,6 +410,7 @@ impl Job {
         worker: u32,
         round: u64,
         push: Staged,
+        weight: f32,
     ) -> Result<(Admission, u32)> {
         self.check_serving()?;
         let bytes = push.bytes;
@@ -384,6 +421,7 @@ impl Job {
         }
         c.pushed[worker as usize] = true;
         c.pushes[worker as usize] = Some(push);
+        c.weights[worker as usize] = weight;
         c.count += 1;
         c.opened.get_or_insert_with(Instant::now);
         let count = c.count;

@@ -180,6 +180,7 @@ impl Job {
                 folded: 0,
                 reading: vec![None; workers],
                 load: None,
+                weights: vec![1.0; workers],
             }),
             completed: watch::channel(resume.round).0,
             arrivals: watch::channel(0).0,

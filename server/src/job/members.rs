@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::coordinator::Members;
 use crate::error::{Error, Result};
+use crate::spec::Merge;
 
 use crate::compute;
 
@@ -164,12 +165,25 @@ impl Job {
         }
         c.closed = true;
         c.count = (folded + rest.len()) as u32;
+        let divisor = match self.config.merge {
+            Merge::Mean => c.count as f32,
+            // Summed in rank order, as the weighted pushes are.
+            Merge::Weighted => member
+                .iter()
+                .zip(&c.weights)
+                .filter(|(m, _)| **m)
+                .fold(0.0f32, |sum, (_, w)| sum + w),
+        };
         // Pushes waiting for their turn are not members: refuse them now.
         self.spare.notify();
         if !m.dropped.is_empty() && self.coordinator.is_some() {
             self.metrics.dropped.increment(m.dropped.len() as u64);
             tracing::warn!(job = %self.name, round = m.round, dropped = ?m.dropped, timeout_secs = self.config.worker_timeout.as_secs_f64(), "workers dropped from the round");
         }
-        Ok(Some(Closed { folded, rest }))
+        Ok(Some(Closed {
+            folded,
+            rest,
+            divisor,
+        }))
     }
 }

@@ -39,6 +39,9 @@ use crate::spec::JobConfig;
 pub struct Closed {
     folded: usize,
     rest: Vec<Staged>,
+    /// What the members' sum is divided by: their number, or the sum of
+    /// their weights in rank order.
+    divisor: f32,
 }
 
 /// A snapshot of a job for Status.
@@ -95,6 +98,8 @@ struct Collect {
     reading: Vec<Option<u64>>,
     /// A state load received whole for `round` (see `load.rs`).
     load: Option<StagedLoad>,
+    /// Each worker's weight in the round's merge (1 for a mean).
+    weights: Vec<f32>,
 }
 
 /// A job as held by one shard.

@@ -82,7 +82,8 @@ impl Job {
     async fn complete(self: Arc<Self>, round: u64, closed: Closed) -> Result<()> {
         let started = Instant::now();
         let job = Arc::clone(&self);
-        let mut report = compute::run(move || job.reduce(closed.folded, closed.rest)).await?;
+        let mut report =
+            compute::run(move || job.reduce(closed.folded, closed.rest, closed.divisor)).await?;
         // The round is closed: a load staged for it is settled.
         let load = self.take_load(round);
         report.load = load.as_ref().map(|l| l.ticket);
@@ -175,7 +176,7 @@ impl Job {
 
     /// Averages every chunk's pushes in rank order and reports the sums of
     /// squares. Runs on the compute pool.
-    fn reduce(&self, mut folded: usize, mut rest: Vec<Staged>) -> Report {
+    fn reduce(&self, mut folded: usize, mut rest: Vec<Staged>, divisor: f32) -> Report {
         let mut grads = self.grads.lock();
         // The next push may have been summed as it streamed, and not folded
         // yet when the round closed: its buffers are the accumulators.
@@ -183,7 +184,6 @@ impl Job {
             rest.remove(0).fold_all(&mut grads, false);
             folded += 1;
         }
-        let n = folded + rest.len();
         let sums: Vec<(usize, f64, bool)> = grads
             .par_iter_mut()
             .enumerate()
@@ -193,7 +193,7 @@ impl Job {
                 for (i, push) in rest.iter().enumerate() {
                     fold_into(push.chunk(local), acc, folded + i == 0);
                 }
-                divide(acc, n);
+                divide(acc, divisor);
                 let (sum, non_finite) = sum_squares(&acc.sum);
                 (self.own.chunks[local], sum, non_finite)
             })

@@ -65,20 +65,20 @@ fn gradient(w: u32) -> Vec<pb::Segment> {
 async fn overlapping_pushes_are_read_in_rank_order_and_summed_as_they_stream() {
     let job = job(3);
     // Rank 0 is being received; ranks 2 and 1 start meanwhile and wait.
-    let (reading0, mut push0) = job.staging(0, 0).await;
-    let mut second = Box::pin(job.staging(2, 0));
+    let (reading0, mut push0) = job.staging(0, 0, None).await;
+    let mut second = Box::pin(job.staging(2, 0, None));
     assert!(
         (&mut second).now_or_never().is_none(),
         "rank 2 waits for rank 0"
     );
-    let mut first = Box::pin(job.staging(1, 0));
+    let mut first = Box::pin(job.staging(1, 0, None));
     assert!(
         (&mut first).now_or_never().is_none(),
         "rank 1 waits for rank 0"
     );
 
     job.feed(&mut push0, gradient(0), &[]).expect("feed");
-    job.push(0, 0, job.finish(push0).expect("push 0"))
+    job.push(0, 0, job.finish(push0).expect("push 0"), 1.0)
         .expect("recorded");
     drop(reading0);
     // Rank 1 goes once rank 0 is summed and its buffers are back.
@@ -98,13 +98,13 @@ async fn overlapping_pushes_are_read_in_rank_order_and_summed_as_they_stream() {
     );
     assert_eq!(job.spare.allocated(), 1, "rank 1 reuses rank 0's set");
     job.feed(&mut push1, gradient(1), &[]).expect("feed");
-    job.push(1, 0, job.finish(push1).expect("push 1"))
+    job.push(1, 0, job.finish(push1).expect("push 1"), 1.0)
         .expect("recorded");
     drop(reading1);
     let (reading2, mut push2) = second.await;
     assert!(push2.summed());
     job.feed(&mut push2, gradient(2), &[]).expect("feed");
-    job.push(2, 0, job.finish(push2).expect("push 2"))
+    job.push(2, 0, job.finish(push2).expect("push 2"), 1.0)
         .expect("recorded");
     drop(reading2);
 
@@ -135,7 +135,7 @@ async fn overlapping_pushes_are_read_in_rank_order_and_summed_as_they_stream() {
 async fn a_push_whose_lower_ranks_have_not_started_is_read_after_a_grace() {
     let job = job(2);
     let started = tokio::time::Instant::now();
-    let (_reading, _push) = job.staging(1, 0).await;
+    let (_reading, _push) = job.staging(1, 0, None).await;
     // No push was timed yet: the first round's workers are connecting.
     let patience = job.turn_patience();
     assert!(

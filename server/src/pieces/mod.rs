@@ -136,18 +136,37 @@ fn runs(
     })
 }
 
-/// Writes `sum` plus the little-endian elements of `dtype` in `bytes`
-/// into `dst`: the same addition, in the same order, as `fold_into` makes
-/// later.
-fn add_into(dst: &mut [f32], sum: &[f32], bytes: &[u8], dtype: Dtype) {
-    if dtype == Dtype::F32 {
-        for ((d, a), b) in dst.iter_mut().zip(sum).zip(bytes.chunks_exact(4)) {
-            *d = a + f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        }
-        return;
+/// Writes the little-endian elements of `dtype` in `bytes` into `dst`,
+/// each multiplied by `scale` if there is one (a weighted push's weight;
+/// the product rounded to f32).
+fn write_into(dst: &mut [f32], bytes: &[u8], dtype: Dtype, scale: Option<f32>) {
+    decode_into(dst, bytes, dtype);
+    if let Some(w) = scale {
+        dst.iter_mut().for_each(|d| *d *= w);
     }
-    for (i, (d, a)) in dst.iter_mut().zip(sum).enumerate() {
-        *d = a + element(bytes, i, dtype);
+}
+
+/// Writes `sum` plus the little-endian elements of `dtype` in `bytes`
+/// (each multiplied by `scale` first, if there is one) into `dst`: the
+/// same operations, in the same order, as `write_into` and `fold_into`
+/// make later.
+fn add_into(dst: &mut [f32], sum: &[f32], bytes: &[u8], dtype: Dtype, scale: Option<f32>) {
+    match (dtype, scale) {
+        (Dtype::F32, None) => {
+            for ((d, a), b) in dst.iter_mut().zip(sum).zip(bytes.chunks_exact(4)) {
+                *d = a + f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        (_, None) => {
+            for (i, (d, a)) in dst.iter_mut().zip(sum).enumerate() {
+                *d = a + element(bytes, i, dtype);
+            }
+        }
+        (_, Some(w)) => {
+            for (i, (d, a)) in dst.iter_mut().zip(sum).enumerate() {
+                *d = a + w * element(bytes, i, dtype);
+            }
+        }
     }
 }
 
@@ -415,12 +434,13 @@ pub fn fold_into(grad: Option<&[f32]>, acc: &mut Accumulator, first: bool) {
     }
 }
 
-/// The last step of a rank-order mean: divides a sum of `n` pushes by `n`.
-pub fn divide(acc: &mut Accumulator, n: usize) {
-    if n > 1 {
-        let n = n as f32;
+/// The last step of a rank-order mean: divides a sum of pushes by
+/// `divisor` (their number, or their weights' sum; one push of a mean is
+/// left as it is).
+pub fn divide(acc: &mut Accumulator, divisor: f32) {
+    if divisor != 1.0 {
         for d in acc.sum.iter_mut() {
-            *d /= n;
+            *d /= divisor;
         }
     }
 }

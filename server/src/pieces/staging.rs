@@ -8,22 +8,25 @@ use paramd_proto::v1::Segment;
 use parking_lot::Mutex;
 use rayon::prelude::*;
 
-use super::{Accumulator, Target, add_into, check_segment, fold_into, not_held, runs};
+use super::{Accumulator, Target, add_into, check_segment, fold_into, not_held, runs, write_into};
 use crate::error::{Error, Result};
 use crate::invalid;
-use paramd_proto::wire::{decode_into, element};
+use paramd_proto::wire::element;
 
 impl<'a> Target<'a> {
     /// Starts receiving one push into `buffers`, message by message. With
     /// `summed`, the buffers receive the push added to the accumulators
     /// given to `feed` and `finish` (the next push of a rank-order mean,
     /// summed as it streams), not the push itself.
-    pub fn stage(self, buffers: Buffers, summed: bool) -> Staging<'a> {
+    /// `scale`: a weighted push's weight, each value multiplied by it as
+    /// it is written.
+    pub fn stage(self, buffers: Buffers, summed: bool, scale: Option<f32>) -> Staging<'a> {
         let n = self.params.len();
         Staging {
             target: self,
             buffers,
             summed,
+            scale,
             absent: vec![false; n],
             sent: vec![false; n],
             got: vec![0; n],
@@ -140,6 +143,8 @@ pub struct Staging<'a> {
     bytes: usize,
     /// The buffers hold the accumulators plus the push (see `stage`).
     summed: bool,
+    /// Each value is multiplied by this as it is written (see `stage`).
+    scale: Option<f32>,
 }
 
 impl Staging<'_> {
@@ -200,9 +205,10 @@ impl Staging<'_> {
                 let bytes = c.bytes(&s.data, &run);
                 match sum {
                     Some(accs) => {
-                        add_into(dst, &accs[local].sum[start..][..run.len()], bytes, c.dtype);
+                        let sum = &accs[local].sum[start..][..run.len()];
+                        add_into(dst, sum, bytes, c.dtype, self.scale);
                     }
-                    None => decode_into(dst, bytes, c.dtype),
+                    None => write_into(dst, bytes, c.dtype, self.scale),
                 }
             }
             self.got[p] += n;

@@ -164,7 +164,7 @@ fn stage_onto(
         own: &own,
         finite_only: true,
     };
-    let mut staging = target.stage(spare.take(), sum.is_some());
+    let mut staging = target.stage(spare.take(), sum.is_some(), None);
     for (segments, no_grad) in messages {
         let names: Vec<String> = no_grad.into_iter().map(String::from).collect();
         staging.feed(segments, &names, sum)?;

@@ -24,6 +24,11 @@ class NonFinitePolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     NON_FINITE_POLICY_SKIP: _ClassVar[NonFinitePolicy]
     NON_FINITE_POLICY_ERROR: _ClassVar[NonFinitePolicy]
+
+class Merge(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MERGE_MEAN: _ClassVar[Merge]
+    MERGE_WEIGHTED: _ClassVar[Merge]
 DTYPE_F32: Dtype
 DTYPE_BF16: Dtype
 DTYPE_F16: Dtype
@@ -33,6 +38,8 @@ OPTIMIZER_KIND_ADAM: OptimizerKind
 OPTIMIZER_KIND_ADAMW: OptimizerKind
 NON_FINITE_POLICY_SKIP: NonFinitePolicy
 NON_FINITE_POLICY_ERROR: NonFinitePolicy
+MERGE_MEAN: Merge
+MERGE_WEIGHTED: Merge
 
 class Segment(_message.Message):
     __slots__ = ("param", "offset", "data", "dtype")
@@ -133,7 +140,7 @@ class Clip(_message.Message):
     def __init__(self, max_norm: _Optional[float] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("params", "optimizer", "param_groups", "schedule", "clip", "workers", "non_finite", "worker_timeout_seconds", "backup_workers")
+    __slots__ = ("params", "optimizer", "param_groups", "schedule", "clip", "workers", "non_finite", "worker_timeout_seconds", "backup_workers", "merge")
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     PARAM_GROUPS_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +150,7 @@ class JobSpec(_message.Message):
     NON_FINITE_FIELD_NUMBER: _ClassVar[int]
     WORKER_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BACKUP_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MERGE_FIELD_NUMBER: _ClassVar[int]
     params: _containers.RepeatedCompositeFieldContainer[ParamSpec]
     optimizer: Optimizer
     param_groups: _containers.RepeatedCompositeFieldContainer[ParamGroup]
@@ -152,7 +160,8 @@ class JobSpec(_message.Message):
     non_finite: NonFinitePolicy
     worker_timeout_seconds: float
     backup_workers: int
-    def __init__(self, params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., param_groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., clip: _Optional[_Union[Clip, _Mapping]] = ..., workers: _Optional[int] = ..., non_finite: _Optional[_Union[NonFinitePolicy, str]] = ..., worker_timeout_seconds: _Optional[float] = ..., backup_workers: _Optional[int] = ...) -> None: ...
+    merge: Merge
+    def __init__(self, params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., param_groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., clip: _Optional[_Union[Clip, _Mapping]] = ..., workers: _Optional[int] = ..., non_finite: _Optional[_Union[NonFinitePolicy, str]] = ..., worker_timeout_seconds: _Optional[float] = ..., backup_workers: _Optional[int] = ..., merge: _Optional[_Union[Merge, str]] = ...) -> None: ...
 
 class InitRequest(_message.Message):
     __slots__ = ("job", "spec", "values")
@@ -173,18 +182,20 @@ class InitResponse(_message.Message):
     def __init__(self, round: _Optional[int] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("job", "worker", "round", "grads", "no_grad")
+    __slots__ = ("job", "worker", "round", "grads", "no_grad", "weight")
     JOB_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
     NO_GRAD_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
     job: str
     worker: int
     round: int
     grads: _containers.RepeatedCompositeFieldContainer[Segment]
     no_grad: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., round: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., no_grad: _Optional[_Iterable[str]] = ...) -> None: ...
+    weight: float
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., round: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., no_grad: _Optional[_Iterable[str]] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class PushResponse(_message.Message):
     __slots__ = ("duplicate", "pushed")
