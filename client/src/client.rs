@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use paramd_proto::transport::AuthChannel;
+use paramd_proto::transport::{AuthChannel, Http2Windows};
 use paramd_proto::v1 as pb;
 use paramd_proto::v1::param_server_client::ParamServerClient;
 use tonic::codegen::http::uri::PathAndQuery;
@@ -49,8 +49,14 @@ pub struct Client {
 /// The longest a connection attempt takes.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// An endpoint for `url`, receiving with the HTTP/2 windows the
+/// environment sets (`PARAMD_HTTP2_STREAM_WINDOW`,
+/// `PARAMD_HTTP2_CONNECTION_WINDOW`; see `Http2Windows`).
 fn endpoint(url: &str, credentials: &Credentials, connect_timeout: Duration) -> Result<Endpoint> {
+    let windows = Http2Windows::from_env().map_err(ClientError::Invalid)?;
     credentials
+        .clone()
+        .with_windows(windows)
         .endpoint(url, connect_timeout)
         .map_err(|e| ClientError::Invalid(format!("cannot connect to {url}: {e}")))
 }

@@ -85,6 +85,73 @@ impl Interceptor for Bearer {
 pub struct Credentials {
     bearer: Bearer,
     tls: Option<ClientTlsConfig>,
+    windows: Http2Windows,
+}
+
+/// HTTP/2 flow-control windows, in bytes, of the side that receives: a
+/// stream (one call) sends at most `stream` bytes, and a connection (all its
+/// calls) at most `connection`, before the receiver acknowledges them. One
+/// stream's throughput is at most `stream / round-trip time`: the defaults
+/// (8 MiB and 32 MiB) carry a 1 Gbit/s link up to 67 ms of round trip; a
+/// long link wants `stream >= rate x round trip` (its bandwidth-delay
+/// product).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Http2Windows {
+    pub stream: u32,
+    pub connection: u32,
+}
+
+impl Default for Http2Windows {
+    fn default() -> Self {
+        Http2Windows {
+            stream: 8 << 20,
+            connection: 32 << 20,
+        }
+    }
+}
+
+/// The environment variables of a client's windows.
+pub const STREAM_WINDOW_ENV: &str = "PARAMD_HTTP2_STREAM_WINDOW";
+pub const CONNECTION_WINDOW_ENV: &str = "PARAMD_HTTP2_CONNECTION_WINDOW";
+
+impl Http2Windows {
+    /// Refuses windows HTTP/2 does not allow (64 KiB - 1 to 2 GiB - 1 bytes),
+    /// naming the setting (`stream_name`, `connection_name`).
+    pub fn check(&self, stream_name: &str, connection_name: &str) -> Result<(), String> {
+        const MIN: u32 = 65_535;
+        const MAX: u32 = (1 << 31) - 1;
+        for (name, v) in [
+            (stream_name, self.stream),
+            (connection_name, self.connection),
+        ] {
+            if !(MIN..=MAX).contains(&v) {
+                return Err(format!(
+                    "{name}: {v} bytes is not an HTTP/2 window ({MIN} to {MAX} bytes)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The defaults, with `PARAMD_HTTP2_STREAM_WINDOW` and
+    /// `PARAMD_HTTP2_CONNECTION_WINDOW` (bytes) over them where set: the
+    /// windows of what a client receives (pulls).
+    pub fn from_env() -> Result<Http2Windows, String> {
+        let mut w = Http2Windows::default();
+        for (name, slot) in [
+            (STREAM_WINDOW_ENV, &mut w.stream),
+            (CONNECTION_WINDOW_ENV, &mut w.connection),
+        ] {
+            if let Ok(v) = std::env::var(name) {
+                *slot = v
+                    .trim()
+                    .parse()
+                    .map_err(|e| format!("{name}: {v:?} is not a number of bytes ({e})"))?;
+            }
+        }
+        w.check(STREAM_WINDOW_ENV, CONNECTION_WINDOW_ENV)?;
+        Ok(w)
+    }
 }
 
 impl Credentials {
@@ -141,6 +208,12 @@ impl Credentials {
         Ok(self)
     }
 
+    /// Receives with `windows` (see [`Http2Windows`]).
+    pub fn with_windows(mut self, windows: Http2Windows) -> Credentials {
+        self.windows = windows;
+        self
+    }
+
     /// Whether a token is sent.
     pub fn has_token(&self) -> bool {
         self.bearer.0.is_some()
@@ -155,8 +228,8 @@ impl Credentials {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20))
-            .initial_stream_window_size(8 << 20)
-            .initial_connection_window_size(32 << 20)
+            .initial_stream_window_size(self.windows.stream)
+            .initial_connection_window_size(self.windows.connection)
             .max_frame_size(MAX_FRAME);
         if url.starts_with("https://") {
             let tls = self.tls.clone().ok_or_else(|| {

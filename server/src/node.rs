@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use paramd_proto::transport::Credentials;
+use paramd_proto::transport::{Credentials, Http2Windows};
 use paramd_proto::v1 as pb;
 use tonic::transport::ServerTlsConfig;
 
@@ -68,6 +68,9 @@ pub struct NodeConfig {
     pub tls: Option<ServerTlsConfig>,
     /// What jobs may declare.
     pub limits: Limits,
+    /// The HTTP/2 windows of what this server receives (pushes; a peer's
+    /// calls), also those of this shard's calls to the others.
+    pub windows: Http2Windows,
 }
 
 impl Default for NodeConfig {
@@ -85,6 +88,7 @@ impl Default for NodeConfig {
             peer_timeout: Duration::from_secs(10),
             round_timeout: Duration::from_secs(60),
             peer_credentials: Credentials::none(),
+            windows: Http2Windows::default(),
             max_concurrent_requests: 256,
             max_connections: 4096,
             history_rounds: 10_000,
@@ -126,6 +130,9 @@ impl NodeConfig {
                 return Err(invalid!("{name} must be positive"));
             }
         }
+        self.windows
+            .check("http2_stream_window", "http2_connection_window")
+            .map_err(crate::error::Error::Invalid)?;
         Cluster::check(self.shard_index, &self.cluster, &self.peers)
     }
 }
@@ -162,7 +169,7 @@ impl Node {
             &config.peers,
             config.peer_timeout,
             config.round_timeout,
-            &config.peer_credentials,
+            &config.peer_credentials.clone().with_windows(config.windows),
         )?;
         cluster.checkpoints = config.checkpoints.clone();
         cluster.history_rounds = config.history_rounds;

@@ -17,10 +17,6 @@ use crate::api::{auth, http, listen, param_server, shard};
 use crate::metrics;
 use crate::node::{Node, NodeConfig};
 
-/// HTTP/2 flow-control windows: large enough that a multi-megabyte push is
-/// not throttled by round trips on a fast link.
-const STREAM_WINDOW: u32 = 8 << 20;
-const CONNECTION_WINDOW: u32 = 32 << 20;
 pub use paramd_proto::transport::MAX_FRAME;
 
 /// Marks the whole server and the ParamServer service SERVING or
@@ -72,14 +68,15 @@ pub struct Listeners {
 /// A gRPC server with paramd's transport settings and `tls`.
 fn grpc_builder(
     tls: Option<tonic::transport::ServerTlsConfig>,
+    windows: paramd_proto::transport::Http2Windows,
 ) -> anyhow::Result<tonic::transport::Server> {
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
     Ok(builder
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_stream_window_size(windows.stream)
+        .initial_connection_window_size(windows.connection)
         .max_frame_size(MAX_FRAME))
 }
 
@@ -111,6 +108,7 @@ pub async fn serve(
     let peer_tls = config.peer_tls.clone();
     let concurrency = config.max_concurrent_requests;
     let max_connections = config.max_connections;
+    let windows = config.windows;
     let node = Arc::new(Node::new(config)?);
     // Every service but health checks the token on the call's headers,
     // before any message is decoded; messages over the limit are refused
@@ -145,7 +143,7 @@ pub async fn serve(
         // An error means the sender is gone: stop as well.
         let _ = rx.wait_for(Option::is_some).await;
     };
-    let grpc_server = grpc_builder(tls)?
+    let grpc_server = grpc_builder(tls, windows)?
         .concurrency_limit_per_connection(concurrency)
         .add_service(health_service)
         .add_service(reflection)
@@ -165,7 +163,7 @@ pub async fn serve(
                     .max_encoding_message_size(max_message),
                 peer_auth,
             );
-            let server = grpc_builder(peer_tls)?
+            let server = grpc_builder(peer_tls, windows)?
                 .add_service(shard_service)
                 .serve_with_incoming_shutdown(
                     listen::incoming(peer, max_connections),

@@ -69,6 +69,12 @@ pub struct Overrides {
     /// File holding the token shards present to each other [default: none].
     #[arg(long, env = "PARAMD_PEER_TOKEN_FILE")]
     pub peer_token_file: Option<PathBuf>,
+    /// HTTP/2 window of one call this server receives (a push), in bytes [default: 8388608].
+    #[arg(long, env = "PARAMD_HTTP2_STREAM_WINDOW")]
+    pub http2_stream_window: Option<u32>,
+    /// HTTP/2 window of all calls on one connection this server receives, in bytes [default: 33554432].
+    #[arg(long, env = "PARAMD_HTTP2_CONNECTION_WINDOW")]
+    pub http2_connection_window: Option<u32>,
     /// Deadline of a call to another shard, in seconds [default: 10].
     #[arg(long, env = "PARAMD_PEER_TIMEOUT")]
     pub peer_timeout: Option<f64>,
@@ -147,7 +153,8 @@ impl Config {
             max_connections, history_rounds,
             max_pull_wait, shard_index, cluster, peers, peer_timeout, round_timeout, checkpoint_every,
             keep_checkpoints, shutdown_grace, log_format, max_jobs, max_job_bytes,
-            max_total_bytes, max_workers, max_params, max_name_bytes;
+            max_total_bytes, max_workers, max_params, max_name_bytes, http2_stream_window,
+            http2_connection_window;
             optional peer_listen, peer_token_file, checkpoint_dir, auth_token_file, tls_cert, tls_key, tls_client_ca, tls_peer_ca);
         Ok(config)
     }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use paramd_proto::transport::{self, Credentials};
+use paramd_proto::transport::{self, Credentials, Http2Windows};
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
@@ -102,6 +102,10 @@ pub struct Config {
     pub max_params: usize,
     /// Length of a parameter name, in bytes.
     pub max_name_bytes: usize,
+    /// HTTP/2 window of one call this server receives (a push), in bytes.
+    pub http2_stream_window: u32,
+    /// HTTP/2 window of all calls on one connection this server receives, in bytes.
+    pub http2_connection_window: u32,
 }
 
 impl Default for Config {
@@ -139,6 +143,8 @@ impl Default for Config {
             max_workers: node.limits.max_workers,
             max_params: node.limits.max_params,
             max_name_bytes: node.limits.max_name_bytes,
+            http2_stream_window: node.windows.stream,
+            http2_connection_window: node.windows.connection,
         }
     }
 }
@@ -266,6 +272,17 @@ impl Config {
                 ));
             }
         }
+        for (key, v) in [
+            ("http2_stream_window", self.http2_stream_window),
+            ("http2_connection_window", self.http2_connection_window),
+        ] {
+            let one = Http2Windows {
+                stream: v,
+                connection: v,
+            };
+            one.check(key, key)
+                .map_err(|message| ConfigError::setting(key, message))?;
+        }
         self.check_peers()?;
         let read = |key: &'static str, path: &Option<PathBuf>| {
             path.as_deref()
@@ -325,6 +342,10 @@ impl Config {
                 max_workers: self.max_workers,
                 max_params: self.max_params,
                 max_name_bytes: self.max_name_bytes,
+            },
+            windows: Http2Windows {
+                stream: self.http2_stream_window,
+                connection: self.http2_connection_window,
             },
         };
         config.validate()?;

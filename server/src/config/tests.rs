@@ -117,6 +117,25 @@ fn errors_name_the_setting_and_keep_their_cause() {
         ),
         "{e:?}"
     );
+    let window = Config {
+        http2_stream_window: 1000,
+        ..Config::default()
+    };
+    let e = window.resolve().expect_err("refused");
+    assert!(
+        matches!(
+            e,
+            ConfigError::Setting {
+                key: "http2_stream_window",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains("1000 bytes is not an HTTP/2 window"),
+        "{e}"
+    );
     let token = Config {
         auth_token_file: Some(missing.clone()),
         ..Config::default()
