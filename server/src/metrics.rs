@@ -99,6 +99,11 @@ fn describe() {
         Unit::Count,
         "Workers that pushed for the round being collected"
     );
+    describe_gauge!(
+        "paramd_round_participants",
+        Unit::Count,
+        "Workers whose pushes the last round averaged"
+    );
     describe_gauge!("paramd_jobs", Unit::Count, "Jobs held by this process");
     describe_gauge!(
         "paramd_process_resident_memory_bytes",
@@ -193,12 +198,12 @@ fn describe() {
     describe_counter!(
         "paramd_push_bytes_total",
         Unit::Bytes,
-        "Gradient bytes received in counted pushes"
+        "Gradient bytes received in counted pushes, by wire dtype"
     );
     describe_counter!(
         "paramd_pull_bytes_total",
         Unit::Bytes,
-        "Parameter bytes served by pulls"
+        "Parameter bytes served by pulls, by wire dtype"
     );
     describe_histogram!(
         "paramd_push_duration_seconds",
@@ -337,6 +342,9 @@ impl JobHistogram {
     }
 }
 
+/// The `dtype` label of the byte counters, indexed by `Dtype as usize`.
+const DTYPES: [&str; 3] = ["f32", "bf16", "f16"];
+
 /// Handles of one job's series.
 #[derive(Debug)]
 pub struct JobMetrics {
@@ -349,6 +357,7 @@ pub struct JobMetrics {
     pub rounds: Counter,
     pub workers_expected: Gauge,
     pub workers_pushed: Gauge,
+    pub participants: Gauge,
     pub parameter_bytes: Gauge,
     pub state_bytes: Gauge,
     pub chunks: Gauge,
@@ -363,8 +372,9 @@ pub struct JobMetrics {
     pub checkpoint_round: Gauge,
     pub checkpoint_timestamp: Gauge,
     pub stale: Counter,
-    pub push_bytes: Counter,
-    pub pull_bytes: Counter,
+    /// By wire dtype, indexed by `Dtype as usize`.
+    pub push_bytes: [Counter; 3],
+    pub pull_bytes: [Counter; 3],
     pub push_duration: JobHistogram,
     pub pull_wait: JobHistogram,
     pub barrier_wait: JobHistogram,
@@ -398,6 +408,7 @@ impl JobMetrics {
             rounds: counter!("paramd_rounds_total", "job" => j.clone(), INCARNATION => i.clone()),
             workers_expected: gauge!("paramd_workers_expected", "job" => j.clone(), INCARNATION => i.clone()),
             workers_pushed: gauge!("paramd_workers_pushed", "job" => j.clone(), INCARNATION => i.clone()),
+            participants: gauge!("paramd_round_participants", "job" => j.clone(), INCARNATION => i.clone()),
             parameter_bytes: gauge!("paramd_shard_parameter_bytes", "job" => j.clone(), INCARNATION => i.clone()),
             state_bytes: gauge!("paramd_shard_optimizer_state_bytes", "job" => j.clone(), INCARNATION => i.clone()),
             chunks: gauge!("paramd_shard_chunks", "job" => j.clone(), INCARNATION => i.clone()),
@@ -412,8 +423,8 @@ impl JobMetrics {
             checkpoint_round: gauge!("paramd_checkpoint_last_round", "job" => j.clone(), INCARNATION => i.clone()),
             checkpoint_timestamp: gauge!("paramd_checkpoint_last_timestamp_seconds", "job" => j.clone(), INCARNATION => i.clone()),
             stale: counter!("paramd_stale_pushes_total", "job" => j.clone(), INCARNATION => i.clone()),
-            push_bytes: counter!("paramd_push_bytes_total", "job" => j.clone(), INCARNATION => i.clone()),
-            pull_bytes: counter!("paramd_pull_bytes_total", "job" => j.clone(), INCARNATION => i.clone()),
+            push_bytes: DTYPES.map(|d| counter!("paramd_push_bytes_total", "job" => j.clone(), INCARNATION => i.clone(), "dtype" => d)),
+            pull_bytes: DTYPES.map(|d| counter!("paramd_pull_bytes_total", "job" => j.clone(), INCARNATION => i.clone(), "dtype" => d)),
             push_duration: JobHistogram::new("paramd_push_duration_seconds", &j, &i),
             pull_wait: JobHistogram::new("paramd_pull_wait_seconds", &j, &i),
             barrier_wait: JobHistogram::new("paramd_barrier_wait_seconds", &j, &i),
@@ -437,7 +448,7 @@ impl JobMetrics {
         refused.push((reason, c));
     }
 
-    fn counters(&self) -> [&Counter; 10] {
+    fn counters(&self) -> Vec<&Counter> {
         [
             &self.rounds,
             &self.skipped,
@@ -447,9 +458,11 @@ impl JobMetrics {
             &self.checkpoint_failures,
             &self.round_failures,
             &self.stale,
-            &self.push_bytes,
-            &self.pull_bytes,
         ]
+        .into_iter()
+        .chain(&self.push_bytes)
+        .chain(&self.pull_bytes)
+        .collect()
     }
 
     /// Marks every counter and gauge of the job as alive (a no-op update),
@@ -463,6 +476,7 @@ impl JobMetrics {
             &self.round,
             &self.workers_expected,
             &self.workers_pushed,
+            &self.participants,
             &self.parameter_bytes,
             &self.state_bytes,
             &self.chunks,

@@ -160,6 +160,26 @@ async fn check(mut c: Client) -> Vec<(String, Vec<u32>)> {
 async fn bf16_and_f16_pushes_are_their_decoded_f32_values() {
     let one = TestServer::start().await;
     let on_one = check(one.client().await).await;
+    // Bytes are counted by the dtype they travelled in: every worker
+    // pushed 3 rounds, every pull of one dtype read 3 rounds' values.
+    let (_, body) = paramd_tests::http_get(one.http, "/metrics")
+        .await
+        .expect("metrics");
+    let elems: usize = SHAPES.iter().map(|&(_, n)| n).sum();
+    for (dtype, size) in [("bf16", 2), ("f16", 2)] {
+        let pushed = paramd_tests::metric(
+            &body,
+            "paramd_push_bytes_total",
+            &[("job", "wire"), ("dtype", dtype)],
+        );
+        assert_eq!(pushed, Some((3 * elems * size) as f64), "{dtype} pushes");
+        let pulled = paramd_tests::metric(
+            &body,
+            "paramd_pull_bytes_total",
+            &[("job", "wire"), ("dtype", dtype)],
+        );
+        assert_eq!(pulled, Some((3 * elems * size) as f64), "{dtype} pulls");
+    }
     let three = TestCluster::start(
         3,
         NodeConfig {

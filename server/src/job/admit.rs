@@ -426,7 +426,9 @@ impl Job {
         c.opened.get_or_insert_with(Instant::now);
         let count = c.count;
         self.metrics.pushes.increment(1);
-        self.metrics.push_bytes.increment(bytes as u64);
+        for (counter, n) in self.metrics.push_bytes.iter().zip(bytes) {
+            counter.increment(n as u64);
+        }
         self.metrics.workers_pushed.set(f64::from(count));
         drop(c);
         self.arrivals.send_modify(|n| *n += 1);

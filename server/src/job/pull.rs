@@ -108,7 +108,7 @@ impl Job {
             drop(store);
             paramd_proto::wire::encode(&values, dtype)
         };
-        self.metrics.pull_bytes.increment(data.len() as u64);
+        self.metrics.pull_bytes[dtype as usize].increment(data.len() as u64);
         Ok(Segment {
             param: self.config.params[meta.param].name.clone(),
             offset: meta.offset as u64,

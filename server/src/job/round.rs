@@ -257,6 +257,7 @@ impl Job {
         m.apply_duration.record(took.as_secs_f64());
         m.round.set((d.round + 1) as f64);
         m.workers_pushed.set(0.0);
+        m.participants.set(f64::from(d.participants));
         m.rounds.increment(1);
         m.grad_norm.set(f64::from(d.grad_norm));
         // What the update used: zero for a skipped round.

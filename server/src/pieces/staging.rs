@@ -31,7 +31,7 @@ impl<'a> Target<'a> {
             sent: vec![false; n],
             got: vec![0; n],
             spans: Vec::new(),
-            bytes: 0,
+            bytes: [0; 3],
         }
     }
 }
@@ -140,7 +140,8 @@ pub struct Staging<'a> {
     /// `(parameter, first element, elements)` of every segment, to refuse
     /// overlaps at the end.
     spans: Vec<(usize, usize, usize)>,
-    bytes: usize,
+    /// Bytes received, by wire dtype (`Dtype as usize`).
+    bytes: [usize; 3],
     /// The buffers hold the accumulators plus the push (see `stage`).
     summed: bool,
     /// Each value is multiplied by this as it is written (see `stage`).
@@ -213,7 +214,7 @@ impl Staging<'_> {
             }
             self.got[p] += n;
             self.spans.push((p, offset, n));
-            self.bytes += s.data.len();
+            self.bytes[c.dtype as usize] += s.data.len();
         }
         Ok(())
     }
@@ -310,7 +311,8 @@ pub struct Staged {
     /// Whether the push has a gradient for each chunk (not when its
     /// parameter is listed in `no_grad`).
     has: Vec<bool>,
-    pub bytes: usize,
+    /// Bytes received, by wire dtype (`Dtype as usize`).
+    pub bytes: [usize; 3],
     /// The buffers hold the accumulators plus the push, summed as it
     /// streamed (see `Target::stage`).
     summed: bool,

@@ -197,7 +197,7 @@ fn a_push_lands_in_its_chunks_across_messages_and_its_buffers_are_kept() {
         ],
     )
     .expect("staged");
-    assert_eq!(push.bytes, 16);
+    assert_eq!(push.bytes, [16, 0, 0]);
     let chunks: Vec<Option<Vec<f32>>> =
         (0..3).map(|l| push.chunk(l).map(<[f32]>::to_vec)).collect();
     assert_eq!(
