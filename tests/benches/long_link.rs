@@ -23,7 +23,7 @@ use paramd_client::codec::Payload;
 use paramd_client::v1 as pb;
 use paramd_client::{Client, PushOptions};
 use paramd_proto::transport::Http2Windows;
-use paramd_tests::TestServer;
+use paramd_tests::{TestServer, flat_spec, outer_sgd};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -108,26 +108,8 @@ async fn push_through(link: Link, windows: Http2Windows, elems: usize) -> f64 {
     const TENSORS: usize = 16;
     let per = elems / TENSORS;
     let names: Vec<String> = (0..TENSORS).map(|i| format!("t{i}")).collect();
-    let spec = pb::JobSpec {
-        params: names
-            .iter()
-            .map(|n| pb::ParamSpec {
-                name: n.clone(),
-                shape: vec![per as u64],
-            })
-            .collect(),
-        optimizer: Some(pb::Optimizer {
-            kind: pb::OptimizerKind::Sgd as i32,
-            hyper: Some(pb::Hyperparameters {
-                lr: Some(0.7),
-                momentum: Some(0.9),
-                nesterov: Some(true),
-                ..Default::default()
-            }),
-        }),
-        workers: 1,
-        ..Default::default()
-    };
+    let shapes: Vec<(&str, usize)> = names.iter().map(|n| (n.as_str(), per)).collect();
+    let spec = flat_spec(&shapes, outer_sgd(), 1);
     // The job is made directly; only the push crosses the link.
     let zeros = vec![0.0f32; per];
     let init: Vec<(&str, &[f32])> = names.iter().map(|n| (n.as_str(), &zeros[..])).collect();

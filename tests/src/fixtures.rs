@@ -1,4 +1,4 @@
-//! Fixtures: a one-parameter job spec, the golden traces, and the
+//! Fixtures: job specs, the golden traces, and the
 //! installers of tools a test needs.
 
 use std::path::{Path, PathBuf};
@@ -26,6 +26,43 @@ pub fn one_param_spec(
         }),
         workers,
         ..Default::default()
+    }
+}
+
+/// A job of `workers` workers training flat parameters `shapes` (name,
+/// elements) with `optimizer`, the spec's defaults otherwise (set others
+/// with `..`).
+pub fn flat_spec(
+    shapes: &[(&str, usize)],
+    optimizer: paramd_proto::v1::Optimizer,
+    workers: u32,
+) -> paramd_proto::v1::JobSpec {
+    use paramd_proto::v1 as pb;
+    pb::JobSpec {
+        params: shapes
+            .iter()
+            .map(|&(name, n)| pb::ParamSpec {
+                name: name.into(),
+                shape: vec![n as u64],
+            })
+            .collect(),
+        optimizer: Some(optimizer),
+        workers,
+        ..Default::default()
+    }
+}
+
+/// DiLoCo's outer optimizer: SGD with lr 0.7, momentum 0.9 and Nesterov.
+pub fn outer_sgd() -> paramd_proto::v1::Optimizer {
+    use paramd_proto::v1 as pb;
+    pb::Optimizer {
+        kind: pb::OptimizerKind::Sgd as i32,
+        hyper: Some(pb::Hyperparameters {
+            lr: Some(0.7),
+            momentum: Some(0.9),
+            nesterov: Some(true),
+            ..Default::default()
+        }),
     }
 }
 

@@ -146,3 +146,27 @@ impl TestCluster {
         }
     }
 }
+
+/// Runs `check` against a one-shard server and against a three-shard
+/// cluster of 2-element chunks (every parameter spread over the shards),
+/// and requires both to give the same result, which it returns.
+pub async fn on_one_and_three_shards<T, F, Fut>(check: F) -> T
+where
+    F: Fn(paramd_client::Client) -> Fut,
+    Fut: std::future::Future<Output = T>,
+    T: PartialEq + std::fmt::Debug,
+{
+    let one = TestServer::start().await;
+    let on_one = check(one.client().await).await;
+    let config = NodeConfig {
+        chunk_bytes: 8,
+        ..NodeConfig::default()
+    };
+    let three = TestCluster::start(3, config).await;
+    let c = paramd_client::Client::connect(&three.url())
+        .await
+        .expect("connect");
+    let on_three = check(c).await;
+    assert_eq!(on_one, on_three, "1 and 3 shards differ");
+    on_one
+}

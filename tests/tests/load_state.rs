@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use paramd::node::NodeConfig;
 use paramd_client::v1 as pb;
 use paramd_client::{Client, ClientError, OptimizerState};
-use paramd_tests::{TestCluster, TestServer};
+use paramd_tests::{TestCluster, TestServer, flat_spec};
 use tonic::Code;
 
 const SHAPES: [(&str, usize); 3] = [("w", 6), ("b", 5), ("late", 4)];
@@ -30,18 +30,11 @@ fn spec(kind: pb::OptimizerKind) -> pb::JobSpec {
             ..Default::default()
         },
     };
+    let optimizer = pb::Optimizer {
+        kind: kind as i32,
+        hyper: Some(hyper),
+    };
     pb::JobSpec {
-        params: SHAPES
-            .iter()
-            .map(|&(name, n)| pb::ParamSpec {
-                name: name.into(),
-                shape: vec![n as u64],
-            })
-            .collect(),
-        optimizer: Some(pb::Optimizer {
-            kind: kind as i32,
-            hyper: Some(hyper),
-        }),
         schedule: Some(pb::Schedule {
             kind: Some(pb::schedule::Kind::WarmupCosine(pb::WarmupCosine {
                 warmup_steps: 2,
@@ -49,9 +42,8 @@ fn spec(kind: pb::OptimizerKind) -> pb::JobSpec {
                 min_lr_ratio: 0.1,
             })),
         }),
-        workers: 2,
         clip: Some(pb::Clip { max_norm: 2.0 }),
-        ..Default::default()
+        ..flat_spec(&SHAPES, optimizer, 2)
     }
 }
 

@@ -9,35 +9,26 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use paramd::node::NodeConfig;
 use paramd_client::codec::Payload;
 use paramd_client::v1 as pb;
 use paramd_client::{Client, ClientError, to_le_bytes};
-use paramd_tests::{TestCluster, TestServer};
+use paramd_tests::{TestServer, flat_spec, on_one_and_three_shards};
 use tonic::Code;
 
 const SHAPES: [(&str, usize); 3] = [("used", 6), ("some", 5), ("never", 4)];
 
 fn spec() -> pb::JobSpec {
-    pb::JobSpec {
-        params: SHAPES
-            .iter()
-            .map(|&(name, n)| pb::ParamSpec {
-                name: name.into(),
-                shape: vec![n as u64],
-            })
-            .collect(),
-        optimizer: Some(pb::Optimizer {
-            kind: pb::OptimizerKind::Adamw as i32,
-            hyper: Some(pb::Hyperparameters {
-                lr: Some(0.1),
-                weight_decay: Some(0.1),
-                ..Default::default()
-            }),
+    let adamw = pb::Optimizer {
+        kind: pb::OptimizerKind::Adamw as i32,
+        hyper: Some(pb::Hyperparameters {
+            lr: Some(0.1),
+            weight_decay: Some(0.1),
+            ..Default::default()
         }),
-        workers: 2,
+    };
+    pb::JobSpec {
         clip: Some(pb::Clip { max_norm: 1.0 }),
-        ..Default::default()
+        ..flat_spec(&SHAPES, adamw, 2)
     }
 }
 
@@ -227,16 +218,7 @@ async fn check(mut c: Client) -> Vec<HashMap<String, Vec<u32>>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parameter_without_gradient_is_skipped_or_averaged_as_torch_does() {
-    let one = TestServer::start().await;
-    let on_one = check(one.client().await).await;
-    let config = NodeConfig {
-        chunk_bytes: 8,
-        ..NodeConfig::default()
-    };
-    let three = TestCluster::start(3, config).await;
-    let c = Client::connect(&three.url()).await.expect("connect");
-    let on_three = check(c).await;
-    assert_eq!(on_one, on_three, "1 and 3 shards differ");
+    on_one_and_three_shards(check).await;
 }
 
 #[tokio::test]

@@ -8,12 +8,11 @@
 
 use std::sync::Arc;
 
-use paramd::node::NodeConfig;
 use paramd_client::codec::Payload;
 use paramd_client::v1 as pb;
 use paramd_client::{Client, PushOptions};
 use paramd_proto::wire;
-use paramd_tests::{TestCluster, TestServer};
+use paramd_tests::{TestServer, flat_spec, on_one_and_three_shards, outer_sgd};
 use tonic::Code;
 
 const SHAPES: [(&str, usize); 2] = [("w", 9), ("b", 4)];
@@ -21,25 +20,8 @@ const WEIGHTS: [f32; 3] = [3.0, 1.5, 0.1];
 
 fn spec(workers: u32, merge: pb::Merge) -> pb::JobSpec {
     pb::JobSpec {
-        params: SHAPES
-            .iter()
-            .map(|&(name, n)| pb::ParamSpec {
-                name: name.into(),
-                shape: vec![n as u64],
-            })
-            .collect(),
-        optimizer: Some(pb::Optimizer {
-            kind: pb::OptimizerKind::Sgd as i32,
-            hyper: Some(pb::Hyperparameters {
-                lr: Some(0.7),
-                momentum: Some(0.9),
-                nesterov: Some(true),
-                ..Default::default()
-            }),
-        }),
-        workers,
         merge: merge as i32,
-        ..Default::default()
+        ..flat_spec(&SHAPES, outer_sgd(), workers)
     }
 }
 
@@ -150,18 +132,7 @@ async fn check(mut c: Client) -> Vec<(String, Vec<u32>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_weighted_round_is_the_step_on_the_weighted_mean() {
-    let one = TestServer::start().await;
-    let on_one = check(one.client().await).await;
-    let three = TestCluster::start(
-        3,
-        NodeConfig {
-            chunk_bytes: 8,
-            ..NodeConfig::default()
-        },
-    )
-    .await;
-    let on_three = check(Client::connect(&three.url()).await.expect("connect")).await;
-    assert_eq!(on_one, on_three, "1 and 3 shards differ");
+    on_one_and_three_shards(check).await;
 }
 
 #[tokio::test]

@@ -13,34 +13,17 @@ use paramd_client::codec::Payload;
 use paramd_client::v1 as pb;
 use paramd_client::{Client, PullInto, to_le_bytes};
 use paramd_proto::wire;
-use paramd_tests::{TestCluster, TestServer};
+use paramd_tests::{TestCluster, TestServer, flat_spec, outer_sgd};
 use tonic::Code;
 
 const SHAPES: [(&str, usize); 2] = [("w", 7), ("b", 3)];
 const WORKERS: u32 = 3;
 
-/// The outer optimizer of DiLoCo: SGD, lr 0.7, momentum 0.9, Nesterov.
+/// DiLoCo's outer step.
 fn spec(non_finite: pb::NonFinitePolicy) -> pb::JobSpec {
     pb::JobSpec {
-        params: SHAPES
-            .iter()
-            .map(|&(name, n)| pb::ParamSpec {
-                name: name.into(),
-                shape: vec![n as u64],
-            })
-            .collect(),
-        optimizer: Some(pb::Optimizer {
-            kind: pb::OptimizerKind::Sgd as i32,
-            hyper: Some(pb::Hyperparameters {
-                lr: Some(0.7),
-                momentum: Some(0.9),
-                nesterov: Some(true),
-                ..Default::default()
-            }),
-        }),
-        workers: WORKERS,
         non_finite: non_finite as i32,
-        ..Default::default()
+        ..flat_spec(&SHAPES, outer_sgd(), WORKERS)
     }
 }
 

@@ -51,6 +51,19 @@ OPTIMIZERS = {
 }
 
 
+def distributed(kind, model, cluster, job_name):
+    """A fresh torch optimizer of `kind` over `model`, running on paramd."""
+    return pt.DistributedOptimizer(
+        OPTIMIZERS[kind](model.parameters()),
+        model.named_parameters(),
+        server=cluster.url,
+        job=job_name,
+        rank=0,
+        world_size=1,
+        timeout=60,
+    )
+
+
 def train(model, opt, steps):
     for step in steps:
         opt.zero_grad()
@@ -63,15 +76,7 @@ def test_state_dict_is_torchs(cluster, job_name, kind):
     torch.set_num_threads(1)
     local, remote = Net(), Net()
     opt = OPTIMIZERS[kind](local.parameters())
-    dist = pt.DistributedOptimizer(
-        OPTIMIZERS[kind](remote.parameters()),
-        remote.named_parameters(),
-        server=cluster.url,
-        job=job_name,
-        rank=0,
-        world_size=1,
-        timeout=60,
-    )
+    dist = distributed(kind, remote, cluster, job_name)
     train(local, opt, range(STEPS))
     train(remote, dist, range(STEPS))
 
@@ -131,15 +136,7 @@ def moved_onto_paramd(cluster, job_name, kind, before, after):
     with torch.no_grad():
         for p, q in zip(moved.parameters(), local.parameters()):
             p.copy_(q)
-    dist = pt.DistributedOptimizer(
-        OPTIMIZERS[kind](moved.parameters()),
-        moved.named_parameters(),
-        server=cluster.url,
-        job=job_name,
-        rank=0,
-        world_size=1,
-        timeout=60,
-    )
+    dist = distributed(kind, moved, cluster, job_name)
     dist.load_state_dict(saved)
     shown = dist.state_dict()
     assert shown["state"].keys() == saved["state"].keys()
@@ -178,15 +175,7 @@ def test_a_state_the_job_would_not_reproduce_is_refused(one_shard, job_name):
     opt = OPTIMIZERS["sgd"](local.parameters())
     train(local, opt, range(2))
     remote = Net()
-    dist = pt.DistributedOptimizer(
-        OPTIMIZERS["sgd"](remote.parameters()),
-        remote.named_parameters(),
-        server=one_shard.url,
-        job=job_name,
-        rank=0,
-        world_size=1,
-        timeout=60,
-    )
+    dist = distributed("sgd", remote, one_shard, job_name)
     good = copy.deepcopy(opt.state_dict())
 
     def changed(edit):
