@@ -207,6 +207,8 @@ def rank_main(rank: int, cfg: Dict, side: str, out: str, endpoint) -> None:
             schedule=paramd.WarmupCosine(WARMUP_STEPS, steps),
             clip=paramd.ClipGradNorm(MAX_NORM),
             overlap=cfg["overlap"],
+            wire=cfg["wire"],
+            pull_wire=cfg["pull_wire"],
         )
 
         def step(x, y):
@@ -299,6 +301,18 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--overlap", action="store_true", help="paramd side: push each gradient while backward runs (overlap=True)"
     )
+    ap.add_argument(
+        "--wire",
+        choices=["f32", "bf16", "f16"],
+        default="f32",
+        help="paramd side: the dtype gradients are pushed in (bf16/f16 change the result: the weights then differ from DDP's)",
+    )
+    ap.add_argument(
+        "--pull-wire",
+        choices=["f32", "bf16", "f16"],
+        default="f32",
+        help="paramd side: the dtype parameters are pulled in",
+    )
     args = ap.parse_args(argv)
     if args.workers < 1 or args.repeat < 1 or args.batch < 1 or args.params < 1:
         ap.error("--workers, --repeat, --batch and --params must be >= 1")
@@ -320,6 +334,8 @@ def main(argv=None) -> int:
         "threads": args.threads or max(1, (os.cpu_count() or 1) // args.workers),
         "fused": fused_adamw_works(),
         "overlap": args.overlap,
+        "wire": args.wire,
+        "pull_wire": args.pull_wire,
         "parent_pid": os.getpid(),
     }
     n_params = layers * (width * width + width)
