@@ -5,7 +5,8 @@ outer optimizer, end with the global weights of the simulation (three
 model copies, the pseudo-gradients cast as the wire casts them, averaged
 in worker order, `torch.optim.SGD(0.7, 0.9, nesterov=True)` stepping the
 global weights), bit for bit; in f32 and bf16, by mean and weighted by
-tokens, on 1 and 3 shards."""
+tokens, on 1 and 3 shards; and with a worker that stops, whose rounds
+complete after the grace with the others."""
 
 import threading
 
@@ -42,46 +43,49 @@ def weight_of(worker, step):
     return float(1 + (worker * 7 + step) % 5)
 
 
-def simulate(wire, weighted=False):
-    """DiLoCo in one process, as the papers define it; weighted: each
-    pseudo-gradient counts with its worker's tokens since the last
-    synchronization, `sum(w_i * d_i) / sum(w_i)`."""
+def simulate(wire, weighted=False, members=lambda r: range(WORKERS)):
+    """DiLoCo in one process, as the papers define it: round r averages the
+    pseudo-gradients of `members(r)`, in worker order; weighted, each counts
+    with its worker's tokens since the last synchronization, `sum(w_i *
+    d_i) / sum(w_i)`."""
     glob = model()
     outer = torch.optim.SGD(glob.parameters(), lr=0.7, momentum=0.9, nesterov=True)
     workers = [model() for _ in range(WORKERS)]
     inners = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in workers]
     step = 0
-    for _ in range(ROUNDS):
-        for m in workers:
-            m.load_state_dict(glob.state_dict())
+    for r in range(ROUNDS):
+        ranks = list(members(r))
+        for w in ranks:
+            workers[w].load_state_dict(glob.state_dict())
         for k in range(H):
-            for w, (m, opt) in enumerate(zip(workers, inners)):
-                inner_step(m, opt, w, step + k)
-        weights = [sum(weight_of(w, step + k) for k in range(H)) for w in range(WORKERS)] if weighted else None
+            for w in ranks:
+                inner_step(workers[w], inners[w], w, step + k)
+        weights = [sum(weight_of(w, step + k) for k in range(H)) for w in ranks] if weighted else None
         step += H
         with torch.no_grad():
             for name, g in glob.named_parameters():
-                deltas = [(g - dict(m.named_parameters())[name]).to(CASTS[wire]).float() for m in workers]
+                deltas = [(g - dict(workers[w].named_parameters())[name]).to(CASTS[wire]).float() for w in ranks]
                 if weighted:
                     w = torch.tensor(weights, dtype=torch.float32)
                     total, norm = w[0] * deltas[0], w[0]
-                    for i in range(1, WORKERS):
+                    for i in range(1, len(ranks)):
                         total, norm = total + w[i] * deltas[i], norm + w[i]
                     g.grad = total / norm
                     continue
                 total = deltas[0]
                 for d in deltas[1:]:
                     total = total + d
-                g.grad = total / WORKERS
+                g.grad = total / len(ranks)
         outer.step()
     return glob
 
 
-@pytest.mark.parametrize("wire, merge", [("f32", "mean"), ("bf16", "mean"), ("bf16", "weighted")])
-def test_three_workers_end_with_the_simulations_global_weights(cluster, job_name, wire, merge):
+def run_workers(cluster, job_name, wire, merge, rounds_of=lambda rank: ROUNDS, **options):
+    """Three DiLoCo workers in threads, worker `rank` leaving after
+    `rounds_of(rank)` rounds; their final weights by rank, and the
+    participants each saw in its last round."""
     torch.set_num_threads(1)
-    finals, errors = {}, []
-
+    finals, seen, errors = {}, {}, []
     # Made here: torch's global generator is not for threads to seed.
     models = [model() for _ in range(WORKERS)]
 
@@ -101,14 +105,15 @@ def test_three_workers_end_with_the_simulations_global_weights(cluster, job_name
                 rank=rank,
                 world_size=WORKERS,
                 timeout=120,
+                **options,
             ) as diloco:
-                for step in range(H * ROUNDS):
+                for step in range(H * rounds_of(rank)):
                     inner_step(m, inner, rank, step)
                     weight = weight_of(rank, step) if merge == "weighted" else None
                     synced = diloco.step(weight)
                     assert synced == ((step + 1) % H == 0)
-                assert diloco.round == ROUNDS and diloco.participants == WORKERS
-                assert diloco.last_pseudo_grad_norm > 0
+                assert diloco.round == rounds_of(rank) and diloco.last_pseudo_grad_norm > 0
+                seen[rank] = diloco.participants
             finals[rank] = [p.detach().clone() for p in m.parameters()]
         except BaseException as e:  # reported by the main thread
             errors.append(e)
@@ -119,10 +124,33 @@ def test_three_workers_end_with_the_simulations_global_weights(cluster, job_name
     for t in threads:
         t.join(timeout=300)
     assert not errors, errors
+    return finals, seen
+
+
+@pytest.mark.parametrize("wire, merge", [("f32", "mean"), ("bf16", "mean"), ("bf16", "weighted")])
+def test_three_workers_end_with_the_simulations_global_weights(cluster, job_name, wire, merge):
+    finals, seen = run_workers(cluster, job_name, wire, merge)
+    assert seen == {r: WORKERS for r in range(WORKERS)}
     want = [p.detach() for p in simulate(wire, merge == "weighted").parameters()]
     for rank in range(WORKERS):
         for got, w in zip(finals[rank], want):
             assert torch.equal(got, w), (rank, (got - w).abs().max())
+
+
+def test_a_worker_that_stops_is_left_out_after_the_grace(one_shard, job_name):
+    """Worker 2 stops after the first round (as if killed): every later
+    round completes `grace_seconds` after its first push, with the workers
+    that pushed, and equals the simulation with that participant set. The
+    grace is long enough that workers 0 and 1 (a few milliseconds of work
+    apart) both make it on a loaded machine."""
+    finals, seen = run_workers(
+        one_shard, job_name, "f32", "mean", rounds_of=lambda rank: 1 if rank == 2 else ROUNDS, grace_seconds=5.0
+    )
+    assert seen == {0: 2, 1: 2, 2: WORKERS}
+    want = simulate("f32", members=lambda r: range(WORKERS) if r == 0 else range(2))
+    for rank in (0, 1):
+        for got, w in zip(finals[rank], want.parameters()):
+            assert torch.equal(got, w.detach()), rank
 
 
 def test_what_paramd_would_not_reproduce_is_refused(one_shard, job_name):
