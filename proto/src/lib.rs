@@ -21,6 +21,18 @@ pub mod wire {
 
     use crate::v1::{Dtype, Segment};
 
+    /// The dtypes by their number, with the names users give them.
+    pub const DTYPES: [(Dtype, &str); 3] = [
+        (Dtype::F32, "f32"),
+        (Dtype::Bf16, "bf16"),
+        (Dtype::F16, "f16"),
+    ];
+
+    /// The name users give `dtype` ("f32", "bf16", "f16").
+    pub fn name(dtype: Dtype) -> &'static str {
+        DTYPES[dtype as usize].1
+    }
+
     /// Bytes of one element of `dtype`.
     pub fn elem_bytes(dtype: Dtype) -> usize {
         match dtype {

@@ -9,6 +9,7 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
+use paramd_proto::wire::DTYPES;
 
 /// Seconds buckets for latencies, from 100 µs to a minute.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -342,9 +343,6 @@ impl JobHistogram {
     }
 }
 
-/// The `dtype` label of the byte counters, indexed by `Dtype as usize`.
-const DTYPES: [&str; 3] = ["f32", "bf16", "f16"];
-
 /// Handles of one job's series.
 #[derive(Debug)]
 pub struct JobMetrics {
@@ -423,8 +421,8 @@ impl JobMetrics {
             checkpoint_round: gauge!("paramd_checkpoint_last_round", "job" => j.clone(), INCARNATION => i.clone()),
             checkpoint_timestamp: gauge!("paramd_checkpoint_last_timestamp_seconds", "job" => j.clone(), INCARNATION => i.clone()),
             stale: counter!("paramd_stale_pushes_total", "job" => j.clone(), INCARNATION => i.clone()),
-            push_bytes: DTYPES.map(|d| counter!("paramd_push_bytes_total", "job" => j.clone(), INCARNATION => i.clone(), "dtype" => d)),
-            pull_bytes: DTYPES.map(|d| counter!("paramd_pull_bytes_total", "job" => j.clone(), INCARNATION => i.clone(), "dtype" => d)),
+            push_bytes: DTYPES.map(|(_, d)| counter!("paramd_push_bytes_total", "job" => j.clone(), INCARNATION => i.clone(), "dtype" => d)),
+            pull_bytes: DTYPES.map(|(_, d)| counter!("paramd_pull_bytes_total", "job" => j.clone(), INCARNATION => i.clone(), "dtype" => d)),
             push_duration: JobHistogram::new("paramd_push_duration_seconds", &j, &i),
             pull_wait: JobHistogram::new("paramd_pull_wait_seconds", &j, &i),
             barrier_wait: JobHistogram::new("paramd_barrier_wait_seconds", &j, &i),

@@ -92,7 +92,7 @@ fn check_segment(
             info.name,
             s.data.len(),
             s.offset,
-            dtype.as_str_name()
+            paramd_proto::wire::name(dtype)
         ));
     }
     let n = s.data.len() / e;

@@ -437,32 +437,32 @@ async fn missing_or_misshapen_initial_values_are_refused_naming_the_parameter() 
         (
             "no values at all",
             Vec::new(),
-            vec!["'w'", "missing", "24 bytes"],
+            vec!["'w'", "missing", "6 elements"],
         ),
         (
             "no value for the scalar",
             without("b"),
-            vec!["'b'", "missing", "4 bytes"],
+            vec!["'b'", "missing", "1 elements"],
         ),
         (
             "no value for e",
             without("e"),
-            vec!["'e'", "missing", "16 bytes"],
+            vec!["'e'", "missing", "4 elements"],
         ),
         (
             "5 values for w [2, 3]",
             with("w", vec![1.0; 5]),
-            vec!["'w'", "24 bytes", "20"],
+            vec!["'w'", "6 elements", "got 5"],
         ),
         (
             "7 values for w [2, 3]",
             with("w", vec![1.0; 7]),
-            vec!["'w'", "24 bytes", "28"],
+            vec!["'w'", "6 elements", "got 7"],
         ),
         (
             "2 values for the scalar b",
             with("b", vec![1.0, 2.0]),
-            vec!["'b'", "4 bytes", "8"],
+            vec!["'b'", "1 elements", "got 2"],
         ),
         (
             "no element for the scalar b",

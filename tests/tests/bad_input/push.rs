@@ -72,13 +72,13 @@ fn bad_pushes(job: &str, round: u64, worker: u32) -> Vec<BadPush> {
             "5 floats for w [2, 3]",
             with_w(vec![segment("w", 0, &w[..5])]),
             invalid,
-            &["'w'", "24 bytes", "20"],
+            &["'w'", "6 elements", "got 5"],
         ),
         case(
             "7 floats for w [2, 3]",
             with_w(vec![segment("w", 0, &[w.clone(), vec![1.0]].concat())]),
             invalid,
-            &["'w'", "24 bytes", "28"],
+            &["'w'", "6 elements", "got 7"],
         ),
         case(
             "2 floats for the scalar b",
@@ -88,19 +88,19 @@ fn bad_pushes(job: &str, round: u64, worker: u32) -> Vec<BadPush> {
                 s
             },
             invalid,
-            &["'b'", "4 bytes", "8"],
+            &["'b'", "1 elements", "got 2"],
         ),
         case(
             "w with a hole",
             with_w(vec![segment("w", 0, &w[..2]), segment("w", 3, &w[3..])]),
             invalid,
-            &["'w'", "24 bytes", "20"],
+            &["'w'", "6 elements", "got 5"],
         ),
         case(
             "an element past the end of e",
             e_past_end,
             invalid,
-            &["'e'", "16 bytes"],
+            &["'e'", "4 elements"],
         ),
         case(
             "7 bytes for w",
@@ -141,7 +141,7 @@ fn bad_pushes(job: &str, round: u64, worker: u32) -> Vec<BadPush> {
             "e missing",
             segments_without(&good, "e"),
             invalid,
-            &["'e'", "missing", "16 bytes"],
+            &["'e'", "missing", "4 elements"],
         ),
         case("nothing at all", Vec::new(), invalid, &["'w'", "missing"]),
         BadPush {
@@ -320,7 +320,7 @@ async fn a_huge_segment_offset_is_refused() {
             Err(s) => check_status(
                 &s,
                 Code::InvalidArgument,
-                &["'e'".to_owned(), "16 bytes".to_owned()],
+                &["'e'".to_owned(), "4 elements".to_owned()],
                 &what,
             ),
         }
@@ -344,7 +344,7 @@ async fn a_huge_segment_offset_is_refused() {
             Err(s) => check_status(
                 &s,
                 Code::InvalidArgument,
-                &["'e'".to_owned(), "16 bytes".to_owned()],
+                &["'e'".to_owned(), "4 elements".to_owned()],
                 &what,
             ),
         }
