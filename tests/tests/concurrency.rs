@@ -174,8 +174,17 @@ async fn eight_workers_in_random_order_with_retries_match_the_mean_gradient() {
                 bits(&want[t as usize]),
                 "round {t}: bit-identical to the reference"
             );
+            // The reference is a one-worker job given the mean: the same
+            // outcome but for the participants.
+            let last = p.last.clone().expect("outcome");
+            assert_eq!(last.participants, 8, "round {t}: every worker");
+            let reference = want[t as usize].last.clone().expect("outcome");
             assert_eq!(
-                p.last, want[t as usize].last,
+                pb::RoundOutcome {
+                    participants: 1,
+                    ..last
+                },
+                reference,
                 "round {t}: same norm, coefficient and lr"
             );
         }
