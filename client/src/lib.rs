@@ -34,6 +34,7 @@ pub(crate) use error::shard_error;
 pub use error::{ClientError, Result};
 pub use paramd_proto::transport::Credentials;
 pub use paramd_proto::v1;
+pub use paramd_proto::wire;
 pub use paramd_proto::wire::to_le_bytes;
 pub use pull::{PullInto, Pulled};
 pub use push_stream::PushStream;

@@ -91,25 +91,36 @@ pub mod wire {
     /// nearest, ties to even (as torch's `.to(torch.bfloat16)` and
     /// `.to(torch.float16)`); NaN stays NaN, as torch writes it.
     pub fn encode(values: &[f32], dtype: Dtype) -> Bytes {
-        let halves = |f: fn(f32) -> u16| {
-            Bytes::from(
-                values
-                    .iter()
-                    .flat_map(|&v| f(v).to_le_bytes())
-                    .collect::<Vec<u8>>(),
-            )
+        let bytes_of = |halves: &[u16]| {
+            let mut out = vec![0u8; 2 * halves.len()];
+            for (o, h) in out.chunks_exact_mut(2).zip(halves) {
+                o.copy_from_slice(&h.to_le_bytes());
+            }
+            Bytes::from(out)
         };
         match dtype {
             Dtype::F32 => to_le_bytes(values),
-            // torch writes every NaN as 0x7fff.
-            Dtype::Bf16 => halves(|v| {
-                if v.is_nan() {
-                    0x7fff
-                } else {
-                    bf16::from_f32(v).to_bits()
-                }
-            }),
-            Dtype::F16 => halves(|v| f16::from_f32(v).to_bits()),
+            // Round to nearest even on the bits, as torch does (a loop the
+            // compiler vectorizes); torch writes every NaN as 0x7fff.
+            Dtype::Bf16 => {
+                let halves: Vec<u16> = values
+                    .iter()
+                    .map(|&v| {
+                        let u = v.to_bits();
+                        let rounded = (u.wrapping_add(0x7fff + ((u >> 16) & 1)) >> 16) as u16;
+                        if v.is_nan() { 0x7fff } else { rounded }
+                    })
+                    .collect();
+                bytes_of(&halves)
+            }
+            // The half crate's slice conversion uses the CPU's conversion
+            // instructions where it has them.
+            Dtype::F16 => {
+                let mut halves = vec![f16::ZERO; values.len()];
+                half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut halves[..], values);
+                let bits: Vec<u16> = halves.iter().map(|h| h.to_bits()).collect();
+                bytes_of(&bits)
+            }
         }
     }
 
@@ -181,6 +192,29 @@ mod tests {
         assert_eq!(back[..3], [1.0, 1.0 + 2f32.powi(-6), -2.5]);
         for (i, &v) in back.iter().enumerate() {
             assert_eq!(v, wire::element(&b, i, Dtype::Bf16));
+        }
+        // The bit trick is the half crate's rounding, value for value.
+        let many: Vec<f32> = (0..1u32 << 16)
+            .map(|i| f32::from_bits(i.wrapping_mul(0x9e37_79b9)))
+            .collect();
+        let enc = wire::encode(&many, Dtype::Bf16);
+        for (i, v) in many.iter().enumerate() {
+            let got = u16::from_le_bytes([enc[2 * i], enc[2 * i + 1]]);
+            let want = if v.is_nan() {
+                0x7fff
+            } else {
+                half::bf16::from_f32(*v).to_bits()
+            };
+            assert_eq!(got, want, "{v:e}");
+        }
+        let enc = wire::encode(&many, Dtype::F16);
+        for (i, v) in many.iter().enumerate() {
+            let got = u16::from_le_bytes([enc[2 * i], enc[2 * i + 1]]);
+            let want = half::f16::from_f32(*v);
+            assert!(
+                got == want.to_bits() || (v.is_nan() && half::f16::from_bits(got).is_nan()),
+                "{v:e}"
+            );
         }
         let h = wire::encode(&values, Dtype::F16);
         wire::decode_into(&mut back, &h, Dtype::F16);

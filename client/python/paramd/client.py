@@ -24,7 +24,7 @@ import numpy as np
 from . import _native, errors
 from .config import ClipGradNorm, Optimizer, Schedule, job_spec
 from .credentials import TLS, resolve_tls, resolve_token
-from .layout import Route, as_f32, check_wire, to_wire
+from .layout import Route, as_f32, check_wire
 from .safetensors import write_safetensors
 from .v1 import paramd_pb2 as pb
 
@@ -303,8 +303,6 @@ class Client:
         names = [n for n in grads if grads[n] is not None]
         no_grad = [n for n in grads if grads[n] is None]
         flat = [as_f32(n, grads[n]) for n in names]
-        if wire != "f32":
-            flat = [to_wire(a, wire) for a in flat]
         w = 0.0 if weight is None else float(weight)
         duplicate, pushed = self._call("push", job, int(worker), int(round), names, flat, no_grad, wire, w)
         return PushResult(duplicate=bool(duplicate), pushed=int(pushed))

@@ -38,20 +38,6 @@ def check_wire(wire: str) -> str:
     return wire
 
 
-def to_wire(values: np.ndarray, wire: str) -> np.ndarray:
-    """Flat f32 `values` encoded as `wire` ("bf16" or "f16"): the
-    little-endian 2-byte elements as a uint8 array, rounded to nearest, ties
-    to even, as torch's `.to(torch.bfloat16)` and `.to(torch.float16)` round
-    (NaN stays NaN, as torch writes it)."""
-    if wire == "f16":
-        with np.errstate(over="ignore"):  # past f16's range: inf, as torch
-            return values.astype("<f2").view(np.uint8)
-    u = values.view(np.uint32).astype(np.uint64)
-    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    rounded[np.isnan(values)] = 0x7FFF  # torch's NaN
-    return rounded.astype("<u2").view(np.uint8)
-
-
 class Route:
     """A job's parameters: names in the layout's order, and their shapes."""
 

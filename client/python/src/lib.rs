@@ -247,8 +247,8 @@ impl Client {
     /// the arrays; returns (duplicate, pushed). Every parameter of the job
     /// must be given, with its size, or named in `no_grad` (no gradient,
     /// torch's `grad is None`): checked before anything is sent.
-    /// `dtype` is "f32" (float32 arrays), or "bf16" or "f16": the arrays
-    /// then hold the little-endian 2-byte elements as bytes (uint8).
+    /// `dtype` is how the float32 arrays travel: "f32", or "bf16" or "f16"
+    /// (cast here, rounded to nearest even, as torch's `.to()` casts).
     /// `weight`: the push's weight in a job whose merge is weighted (0 in
     /// one that merges by mean).
     #[pyo3(signature = (job, worker, round, names, grads, no_grad = Vec::new(), dtype = "f32", weight = 0.0))]
@@ -267,32 +267,46 @@ impl Client {
     ) -> PyResult<(bool, u32)> {
         let dtype = wire_dtype(dtype)?;
         let guard = LeaseGuard::new();
-        // The buffers are held until the lease ends (below).
-        let mut f32s = Vec::new();
-        let mut halves = Vec::new();
-        let mut payloads: Vec<(Arc<str>, Payload)> = Vec::with_capacity(names.len());
-        let mut sizes: Vec<(String, usize)> = Vec::with_capacity(names.len());
+        let mut bufs = Vec::with_capacity(names.len());
         for (name, g) in pairs(&names, &grads)? {
-            let (payload, n) = if dtype == pb::Dtype::F32 {
-                let b = buffer::<f32>(name, g, false)?;
-                let lent = (lend_source(&b, &guard), b.item_count());
-                f32s.push(b);
-                lent
-            } else {
-                let b = buffer::<u8>(name, g, false)?;
-                if b.len_bytes() % 2 != 0 {
-                    return Err(PyValueError::new_err(format!(
-                        "tensor '{name}': {} bytes are not whole 2-byte elements",
-                        b.len_bytes()
-                    )));
-                }
-                let lent = (lend_source(&b, &guard), b.len_bytes() / 2);
-                halves.push(b);
-                lent
-            };
-            payloads.push((Arc::from(name.as_str()), payload));
-            sizes.push((name.clone(), n));
+            bufs.push(buffer::<f32>(name, g, false)?);
         }
+        let sizes: Vec<(String, usize)> = names
+            .iter()
+            .zip(&bufs)
+            .map(|(n, b)| (n.clone(), b.item_count()))
+            .collect();
+        let payloads: Vec<(Arc<str>, Payload)> = if dtype == pb::Dtype::F32 {
+            names
+                .iter()
+                .zip(&bufs)
+                .map(|(n, b)| (Arc::from(n.as_str()), lend_source(b, &guard)))
+                .collect()
+        } else {
+            // Cast (rounded to nearest even) without the GIL, into bytes of
+            // the push's own.
+            let slices: Vec<&[f32]> = bufs
+                .iter()
+                // SAFETY: a held buffer pins its exporter's memory, C
+                // contiguous and f32-aligned (checked by `buffer`), for as
+                // long as `bufs` lives; nothing writes it meanwhile (see
+                // `lend_source`).
+                .map(|b| unsafe {
+                    std::slice::from_raw_parts(b.buf_ptr().cast::<f32>(), b.item_count())
+                })
+                .collect();
+            let encoded = py.detach(|| {
+                slices
+                    .iter()
+                    .map(|s| paramd_client::wire::encode(s, dtype))
+                    .collect::<Vec<_>>()
+            });
+            names
+                .iter()
+                .zip(encoded)
+                .map(|(n, e)| (Arc::from(n.as_str()), Payload::Owned(e)))
+                .collect()
+        };
         let what = format!("push of worker {worker} for round {round}");
         let r = self.run(py, |c| async move {
             let sizes: Vec<(&str, usize)> = sizes.iter().map(|(n, s)| (n.as_str(), *s)).collect();
@@ -305,8 +319,7 @@ impl Client {
         });
         // The lease ends before the buffers are released.
         drop(guard);
-        drop(f32s);
-        drop(halves);
+        drop(bufs);
         let r = r?;
         Ok((r.duplicate, r.pushed))
     }

@@ -151,22 +151,37 @@ fn write_into(dst: &mut [f32], bytes: &[u8], dtype: Dtype, scale: Option<f32>) {
 /// same operations, in the same order, as `write_into` and `fold_into`
 /// make later.
 fn add_into(dst: &mut [f32], sum: &[f32], bytes: &[u8], dtype: Dtype, scale: Option<f32>) {
-    match (dtype, scale) {
-        (Dtype::F32, None) => {
-            for ((d, a), b) in dst.iter_mut().zip(sum).zip(bytes.chunks_exact(4)) {
-                *d = a + f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
+    // One loop per dtype and scale, each compiled on its own so that it
+    // vectorizes.
+    fn add<const N: usize>(
+        dst: &mut [f32],
+        sum: &[f32],
+        bytes: &[u8],
+        decode: impl Fn(&[u8]) -> f32,
+        scale: Option<f32>,
+    ) {
+        let values = dst.iter_mut().zip(sum).zip(bytes.chunks_exact(N));
+        match scale {
+            None => values.for_each(|((d, a), b)| *d = a + decode(b)),
+            Some(w) => values.for_each(|((d, a), b)| *d = a + w * decode(b)),
         }
-        (_, None) => {
-            for (i, (d, a)) in dst.iter_mut().zip(sum).enumerate() {
-                *d = a + element(bytes, i, dtype);
-            }
-        }
-        (_, Some(w)) => {
-            for (i, (d, a)) in dst.iter_mut().zip(sum).enumerate() {
-                *d = a + w * element(bytes, i, dtype);
-            }
-        }
+    }
+    match dtype {
+        Dtype::F32 => add::<4>(
+            dst,
+            sum,
+            bytes,
+            |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            scale,
+        ),
+        Dtype::Bf16 => add::<2>(
+            dst,
+            sum,
+            bytes,
+            |b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16),
+            scale,
+        ),
+        Dtype::F16 => add::<2>(dst, sum, bytes, |b| element(b, 0, Dtype::F16), scale),
     }
 }
 
