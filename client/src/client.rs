@@ -100,6 +100,9 @@ pub struct PushOptions {
     /// Its weight in a job whose merge is weighted (> 0); 0 in a job that
     /// merges by mean.
     pub weight: f32,
+    /// The membership it is sent under in an elastic job (`Join`'s lease);
+    /// 0 in a job of fixed workers.
+    pub lease: u64,
 }
 
 impl Client {
@@ -364,6 +367,7 @@ impl Client {
                 grads: Vec::new(),
                 no_grad: no_grad.iter().map(|n| n.to_string()).collect(),
                 weight: options.weight,
+                lease: options.lease,
             });
             let messages: Vec<PushMessage> =
                 std::iter::once(header).chain(pack_refs(segs)).collect();
@@ -410,6 +414,50 @@ impl Client {
         };
         self.unary(msg, |mut c, r| async move { c.status(r).await })
             .await
+    }
+
+    /// Joins elastic job `job`: the worker id to push as, the lease to push
+    /// with and renew (`heartbeat`), and the round to push next, from that
+    /// round's parameters. Not retried once it may have reached the
+    /// server: a second membership would hold a worker id until its lease
+    /// ran out.
+    pub async fn join(&self, job: &str) -> Result<pb::JoinResponse> {
+        let msg = pb::JoinRequest {
+            job: job.to_owned(),
+        };
+        self.unary(msg, |mut c, r| async move { c.join(r).await })
+            .await
+    }
+
+    /// Renews a membership's lease; answers the round being collected.
+    /// Refused with reason `not_member` once the membership ended (join
+    /// again).
+    pub async fn heartbeat(
+        &self,
+        job: &str,
+        worker: u32,
+        lease: u64,
+    ) -> Result<pb::HeartbeatResponse> {
+        let msg = pb::HeartbeatRequest {
+            job: job.to_owned(),
+            worker,
+            lease,
+        };
+        self.unary(msg, |mut c, r| async move { c.heartbeat(r).await })
+            .await
+    }
+
+    /// Ends a membership (harmless if it ended already): rounds no longer
+    /// wait for it.
+    pub async fn leave(&self, job: &str, worker: u32, lease: u64) -> Result<()> {
+        let msg = pb::LeaveRequest {
+            job: job.to_owned(),
+            worker,
+            lease,
+        };
+        self.unary(msg, |mut c, r| async move { c.leave(r).await })
+            .await?;
+        Ok(())
     }
 
     /// Takes a checkpoint of `job` (every job when `None`) on every shard;

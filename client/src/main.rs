@@ -393,10 +393,30 @@ fn print_status(j: &pb::JobStatus) {
     println!("  optimizer        {}", j.optimizer);
     println!("  round            {}", j.round);
     println!("  optimizer step   {}", j.step);
-    println!(
-        "  workers          {} of {} pushed",
-        j.workers_pushed, j.workers_expected
-    );
+    if j.min_workers == 0 {
+        println!(
+            "  workers          {} of {} pushed",
+            j.workers_pushed, j.workers_expected
+        );
+    } else {
+        println!(
+            "  members          {} (elastic: a round needs {}, at most {} at once); {} pushed",
+            j.members.len(),
+            j.min_workers,
+            j.workers_expected,
+            j.workers_pushed
+        );
+        for m in &j.members {
+            println!(
+                "    worker {:<5} lease {:<8} expires in {:>6.1} s  joined at round {}",
+                m.worker, m.lease, m.expires_in_seconds, m.joined_round
+            );
+        }
+    }
+    if !j.waiting_for.is_empty() {
+        let late: Vec<String> = j.waiting_for.iter().map(u32::to_string).collect();
+        println!("  waiting for      workers {}", late.join(", "));
+    }
     println!("  rounds skipped   {}", j.rounds_skipped);
     println!(
         "  parameters       {} ({} bytes, optimizer state {} bytes)",
@@ -439,6 +459,7 @@ fn print_status(j: &pb::JobStatus) {
             println!("  lr per group     [{}]", lrs.join(", "));
             println!("  grad norm        {:.6e}", l.grad_norm);
             println!("  clip coefficient {:.6}", l.clip_coefficient);
+            println!("  participants     {}", l.participants);
         }
     }
 }

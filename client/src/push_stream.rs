@@ -51,6 +51,7 @@ impl Client {
                 grads: Vec::new(),
                 no_grad: Vec::new(),
                 weight: 0.0,
+                lease: 0,
             }));
             let channel = shard.channel.clone();
             let timeout = self.timeout;

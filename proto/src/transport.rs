@@ -22,7 +22,7 @@ pub const AUTHORIZATION: &str = "authorization";
 /// The metadata key (a trailer of a failed call) of the machine-readable
 /// reason of a refusal: `stale`, `early`, `job_mismatch`, `unknown_job`,
 /// `invalid`, `too_large`, `timeout`, `unavailable`, `aborted`,
-/// `wrong_shard`, `shard`, `internal`. Clients choose their error types from
+/// `wrong_shard`, `shard`, `internal`, `precondition`, `not_member`. Clients choose their error types from
 /// the code and this reason, never from the message's text.
 pub const REASON: &str = "paramd-reason";
 

@@ -39,6 +39,8 @@ fn decision(round: u64) -> Decision {
 fn job_status(i: usize) -> pb::JobStatus {
     let last = decision(ROUNDS - 1);
     pb::JobStatus {
+        members: Vec::new(),
+        min_workers: 0,
         job: format!("team-{i:02}-llm-finetune-run"),
         optimizer: "adamw".into(),
         round: ROUNDS,

@@ -170,12 +170,13 @@ impl Cluster {
 
     /// Tells the coordinator which workers' pushes of `round` this shard
     /// holds whole; returns the round's members once chosen.
-    pub async fn members(&self, job: &str, round: u64, workers: &[u32]) -> Result<Members> {
+    pub async fn members(&self, job: &str, round: u64, workers: &[(u32, u64)]) -> Result<Members> {
         let msg = pb::MembersRequest {
             job: job.to_owned(),
             round,
             shard: self.shard as u32,
-            workers: workers.to_vec(),
+            workers: workers.iter().map(|&(w, _)| w).collect(),
+            leases: workers.iter().map(|&(_, l)| l).collect(),
         };
         // The coordinator may hold the call for a whole round timeout.
         let req = self.request(msg, self.round_timeout + self.peer_timeout);

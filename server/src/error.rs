@@ -52,6 +52,10 @@ pub enum Error {
     /// round that is not open).
     #[error("{0}")]
     Precondition(String),
+    /// An elastic job's call from a worker id and lease that are not a
+    /// current membership (never joined, left, or its lease expired).
+    #[error("{0}")]
+    NotMember(String),
 }
 
 /// Shorthand for an `Error::Invalid` with a formatted message.
@@ -77,6 +81,7 @@ impl Error {
             Error::Aborted(_) => "aborted",
             Error::Unavailable(_) => "unavailable",
             Error::Precondition(_) => "precondition",
+            Error::NotMember(_) => "not_member",
         }
     }
 
@@ -142,7 +147,9 @@ impl Error {
             Error::TooLarge(_) => Code::ResourceExhausted,
             Error::Internal(_) => Code::Internal,
             Error::Shard { code, .. } => peer_code(*code),
-            Error::WrongShard(_) | Error::Precondition(_) => Code::FailedPrecondition,
+            Error::WrongShard(_) | Error::Precondition(_) | Error::NotMember(_) => {
+                Code::FailedPrecondition
+            }
             Error::Aborted(_) => Code::Aborted,
             Error::Unavailable(_) => Code::Unavailable,
         }

@@ -226,6 +226,31 @@ fn describe() {
         Unit::Seconds,
         "Time the coordinator waited for every shard's report of a round"
     );
+    describe_gauge!(
+        "paramd_members",
+        Unit::Count,
+        "Current members of an elastic job (on its coordinator)"
+    );
+    describe_counter!(
+        "paramd_member_joins_total",
+        Unit::Count,
+        "Workers that joined an elastic job"
+    );
+    describe_counter!(
+        "paramd_member_leaves_total",
+        Unit::Count,
+        "Memberships of an elastic job that ended, by reason (left, expired)"
+    );
+    describe_histogram!(
+        "paramd_quorum_wait_seconds",
+        Unit::Seconds,
+        "Elastic jobs: time from a round's first push to its min_workers-th"
+    );
+    describe_histogram!(
+        "paramd_grace_used_seconds",
+        Unit::Seconds,
+        "Elastic jobs: time a round waited after its min_workers-th push for the other members"
+    );
     describe_histogram!(
         "paramd_apply_duration_seconds",
         Unit::Seconds,
@@ -343,6 +368,33 @@ impl JobHistogram {
     }
 }
 
+/// The series of an elastic job's membership, kept by its coordinator.
+#[derive(Clone, Debug)]
+pub struct MemberMetrics {
+    pub members: Gauge,
+    pub joins: Counter,
+    pub left: Counter,
+    pub expired: Counter,
+    pub quorum_wait: JobHistogram,
+    pub grace_used: JobHistogram,
+}
+
+impl MemberMetrics {
+    /// The membership series of incarnation `i` of job `j`.
+    pub fn new(j: &str, i: &str) -> MemberMetrics {
+        let (j, i) = (j.to_owned(), i.to_owned());
+        let leaves = |reason: &'static str| counter!("paramd_member_leaves_total", "job" => j.clone(), INCARNATION => i.clone(), "reason" => reason);
+        MemberMetrics {
+            members: gauge!("paramd_members", "job" => j.clone(), INCARNATION => i.clone()),
+            joins: counter!("paramd_member_joins_total", "job" => j.clone(), INCARNATION => i.clone()),
+            left: leaves("left"),
+            expired: leaves("expired"),
+            quorum_wait: JobHistogram::new("paramd_quorum_wait_seconds", &j, &i),
+            grace_used: JobHistogram::new("paramd_grace_used_seconds", &j, &i),
+        }
+    }
+}
+
 /// Handles of one job's series.
 #[derive(Debug)]
 pub struct JobMetrics {
@@ -377,6 +429,8 @@ pub struct JobMetrics {
     pub pull_wait: JobHistogram,
     pub barrier_wait: JobHistogram,
     pub apply_duration: JobHistogram,
+    /// An elastic job's membership.
+    pub membership: Option<MemberMetrics>,
     /// Refused pushes by reason, made at the first of each.
     refused: parking_lot::Mutex<Vec<(&'static str, Counter)>>,
     job: String,
@@ -389,7 +443,7 @@ impl JobMetrics {
     /// param groups: they carry the instance's incarnation, so that a job
     /// re-created under a deleted one's name (or losing a race of
     /// concurrent Inits) shares no series with it.
-    pub fn new(job: &str, groups: usize) -> JobMetrics {
+    pub fn new(job: &str, groups: usize, elastic: bool) -> JobMetrics {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let incarnation = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let j = job.to_owned();
@@ -427,6 +481,7 @@ impl JobMetrics {
             pull_wait: JobHistogram::new("paramd_pull_wait_seconds", &j, &i),
             barrier_wait: JobHistogram::new("paramd_barrier_wait_seconds", &j, &i),
             apply_duration: JobHistogram::new("paramd_apply_duration_seconds", &j, &i),
+            membership: elastic.then(|| MemberMetrics::new(&j, &i)),
             refused: parking_lot::Mutex::new(Vec::new()),
             job: j,
             incarnation,
@@ -486,6 +541,12 @@ impl JobMetrics {
         }
         for c in self.counters() {
             c.increment(0);
+        }
+        if let Some(m) = &self.membership {
+            m.members.increment(0.0);
+            for c in [&m.joins, &m.left, &m.expired] {
+                c.increment(0);
+            }
         }
         for (_, c) in self.refused.lock().iter() {
             c.increment(0);

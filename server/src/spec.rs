@@ -52,7 +52,22 @@ pub struct JobConfig {
     pub backup_workers: u32,
     /// How a round combines its pushes.
     pub merge: Merge,
+    /// Elastic membership: workers join and leave (`None`: workers
+    /// `0..workers`, every one expected).
+    pub elastic: Option<Elastic>,
 }
+
+/// The rules of a job whose workers join and leave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Elastic {
+    /// The participants a round needs.
+    pub min_workers: u32,
+    /// How long a membership lasts without a heartbeat.
+    pub lease: Duration,
+}
+
+/// How long an elastic member's lease lasts by default.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
 /// How a round combines its participants' pushes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,6 +167,9 @@ impl JobConfig {
         }
         if self.merge != other.merge {
             return differ("merge", &self.merge, &other.merge);
+        }
+        if self.elastic != other.elastic {
+            return differ("membership", &self.elastic, &other.elastic);
         }
         differ(
             "backup_workers",
@@ -274,6 +292,7 @@ impl TryFrom<&pb::JobSpec> for JobConfig {
                 ));
             }
         };
+        let elastic = validate_membership(spec)?;
         Ok(JobConfig {
             params,
             groups,
@@ -284,7 +303,63 @@ impl TryFrom<&pb::JobSpec> for JobConfig {
             worker_timeout,
             backup_workers: spec.backup_workers,
             merge,
+            elastic,
         })
+    }
+}
+
+/// The membership fields of a spec: `min_workers` and `lease_seconds` only
+/// in an elastic job, which has no backup workers (its quorum is
+/// `min_workers`).
+fn validate_membership(spec: &pb::JobSpec) -> Result<Option<Elastic>> {
+    match pb::Membership::try_from(spec.membership) {
+        Ok(pb::Membership::Fixed) => {
+            if spec.min_workers != 0 {
+                return Err(invalid!(
+                    "min_workers is for elastic membership; a job of fixed workers waits for all {} (or uses backup_workers), got min_workers {}",
+                    spec.workers,
+                    spec.min_workers
+                ));
+            }
+            if let Some(s) = spec.lease_seconds {
+                return Err(invalid!(
+                    "lease_seconds is for elastic membership; a job of fixed workers has no leases, got {s}"
+                ));
+            }
+            Ok(None)
+        }
+        Ok(pb::Membership::Elastic) => {
+            if spec.min_workers == 0 || spec.min_workers > spec.workers {
+                return Err(invalid!(
+                    "min_workers must be between 1 and workers ({}) in an elastic job, got {}",
+                    spec.workers,
+                    spec.min_workers
+                ));
+            }
+            if spec.backup_workers != 0 {
+                return Err(invalid!(
+                    "backup_workers is for fixed workers; an elastic job completes rounds by min_workers, got backup_workers {}",
+                    spec.backup_workers
+                ));
+            }
+            let lease = match spec.lease_seconds {
+                None => DEFAULT_LEASE,
+                Some(s) => Duration::try_from_secs_f64(s)
+                    .ok()
+                    .filter(|d| !d.is_zero() && s <= 86_400.0)
+                    .ok_or_else(|| {
+                        invalid!("lease_seconds must be > 0 and at most a day, got {s}")
+                    })?,
+            };
+            Ok(Some(Elastic {
+                min_workers: spec.min_workers,
+                lease,
+            }))
+        }
+        Err(_) => Err(invalid!(
+            "membership {} is not a known membership (0: fixed, 1: elastic)",
+            spec.membership
+        )),
     }
 }
 

@@ -132,7 +132,7 @@ async fn push_through(link: Link, windows: Http2Windows, elems: usize) -> f64 {
         .collect();
     let options = PushOptions {
         dtype: pb::Dtype::Bf16,
-        weight: 0.0,
+        ..Default::default()
     };
     // The route (a Layout call) first, so the push is timed alone.
     c.check_push("link", "warm-up", &[], &[]).await.ok();

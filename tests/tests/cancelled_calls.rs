@@ -108,6 +108,7 @@ async fn cancelled_pushes_inits_and_pulls_leave_training_going() {
     // A push cut after its header: the worker's slot is free again and its
     // push of the same round counts once.
     let header = pb::PushRequest {
+        lease: 0,
         weight: 0.0,
         job: "run".into(),
         worker: 0,

@@ -32,6 +32,7 @@ async fn a_push_admitted_before_the_delete_is_refused_not_acknowledged() {
             .await
     });
     let header = pb::PushRequest {
+        lease: 0,
         weight: 0.0,
         job: "run".into(),
         worker: 0,

@@ -30,6 +30,7 @@ fn segment(param: &str, offset: u64, n: usize) -> pb::Segment {
 
 fn valid_push() -> Vec<u8> {
     pb::PushRequest {
+        lease: 0,
         weight: 0.0,
         job: "j".into(),
         worker: 1,
@@ -97,6 +98,7 @@ fn valid_checkpoint() -> Vec<u8> {
         last: None,
         shard: 0,
         shards: 1,
+        membership: None,
     };
     write_shard(dir.path(), &meta, &spec, &layout, &chunks).expect("write");
     std::fs::read(

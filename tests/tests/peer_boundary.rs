@@ -55,6 +55,7 @@ async fn forge(c: &mut ShardClient<AuthChannel>, job: &str) -> Vec<(&'static str
         "members",
         code(
             c.members(pb::MembersRequest {
+                leases: Vec::new(),
                 job: job.into(),
                 round: 2,
                 shard: 1,

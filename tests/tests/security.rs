@@ -427,6 +427,7 @@ async fn an_oversized_message_is_refused_before_it_is_buffered() {
     let mut raw = pb::param_server_client::ParamServerClient::new(channel)
         .max_encoding_message_size(usize::MAX);
     let msg = pb::PushRequest {
+        lease: 0,
         weight: 0.0,
         job: "big".into(),
         worker: 0,

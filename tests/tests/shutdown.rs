@@ -49,6 +49,7 @@ async fn sigterm_with_idle_streams_exits_0_within_grace_after_a_checkpoint() {
     // message and never ends. And a pull waiting for a round far ahead.
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::PushRequest>(1);
     let header = pb::PushRequest {
+        lease: 0,
         weight: 0.0,
         job: "run".into(),
         worker: 0,

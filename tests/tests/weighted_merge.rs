@@ -109,6 +109,7 @@ async fn check(mut c: Client) -> Vec<(String, Vec<u32>)> {
             let options = PushOptions {
                 dtype: dtype_of(w),
                 weight,
+                ..Default::default()
             };
             c.push_payloads("weighted", w as u32, r, &grads, &no_grad, options)
                 .await

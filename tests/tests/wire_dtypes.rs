@@ -176,7 +176,10 @@ async fn bf16_and_f16_pushes_are_their_decoded_f32_values() {
 }
 
 fn as_(dtype: pb::Dtype) -> paramd_client::PushOptions {
-    paramd_client::PushOptions { dtype, weight: 0.0 }
+    paramd_client::PushOptions {
+        dtype,
+        ..Default::default()
+    }
 }
 
 #[tokio::test]

@@ -356,6 +356,7 @@ async fn on_three_shards_a_push_that_reached_some_shards_only_is_dropped_on_all(
         .collect();
     assert!(!part.is_empty(), "shard 0 holds a chunk: {layout:?}");
     let req = futures::stream::iter(vec![pb::PushRequest {
+        lease: 0,
         weight: 0.0,
         job: "partial".into(),
         worker: 3,

@@ -9,7 +9,7 @@
 PyTorch training loop uses in place of `torch.optim`.
 """
 
-from .client import Client, Exported, InitResult, OptimizerState, ParamState, Pulled, PushResult
+from .client import Client, Exported, InitResult, Membership, OptimizerState, ParamState, Pulled, PushResult
 from .credentials import TLS
 from .config import SGD, Adam, AdamW, ClipGradNorm, Constant, CosineAnnealing, Optimizer, Schedule, WarmupCosine
 from .options import JobOptions
@@ -23,6 +23,7 @@ from .errors import (
     InvalidArgument,
     JobMismatch,
     NotFound,
+    NotMember,
     PermissionDenied,
     ResourceExhausted,
     StalePush,
@@ -36,6 +37,7 @@ __all__ = [
     "Client",
     "Exported",
     "InitResult",
+    "Membership",
     "OptimizerState",
     "ParamState",
     "Pulled",
@@ -58,6 +60,7 @@ __all__ = [
     "JobMismatch",
     "StalePush",
     "EarlyPush",
+    "NotMember",
     "DeadlineExceeded",
     "Unavailable",
     "ResourceExhausted",

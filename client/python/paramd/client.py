@@ -45,6 +45,19 @@ class PushResult(NamedTuple):
     pushed: int
 
 
+class Membership(NamedTuple):
+    """A member of an elastic job, as `Client.join` made it."""
+
+    #: The worker id it pushes as.
+    worker: int
+    #: The lease its pushes, heartbeats and leave carry.
+    lease: int
+    #: How long the lease lasts without a heartbeat.
+    lease_seconds: float
+    #: The round it joined at: it pushes for it, from its parameters.
+    round: int
+
+
 class Pulled(NamedTuple):
     #: Rounds completed when the parameters were read.
     round: int
@@ -280,6 +293,7 @@ class Client:
         grads: Mapping[str, Any],
         wire: str = "f32",
         weight: Optional[float] = None,
+        lease: int = 0,
     ) -> PushResult:
         """Pushes worker `worker`'s gradients for `round`, each chunk
         straight to its shard, every shard at once; a shard holding none of
@@ -297,14 +311,15 @@ class Client:
         to that dtype (rounded to nearest even, as torch's `.to()` casts),
         half the bytes; the server decodes them exactly to f32. `weight`
         (> 0) is the push's weight in a job whose merge is "weighted"
-        (tokens or samples), required there and refused elsewhere. Safe to
-        retry."""
+        (tokens or samples), required there and refused elsewhere. In an
+        elastic job, `worker` and `lease` are the membership `join` gave
+        (`NotMember` once it ended). Safe to retry."""
         check_wire(wire)
         names = [n for n in grads if grads[n] is not None]
         no_grad = [n for n in grads if grads[n] is None]
         flat = [as_f32(n, grads[n]) for n in names]
         w = 0.0 if weight is None else float(weight)
-        duplicate, pushed = self._call("push", job, int(worker), int(round), names, flat, no_grad, wire, w)
+        duplicate, pushed = self._call("push", job, int(worker), int(round), names, flat, no_grad, wire, w, int(lease))
         return PushResult(duplicate=bool(duplicate), pushed=int(pushed))
 
     def push_stream(self, job: str, worker: int, round: int) -> "PushStream":
@@ -396,6 +411,26 @@ class Client:
                 buffers.append((b, a.tobytes()))
             out.append((name, int(ps.step), buffers))
         return int(self._call("load_state", job, int(round), int(step), out))
+
+    def join(self, job: str) -> "Membership":
+        """Joins elastic job `job` (its membership "elastic"): the worker id
+        to push as, the lease to push with and renew (`heartbeat`, well
+        within `lease_seconds`), and the round to push next, from that
+        round's parameters (`pull(job, round)`). Not retried once it may
+        have reached the server."""
+        worker, lease, lease_seconds, round = self._call("join", job)
+        return Membership(int(worker), int(lease), float(lease_seconds), int(round))
+
+    def heartbeat(self, job: str, member: "Membership") -> int:
+        """Renews `member`'s lease; returns the round being collected.
+        Raises `NotMember` once the membership ended (join again)."""
+        return int(self._call("heartbeat", job, member.worker, member.lease))
+
+    def leave(self, job: str, member: "Membership") -> None:
+        """Ends `member`'s membership (harmless if it ended already): rounds
+        no longer wait for it; a push it made for the open round still
+        counts."""
+        self._call("leave", job, member.worker, member.lease)
 
     def status(self, job: Optional[str] = None) -> "pb.StatusResponse":
         """Round, step, lr of every group, last grad norm and clip

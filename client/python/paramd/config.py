@@ -338,6 +338,8 @@ def job_spec(
     worker_timeout: Optional[float] = None,
     backup_workers: int = 0,
     merge: str = "mean",
+    min_workers: Optional[int] = None,
+    lease_seconds: Optional[float] = None,
 ) -> "pb.JobSpec":
     """The wire form of a job.
 
@@ -346,7 +348,12 @@ def job_spec(
     every parameter must be in exactly one group, and each group's other keys
     override the optimizer's hyperparameters. `merge` is how a round
     combines its pushes: "mean", or "weighted" (`sum(w_i * g_i) /
-    sum(w_i)`, each push giving its weight).
+    sum(w_i)`, each push giving its weight). `min_workers` makes the job
+    elastic: workers join and leave (`Client.join`), at most `workers` at
+    once, and a round completes when every member pushed and at least
+    `min_workers` did, or `worker_timeout` (the grace) after the
+    `min_workers`-th push; `lease_seconds` is how long a membership lasts
+    without a heartbeat.
     """
     if not isinstance(optimizer, Optimizer):
         raise InvalidArgument("optimizer must be paramd.SGD, paramd.Adam or paramd.AdamW, got %r" % (optimizer,))
@@ -407,4 +414,17 @@ def job_spec(
         if t <= 0:
             raise InvalidArgument("worker_timeout must be > 0 seconds, got %r" % t)
         spec.worker_timeout_seconds = t
+    if min_workers is not None:
+        least = _steps("min_workers", min_workers)
+        if not 1 <= least <= workers:
+            raise InvalidArgument("min_workers must be between 1 and workers (%d), got %r" % (workers, min_workers))
+        spec.membership = pb.MEMBERSHIP_ELASTIC
+        spec.min_workers = least
+        if lease_seconds is not None:
+            lease = _number("lease_seconds", lease_seconds)
+            if lease <= 0:
+                raise InvalidArgument("lease_seconds must be > 0 seconds, got %r" % lease)
+            spec.lease_seconds = lease
+    elif lease_seconds is not None:
+        raise InvalidArgument("lease_seconds is for an elastic job (give min_workers), got %r" % (lease_seconds,))
     return spec

@@ -21,13 +21,20 @@ The result is what `torch.optim.SGD(...)` stepping the global weights with
 round-to-nearest-even cast and back (exact for f32). The inner optimizer's
 state stays in each worker, untouched by a sync, as in OpenDiLoCo.
 
-Membership is the job's fixed `world_size` workers (ranks from torchrun
-or given). A round completes when every worker pushed, or `grace_seconds`
-after its first push with those that pushed; a worker whose push comes
-after that is told its push is stale and continues from the new global
-weights. Elastic membership (workers joining and leaving a running job,
-`min_workers`) is not in paramd yet: `min_workers` below the workers is
-refused rather than ignored.
+Membership is elastic when `min_workers` is given: each worker joins the
+job (the first to arrive creates it from its weights), receives its worker
+id and the round to start from, renews its lease from a background thread,
+and leaves when the `with` block ends. A round completes when every member
+pushed and at least `min_workers` did, or `grace_seconds` after the
+`min_workers`-th push with those that pushed; a member that leaves, or
+whose lease (`lease_seconds`) runs out, is not waited for. A worker whose
+push comes after its round completed is told its push is stale and
+continues from the new global weights; one whose lease ran out joins
+again. At most `max_workers` (64) are members at once.
+
+Without `min_workers`, the members are the job's fixed `world_size`
+workers (ranks from torchrun or given): a round completes when every worker
+pushed, or `grace_seconds` after its first push with those that pushed.
 """
 
 import math
@@ -39,7 +46,7 @@ import torch
 from . import errors
 from .config import Optimizer
 from .options import JobOptions
-from .torch import RemoteOptimizer, _named, _rank_and_world
+from .torch import RemoteOptimizer, _named
 
 
 class DiLoCo:
@@ -50,7 +57,8 @@ class DiLoCo:
     dtype pseudo-gradients are pushed in, `pull_wire` the dtype the global
     weights are pulled in ("f32", "bf16" or "f16"). `merge` "weighted"
     averages the pseudo-gradients weighted by the weights `step()` is given
-    (tokens or samples). The other keywords are
+    (tokens or samples). `min_workers` makes membership elastic (see the
+    module), with `max_workers` and `lease_seconds`. The other keywords are
     `paramd.JobOptions` (server, rank, world_size, client, token, tls,
     timeout, join_timeout)."""
 
@@ -66,6 +74,8 @@ class DiLoCo:
         merge: str = "mean",
         min_workers: Optional[int] = None,
         grace_seconds: Optional[float] = None,
+        max_workers: int = 64,
+        lease_seconds: Optional[float] = None,
         options: Optional[JobOptions] = None,
         **keywords: Any,
     ):
@@ -77,7 +87,19 @@ class DiLoCo:
             )
         if not isinstance(inner, torch.optim.Optimizer):
             raise errors.InvalidArgument("inner must be a torch.optim optimizer, got %r" % (inner,))
-        for key in ("schedule", "clip", "overlap", "backup_workers", "worker_timeout", "wire", "pull_wire", "merge"):
+        for key in (
+            "schedule",
+            "clip",
+            "overlap",
+            "backup_workers",
+            "worker_timeout",
+            "wire",
+            "pull_wire",
+            "merge",
+            "min_workers",
+            "max_workers",
+            "lease_seconds",
+        ):
             if key in keywords:
                 raise TypeError("DiLoCo() got an unexpected keyword argument %r" % key)
         o = JobOptions.of(options, keywords, "DiLoCo")
@@ -85,15 +107,15 @@ class DiLoCo:
         named = [(n, p) for n, p in _named(model.named_parameters(), "model.named_parameters()") if id(p) in held]
         if len(named) != len(held):
             raise errors.InvalidArgument("the inner optimizer holds tensors that are not parameters of the model")
-        _, world_size = _rank_and_world(o.rank, o.world_size)
-        if min_workers is not None and min_workers != world_size:
-            raise errors.InvalidArgument(
-                "min_workers=%r: paramd's jobs have a fixed set of workers (world_size=%d) for now; elastic "
-                "membership is not implemented, so a round waits for every worker or grace_seconds"
-                % (min_workers, world_size)
-            )
+        elastic = {}
+        if min_workers is not None:
+            elastic = {"min_workers": min_workers, "max_workers": max_workers, "lease_seconds": lease_seconds}
+        elif lease_seconds is not None:
+            raise errors.InvalidArgument("lease_seconds is for elastic membership (give min_workers)")
         self._o = JobOptions.of(
-            o, {"wire": wire, "pull_wire": pull_wire, "worker_timeout": grace_seconds, "merge": merge}, "DiLoCo"
+            o,
+            dict(wire=wire, pull_wire=pull_wire, worker_timeout=grace_seconds, merge=merge, **elastic),
+            "DiLoCo",
         )
         self.outer = RemoteOptimizer(named, optimizer=outer, options=self._o)
         self.inner = inner
@@ -116,6 +138,11 @@ class DiLoCo:
     def round(self) -> int:
         """The outer round this worker trains for."""
         return self.outer.round
+
+    @property
+    def worker(self) -> int:
+        """This worker's id in the job (the server's, in an elastic job)."""
+        return self.outer.rank
 
     @property
     def participants(self) -> Optional[int]:
@@ -160,9 +187,10 @@ class DiLoCo:
         self._global = self._snapshot()
 
     def close(self) -> None:
-        """Leaves the job: nothing to tell the server yet (membership is
-        fixed), so the other workers' rounds wait for this worker up to
-        grace_seconds."""
+        """Leaves the job. In an elastic job the rounds stop waiting for this
+        worker at once; a job of fixed workers has nothing to tell, so the
+        other workers' rounds wait for it up to grace_seconds."""
+        self.outer.leave()
 
     def __enter__(self) -> "DiLoCo":
         return self
@@ -171,7 +199,7 @@ class DiLoCo:
         self.close()
 
     def __repr__(self) -> str:
-        return "paramd.diloco.DiLoCo(job=%r, rank=%d/%d, sync_every=%d, round=%d)" % (
+        return "paramd.diloco.DiLoCo(job=%r, worker=%d/%d, sync_every=%d, round=%d)" % (
             self.outer.job,
             self.outer.rank,
             self.outer.world_size,

@@ -18,6 +18,7 @@ __all__ = [
     "JobMismatch",
     "StalePush",
     "EarlyPush",
+    "NotMember",
     "DeadlineExceeded",
     "Unavailable",
     "ResourceExhausted",
@@ -107,6 +108,11 @@ class EarlyPush(FailedPrecondition):
     """A push for a round beyond the one being collected."""
 
 
+class NotMember(FailedPrecondition):
+    """A call of an elastic job's member whose membership ended (it left, or
+    its lease expired) or never was: join again."""
+
+
 class DeadlineExceeded(Error, TimeoutError):
     """The call's deadline passed (e.g. a pull whose round did not complete)."""
 
@@ -154,6 +160,7 @@ _BY_REASON = {
     "stale": StalePush,
     "early": EarlyPush,
     "job_mismatch": JobMismatch,
+    "not_member": NotMember,
 }
 
 

@@ -38,6 +38,13 @@ class JobOptions:
       and computes in f32, so the step is the f32 step on the cast values.
     - `merge`: how a round combines the workers' pushes, "mean" (default)
       or "weighted" (`paramd.diloco`'s weighted merge).
+    - `min_workers`: makes the job elastic. Workers join it (the server
+      gives each its worker id; `rank` is not given) and leave it, at most
+      `max_workers` (default 64) at once; a round completes when every
+      member pushed and at least `min_workers` did, or `worker_timeout`
+      seconds (the grace) after the `min_workers`-th push. A background
+      thread renews the membership's lease (`lease_seconds`, the server's
+      30 s if None); `leave()` ends it.
     """
 
     server: Optional[str] = None
@@ -58,6 +65,9 @@ class JobOptions:
     wire: str = "f32"
     pull_wire: str = "f32"
     merge: str = "mean"
+    min_workers: Optional[int] = None
+    max_workers: int = 64
+    lease_seconds: Optional[float] = None
 
     @classmethod
     def of(cls, options: Optional["JobOptions"], keywords: Mapping[str, Any], caller: str) -> "JobOptions":

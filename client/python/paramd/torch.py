@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from . import errors
+from ._membership import Member
 from ._state_dict import StateDict
 from .client import Client
 from .config import SGD, Adam, AdamW, Optimizer, job_spec
@@ -165,7 +166,18 @@ class _Remote(StateDict):
             )
         self._schedule = o.schedule
         self._base = optimizer
-        self.rank, self.world_size = _rank_and_world(o.rank, o.world_size)
+        elastic = o.min_workers is not None
+        if elastic:
+            if o.rank is not None or o.world_size is not None:
+                raise errors.InvalidArgument(
+                    "rank=%r, world_size=%r: an elastic job (min_workers=%r) numbers its members itself; "
+                    "give max_workers for the most members at once" % (o.rank, o.world_size, o.min_workers)
+                )
+            if o.overlap:
+                raise errors.InvalidArgument("overlap=True is for a job of fixed workers, not an elastic one")
+            self.rank, self.world_size = 0, o.max_workers
+        else:
+            self.rank, self.world_size = _rank_and_world(o.rank, o.world_size)
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
         for n, p in named:
@@ -184,10 +196,20 @@ class _Remote(StateDict):
             worker_timeout=o.worker_timeout,
             backup_workers=o.backup_workers,
             merge=o.merge,
+            min_workers=o.min_workers,
+            lease_seconds=o.lease_seconds,
         )
         self.last = None
         self._loading = None  # see StateDict
-        if self.rank == 0:
+        self._member: Optional[Member] = None
+        if elastic:
+            # The first worker to arrive creates the job from its weights;
+            # the others' Init matches it, and every worker then joins and
+            # starts from the round the server gives it.
+            client.init(job, {n: p.detach().to("cpu").numpy() for n, p in named}, spec=spec)
+            self._member = Member(client, job)
+            self.rank, r = self._member.current.worker, self._member.current
+        elif self.rank == 0:
             values = {n: p.detach().to("cpu").numpy() for n, p in named}
             r = client.init(job, values, spec=spec)
         else:
@@ -292,7 +314,8 @@ class _Remote(StateDict):
         them at once."""
         if grads is not None or not self._overlap:
             given = self._grads() if grads is None else grads
-            self.client.push(self.job, self.rank, self.round, given, self._wire, weight)
+            lease = self._member.current.lease if self._member is not None else 0
+            self.client.push(self.job, self.rank, self.round, given, self._wire, weight, lease)
             return
         stream, self._stream = self._stream, None
         sent, self._sent = self._sent, set()
@@ -320,8 +343,14 @@ class _Remote(StateDict):
         copies the new parameters into the model. False if the round
         completed without this worker (its push was stale): the model then
         holds the current parameters."""
+        if self._member is not None and self._member.lost:
+            self._rejoin("its lease ran out")
+            return False
         try:
             self._push(grads, weight)
+        except errors.NotMember:
+            self._rejoin("its membership had ended")
+            return False
         except errors.StalePush:
             # The round completed without this worker (dropped after the
             # job's worker_timeout): take the current parameters and join
@@ -340,6 +369,29 @@ class _Remote(StateDict):
         self._sync(self.round)
         self._check_loaded()
         return True
+
+    def _rejoin(self, why: str) -> None:
+        """Joins an elastic job again after the membership ended, and takes
+        the parameters of the round the server gives."""
+        assert self._member is not None
+        old = self.rank
+        member = self._member.rejoin()
+        warnings.warn(
+            "worker %d of job %r: %s; joined again as worker %d at round %d"
+            % (old, self.job, why, member.worker, member.round),
+            stacklevel=3,
+        )
+        self.rank, self.round = member.worker, member.round
+        self._sync(self.round)
+        self._check_loaded()
+
+    def leave(self) -> None:
+        """Leaves an elastic job: rounds no longer wait for this worker (a
+        push it made for the open round still counts). Nothing to do in a
+        job of fixed workers."""
+        if self._member is not None:
+            self._member.leave()
+            self._member = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears the gradients of the job's parameters, as torch.optim does."""

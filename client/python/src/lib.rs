@@ -250,8 +250,9 @@ impl Client {
     /// `dtype` is how the float32 arrays travel: "f32", or "bf16" or "f16"
     /// (cast here, rounded to nearest even, as torch's `.to()` casts).
     /// `weight`: the push's weight in a job whose merge is weighted (0 in
-    /// one that merges by mean).
-    #[pyo3(signature = (job, worker, round, names, grads, no_grad = Vec::new(), dtype = "f32", weight = 0.0))]
+    /// one that merges by mean). `lease`: an elastic job's member pushes
+    /// with the lease `join` gave it (0 in a job of fixed workers).
+    #[pyo3(signature = (job, worker, round, names, grads, no_grad = Vec::new(), dtype = "f32", weight = 0.0, lease = 0))]
     #[allow(clippy::too_many_arguments)]
     fn push(
         &self,
@@ -264,6 +265,7 @@ impl Client {
         no_grad: Vec<String>,
         dtype: &str,
         weight: f32,
+        lease: u64,
     ) -> PyResult<(bool, u32)> {
         let dtype = wire_dtype(dtype)?;
         let guard = LeaseGuard::new();
@@ -313,7 +315,11 @@ impl Client {
             let absent: Vec<&str> = no_grad.iter().map(String::as_str).collect();
             c.check_push(&job, &what, &sizes, &absent).await?;
             let no_grad: Vec<Arc<str>> = no_grad.iter().map(|n| Arc::from(n.as_str())).collect();
-            let options = PushOptions { dtype, weight };
+            let options = PushOptions {
+                dtype,
+                weight,
+                lease,
+            };
             c.push_payloads(&job, worker, round, &payloads, &no_grad, options)
                 .await
         });
@@ -367,6 +373,26 @@ impl Client {
             c.status((!job.is_empty()).then_some(job.as_str())).await
         })?;
         Ok(PyBytes::new(py, &r.encode_to_vec()))
+    }
+
+    /// Joins elastic job `job`: (worker, lease, lease_seconds, round).
+    fn join(&self, py: Python<'_>, job: String) -> PyResult<(u32, u64, f64, u64)> {
+        let r = self.run(py, |c| async move { c.join(&job).await })?;
+        Ok((r.worker, r.lease, r.lease_seconds, r.round))
+    }
+
+    /// Renews a membership's lease; returns the round being collected.
+    fn heartbeat(&self, py: Python<'_>, job: String, worker: u32, lease: u64) -> PyResult<u64> {
+        let r = self.run(
+            py,
+            |c| async move { c.heartbeat(&job, worker, lease).await },
+        )?;
+        Ok(r.round)
+    }
+
+    /// Ends a membership (harmless if it ended already).
+    fn leave(&self, py: Python<'_>, job: String, worker: u32, lease: u64) -> PyResult<()> {
+        self.run(py, |c| async move { c.leave(&job, worker, lease).await })
     }
 
     /// Sets the optimizer state of `job` before round `round`'s step (see

@@ -165,3 +165,76 @@ def test_what_paramd_would_not_reproduce_is_refused(one_shard, job_name):
         dl.DiLoCo(m, inner, outer=paramd.SGD(lr=0.7), wire="fp8", **common)
     with pytest.raises(paramd.InvalidArgument, match="sync_every"):
         dl.DiLoCo(m, inner, outer=paramd.SGD(lr=0.7), **{**common, "sync_every": 0})
+
+
+def test_members_join_late_and_leave_early(cluster, job_name):
+    """Elastic membership: workers 0 and 1 join and train from round 0;
+    worker 2 joins once round 0 is complete and takes part from round 1
+    (the others start round 1 once it has joined, so it is a member before
+    round 1 can close); worker 1 leaves after round 1, and round 2 does not
+    wait for it. The workers' final weights are the simulation's with the
+    participant sets [0, 1], [0, 1, 2], [0, 2]. The grace is long: every
+    round completes because its members pushed, whatever the timing."""
+    torch.set_num_threads(1)
+    models = [model() for _ in range(WORKERS)]
+    rounds = {0: (0, ROUNDS), 1: (0, 2), 2: (1, ROUNDS)}
+    joined = [threading.Event() for _ in range(WORKERS)]
+    round0_done = threading.Event()
+    finals, seen, workers, errors = {}, {}, {}, []
+
+    def worker(who):
+        try:
+            if who == 2:
+                assert round0_done.wait(120)
+            m = models[who]
+            inner = torch.optim.AdamW(m.parameters(), lr=1e-2)
+            first, last = rounds[who]
+            with dl.DiLoCo(
+                m,
+                inner,
+                server=cluster.url,
+                job=job_name,
+                sync_every=H,
+                outer=paramd.SGD(lr=0.7, momentum=0.9, nesterov=True),
+                min_workers=2,
+                grace_seconds=120,
+                timeout=120,
+            ) as diloco:
+                workers[who] = diloco.worker
+                assert diloco.round == first
+                joined[who].set()
+                for step in range(H * first, H * last):
+                    if step == H and who != 2:
+                        assert joined[2].wait(120)
+                    inner_step(m, inner, who, step)
+                    diloco.step()
+                    if step == H - 1 and who == 0:
+                        round0_done.set()
+                assert diloco.round == last
+                seen[who] = diloco.participants
+            finals[who] = [p.detach().clone() for p in m.parameters()]
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+            for e in joined + [round0_done]:
+                e.set()
+
+    threads = []
+    for who in range(WORKERS):
+        t = threading.Thread(target=worker, args=(who,))
+        t.start()
+        threads.append(t)
+        # Joining in turn gives worker ids in that order.
+        if who < 2:
+            assert joined[who].wait(120) or errors, errors
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert workers == {0: 0, 1: 1, 2: 2}
+    assert seen == {0: 2, 1: 3, 2: 2}
+    members = [[0, 1], [0, 1, 2], [0, 2]]
+    want = simulate("f32", members=lambda r: members[r])
+    for who in (0, 2):
+        for got, w in zip(finals[who], want.parameters()):
+            assert torch.equal(got, w.detach()), who
+    status = paramd.Client(cluster.url).job_status(job_name)
+    assert list(status.members) == [], "every worker left"

@@ -133,6 +133,20 @@ pub(crate) async fn status(node: &Node, job: &str) -> crate::error::Result<pb::S
             optimizer: job.config.optimizer_name().to_owned(),
             shards,
             waiting_for: s.waiting_for,
+            members: s
+                .members
+                .iter()
+                .map(|&(worker, lease)| pb::Member {
+                    worker,
+                    lease: lease.id,
+                    expires_in_seconds: lease
+                        .expires
+                        .saturating_duration_since(Instant::now())
+                        .as_secs_f64(),
+                    joined_round: lease.joined_round,
+                })
+                .collect(),
+            min_workers: job.config.elastic.map_or(0, |e| e.min_workers),
         });
     }
     let (rss_bytes, peak_rss_bytes) = metrics::process_memory();
@@ -232,7 +246,10 @@ impl ParamServer for Service {
         let pushed =
             |pushed: u32, duplicate: bool| Response::new(pb::PushResponse { duplicate, pushed });
         // Refused, or answered as a duplicate, before its payload is read.
-        let mut receiving = match job.receive(first.worker, first.round, first.weight).await? {
+        let mut receiving = match job
+            .receive(first.worker, first.round, first.weight, first.lease)
+            .await?
+        {
             Admitted::Duplicate(count) => return Ok(pushed(count, true)),
             Admitted::Receiving(r) => *r,
         };
@@ -346,6 +363,50 @@ impl ParamServer for Service {
             },
         );
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    #[tracing::instrument(name = "join", skip_all, fields(shard = self.node.cluster.shard, job))]
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        self.node.check_ready()?;
+        let r = request.into_inner();
+        tracing::Span::current().record("job", r.job.as_str());
+        let job = self.node.job(&r.job)?;
+        let (worker, lease, round) = job.join()?;
+        Ok(Response::new(pb::JoinResponse {
+            worker,
+            lease: lease.id,
+            lease_seconds: job.config.elastic.map_or(0.0, |e| e.lease.as_secs_f64()),
+            round,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.node.check_ready()?;
+        let r = request.into_inner();
+        let job = self.node.job(&r.job)?;
+        let round = job.heartbeat(r.worker, r.lease)?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            round,
+            lease_seconds: job.config.elastic.map_or(0.0, |e| e.lease.as_secs_f64()),
+        }))
+    }
+
+    #[tracing::instrument(name = "leave", skip_all, fields(shard = self.node.cluster.shard, job))]
+    async fn leave(
+        &self,
+        request: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        self.node.check_ready()?;
+        let r = request.into_inner();
+        tracing::Span::current().record("job", r.job.as_str());
+        self.node.job(&r.job)?.leave(r.worker, r.lease)?;
+        Ok(Response::new(pb::LeaveResponse {}))
     }
 
     #[tracing::instrument(name = "load_state", skip_all, fields(shard = self.node.cluster.shard, job, round))]

@@ -110,8 +110,22 @@ impl Shard for ShardService {
         let r = request.into_inner();
         self.check_shard("members", r.shard)?;
         let job = self.node.job(&r.job)?;
+        if !r.leases.is_empty() && r.leases.len() != r.workers.len() {
+            return Err(crate::error::Error::Invalid(format!(
+                "leases: {} of them for {} workers",
+                r.leases.len(),
+                r.workers.len()
+            ))
+            .into());
+        }
+        let held: Vec<(u32, u64)> = r
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| (w, r.leases.get(i).copied().unwrap_or(0)))
+            .collect();
         let m = job
-            .coordinate_members(r.round, r.shard as usize, &r.workers)
+            .coordinate_members(r.round, r.shard as usize, &held)
             .await?;
         Ok(Response::new(pb::MembersResponse::from(m)))
     }

@@ -165,6 +165,9 @@ pub struct ShardMeta {
     pub last: Option<Decision>,
     pub shard: usize,
     pub shards: usize,
+    /// An elastic job's membership, in the coordinator's (shard 0's) file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub membership: Option<crate::coordinator::MembershipRecord>,
 }
 
 /// A shard's part of a checkpoint, read back.
@@ -335,6 +338,7 @@ mod tests {
             last: None,
             shard: 0,
             shards,
+            membership: None,
         };
         let layout = pb::LayoutResponse {
             chunk_elems: 8,

@@ -11,8 +11,10 @@
 //! In a one-shard cluster the shard reports to an in-process coordinator;
 //! the code path is the same.
 
+mod membership;
 mod wire;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -21,6 +23,9 @@ use tokio::sync::{oneshot, watch};
 use crate::clip::{clip_coefficient, global_norm};
 use crate::error::{Error, Result};
 use crate::schedule::Schedule;
+use crate::spec::Elastic;
+
+pub use membership::{Lease, MemberRecord, Membership, MembershipRecord};
 
 /// A shard's contribution to a round's norm.
 #[derive(Clone, Debug, Default)]
@@ -92,8 +97,11 @@ pub struct Policy {
     /// A round may complete once `workers - backup_workers` pushed.
     pub backup_workers: u32,
     /// After this long with at least one push, a round completes with the
-    /// workers whose pushes every shard holds.
+    /// workers whose pushes every shard holds. In an elastic job, the grace
+    /// after the `min_workers`-th push.
     pub worker_timeout: Duration,
+    /// Elastic membership's rules, if the job's workers join and leave.
+    pub elastic: Option<Elastic>,
 }
 
 impl Policy {
@@ -143,21 +151,11 @@ impl Policy {
         }
     }
 
-    /// The members of `round` if the policy lets it complete now: `held`
-    /// says, per shard, which workers' pushes it holds whole (`None`: none
-    /// reported yet); `expired` whether the worker timeout has passed.
-    pub fn members(
-        &self,
-        round: u64,
-        held: &[Option<Vec<bool>>],
-        expired: bool,
-    ) -> Option<Members> {
-        let whole: Vec<u32> = (0..self.workers)
-            .filter(|&w| {
-                held.iter()
-                    .all(|h| h.as_ref().is_some_and(|h| h.get(w as usize) == Some(&true)))
-            })
-            .collect();
+    /// The members of `round` of a job of fixed workers if the policy lets
+    /// it complete now: `whole` are the workers whose pushes every shard
+    /// holds whole, in order; `expired` whether the worker timeout has
+    /// passed.
+    pub fn members(&self, round: u64, whole: Vec<u32>, expired: bool) -> Option<Members> {
         let n = whole.len() as u32;
         let quorum = self.workers - self.backup_workers;
         let dropped = if n >= quorum {
@@ -173,6 +171,64 @@ impl Policy {
             dropped,
         })
     }
+
+    /// The participants of `round` of an elastic job if it may complete
+    /// now: every current member (`current`) pushed whole and at least
+    /// `min_workers` did, or at least `min_workers` did and the grace after
+    /// the `min_workers`-th is over (`grace_over`). The members not whole
+    /// are dropped from it.
+    pub fn elastic_members(
+        min_workers: u32,
+        round: u64,
+        whole: Vec<u32>,
+        current: &[u32],
+        grace_over: bool,
+    ) -> Option<Members> {
+        if (whole.len() as u64) < u64::from(min_workers) {
+            return None;
+        }
+        let dropped: Vec<u32> = current
+            .iter()
+            .filter(|w| !whole.contains(w))
+            .copied()
+            .collect();
+        (dropped.is_empty() || grace_over).then_some(Members {
+            round,
+            workers: whole,
+            dropped,
+        })
+    }
+}
+
+/// Per shard, the workers whose pushes of the open round it holds whole,
+/// with the lease each pushed with (0 in a job of fixed workers); `None`:
+/// the shard has reported none yet.
+type Held = Vec<Option<BTreeMap<u32, u64>>>;
+
+/// The workers whose pushes every shard holds whole with the same lease,
+/// in order, with that lease.
+fn whole_everywhere(held: &Held) -> Vec<(u32, u64)> {
+    let Some(Some(first)) = held.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .filter(|&(w, lease)| {
+            held.iter()
+                .all(|h| h.as_ref().is_some_and(|h| h.get(w) == Some(lease)))
+        })
+        .map(|(&w, &lease)| (w, lease))
+        .collect()
+}
+
+/// The membership of an elastic job; refuses the calls of elastic jobs in
+/// a job of fixed workers.
+fn elastic<'g>(g: &'g mut Gather, job: &str) -> Result<&'g mut Membership> {
+    g.membership.as_mut().ok_or_else(|| {
+        Error::Precondition(format!(
+            "job '{job}' has fixed workers: Join, Heartbeat and Leave are for jobs whose membership is elastic"
+        ))
+    })
 }
 
 /// Gathers the reports of a round and hands the decision to every shard.
@@ -188,6 +244,9 @@ pub struct Coordinator {
     checkpoint_every: u64,
     /// The members of the newest round whose members were chosen.
     members: watch::Sender<Option<Members>>,
+    /// Bumped when the membership changes (a Leave, an expired lease), so
+    /// that waiting rounds look again.
+    changes: watch::Sender<u64>,
 }
 
 #[derive(Debug)]
@@ -203,10 +262,12 @@ struct Gather {
     /// of the rounds decided so far.
     frozen: u32,
     /// Per shard, the workers whose pushes of `round` it holds whole.
-    held: Vec<Option<Vec<bool>>>,
+    held: Held,
     /// When the first shard reported a push of `round`: the worker timeout
     /// runs from there.
     first_push: Option<Instant>,
+    /// An elastic job's members.
+    membership: Option<Membership>,
 }
 
 impl Coordinator {
@@ -218,6 +279,7 @@ impl Coordinator {
         round: u64,
         step: u64,
         shard_wait: crate::metrics::JobHistogram,
+        membership: Option<Membership>,
     ) -> Coordinator {
         Coordinator {
             policy,
@@ -232,10 +294,12 @@ impl Coordinator {
                 frozen: 0,
                 held: vec![None; shards],
                 first_push: None,
+                membership,
             }),
             shard_wait,
             checkpoint_every: 0,
             members: watch::channel(None).0,
+            changes: watch::channel(0).0,
         }
     }
 
@@ -287,16 +351,67 @@ impl Coordinator {
         }
     }
 
-    /// Chooses the members of `round` if the policy allows it now.
-    fn choose_locked(&self, g: &Gather) {
+    /// Chooses the members of `round` if the policy allows it now. Only a
+    /// shard's own `members` call chooses, from what it reported last: a
+    /// one-shard job sums pushes before the choice, and every push it
+    /// summed is in its report.
+    fn choose_locked(&self, g: &mut Gather) {
         if g.held.iter().all(Option::is_none) || self.chosen(g.round).is_some() {
             return;
         }
-        let expired = g
-            .first_push
-            .is_some_and(|t| t.elapsed() >= self.policy.worker_timeout);
-        if let Some(m) = self.policy.members(g.round, &g.held, expired) {
+        let now = Instant::now();
+        let whole = whole_everywhere(&g.held);
+        let round = g.round;
+        let first_push = g.first_push;
+        let chosen = match (g.membership.as_mut(), self.policy.elastic) {
+            (Some(ms), Some(rules)) => {
+                ms.expire(now);
+                let whole: Vec<u32> = whole
+                    .into_iter()
+                    .filter(|&(w, lease)| ms.eligible(w, lease))
+                    .map(|(w, _)| w)
+                    .collect();
+                if whole.len() as u64 >= u64::from(rules.min_workers) && ms.quorum_at.is_none() {
+                    ms.quorum_at = Some(now);
+                    if let Some(first) = first_push {
+                        ms.metrics().quorum_wait.record((now - first).as_secs_f64());
+                    }
+                }
+                let grace_over = ms
+                    .grace_from(self.policy.worker_timeout)
+                    .is_some_and(|end| now >= end);
+                let current: Vec<u32> = ms.current().collect();
+                let m =
+                    Policy::elastic_members(rules.min_workers, round, whole, &current, grace_over);
+                if m.is_some() {
+                    if let Some(q) = ms.quorum_at {
+                        ms.metrics().grace_used.record((now - q).as_secs_f64());
+                    }
+                    ms.round_closed();
+                }
+                m
+            }
+            _ => {
+                let whole = whole.into_iter().map(|(w, _)| w).collect();
+                let expired = first_push.is_some_and(|t| t.elapsed() >= self.policy.worker_timeout);
+                self.policy.members(round, whole, expired)
+            }
+        };
+        if let Some(m) = chosen {
             self.members.send_replace(Some(m));
+        }
+    }
+
+    /// When a waiting `members` call should look again without news: at the
+    /// worker timeout of a job of fixed workers; at the end of the grace
+    /// or the next lease's expiry in an elastic one.
+    fn next_look(&self, g: &Gather) -> Option<Instant> {
+        match &g.membership {
+            Some(ms) => {
+                let grace = ms.grace_from(self.policy.worker_timeout);
+                [grace, ms.next_expiry()].into_iter().flatten().min()
+            }
+            None => g.first_push.map(|t| t + self.policy.worker_timeout),
         }
     }
 
@@ -309,18 +424,19 @@ impl Coordinator {
     }
 
     /// Records that shard `shard` holds whole pushes of `round` from
-    /// `workers`, and waits, at most `wait`, for the round's members. A
-    /// shard reports again as more pushes arrive: what it holds only grows
-    /// within a round, so reports are merged, in whatever order they come.
+    /// `workers` (with the lease each pushed with), and waits, at most
+    /// `wait`, for the round's members. A shard reports again as more
+    /// pushes arrive: what it holds only grows within a round, so reports
+    /// are merged, in whatever order they come.
     pub async fn members(
         &self,
         round: u64,
         shard: usize,
-        workers: &[u32],
+        workers: &[(u32, u64)],
         wait: Duration,
     ) -> Result<Members> {
         let deadline = tokio::time::Instant::now() + wait;
-        let (mut rx, timeout_at) = {
+        let mut rx = {
             let mut g = self.state.lock();
             if let Some(m) = self.chosen(round) {
                 return Ok(m);
@@ -331,42 +447,45 @@ impl Coordinator {
                     g.round
                 )));
             }
-            let n = self.policy.workers as usize;
             let slot = g
                 .held
                 .get_mut(shard)
                 .ok_or_else(|| Error::Internal(format!("shard {shard} is not in this cluster")))?
-                .get_or_insert_with(|| vec![false; n]);
-            for &w in workers {
-                if let Some(h) = slot.get_mut(w as usize) {
-                    *h = true;
+                .get_or_insert_with(BTreeMap::new);
+            for &(w, lease) in workers {
+                if w < self.policy.workers {
+                    slot.insert(w, lease);
                 }
             }
-            let first = *g.first_push.get_or_insert_with(Instant::now);
-            self.choose_locked(&g);
-            (
-                self.members.subscribe(),
-                tokio::time::Instant::from_std(first + self.policy.worker_timeout),
-            )
+            g.first_push.get_or_insert_with(Instant::now);
+            self.choose_locked(&mut g);
+            self.members.subscribe()
         };
+        let mut changes = self.changes.subscribe();
         loop {
             if let Some(m) = rx.borrow_and_update().as_ref().filter(|m| m.round == round) {
                 return Ok(m.clone());
             }
-            // Wake at the worker timeout to apply it, or at the deadline.
-            let wake = if timeout_at > tokio::time::Instant::now() {
-                timeout_at.min(deadline)
-            } else {
-                deadline
+            changes.borrow_and_update();
+            // Wake at the next time the rule may change its answer, or at
+            // the deadline.
+            let look = self.next_look(&self.state.lock());
+            let wake = look
+                .map(tokio::time::Instant::from_std)
+                .filter(|&t| t > tokio::time::Instant::now())
+                .map_or(deadline, |t| t.min(deadline));
+            let chosen = tokio::select! {
+                c = rx.changed() => c.map(|()| true),
+                c = changes.changed() => c.map(|()| false),
+                () = tokio::time::sleep_until(wake) => Ok(false),
             };
-            match tokio::time::timeout_at(wake, rx.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => {
-                    return Err(Error::Internal(format!(
-                        "round {round} was abandoned by the coordinator"
-                    )));
-                }
-                Err(_) if tokio::time::Instant::now() >= deadline => {
+            let Ok(chosen) = chosen else {
+                return Err(Error::Internal(format!(
+                    "round {round} was abandoned by the coordinator"
+                )));
+            };
+            if !chosen {
+                if tokio::time::Instant::now() >= deadline {
                     let g = self.state.lock();
                     let quiet: Vec<usize> = (0..self.shards)
                         .filter(|&s| g.round == round && g.held[s].is_none())
@@ -376,14 +495,91 @@ impl Coordinator {
                         wait.as_secs_f64()
                     )));
                 }
-                Err(_) => {
-                    let g = self.state.lock();
-                    if g.round == round {
-                        self.choose_locked(&g);
-                    }
+                let mut g = self.state.lock();
+                if g.round == round {
+                    self.choose_locked(&mut g);
                 }
             }
         }
+    }
+
+    /// Makes a new member of an elastic job: its worker id, lease and the
+    /// round it pushes next (the open round, or the next one if the open
+    /// round's participants are chosen already).
+    pub fn join(&self, job: &str) -> Result<(u32, Lease, u64)> {
+        let mut g = self.state.lock();
+        let round = if self.chosen(g.round).is_some() {
+            g.round + 1
+        } else {
+            g.round
+        };
+        let ms = elastic(&mut g, job)?;
+        let (worker, lease) = ms.join(round, Instant::now())?;
+        Ok((worker, lease, round))
+    }
+
+    /// Renews a member's lease; the round being collected.
+    pub fn heartbeat(&self, job: &str, worker: u32, lease: u64) -> Result<u64> {
+        let mut g = self.state.lock();
+        let ms = elastic(&mut g, job)?;
+        let expired = ms.expire(Instant::now());
+        let renewed = ms.heartbeat(worker, lease, Instant::now());
+        let round = g.round;
+        drop(g);
+        if expired {
+            self.changes.send_modify(|n| *n += 1);
+        }
+        renewed.map(|()| round)
+    }
+
+    /// Ends a membership (harmless if it ended already); a round waiting
+    /// for that member looks again.
+    pub fn leave(&self, job: &str, worker: u32, lease: u64) -> Result<()> {
+        let mut g = self.state.lock();
+        let ms = elastic(&mut g, job)?;
+        if ms.leave(worker, lease) {
+            drop(g);
+            self.changes.send_modify(|n| *n += 1);
+        }
+        Ok(())
+    }
+
+    /// Whether an elastic job's push of `round` from `worker` with `lease`
+    /// may be read: the lease is the worker's membership and the round's
+    /// participants are not chosen yet (then the push is stale). Any push
+    /// passes in a job of fixed workers.
+    pub fn admit_push(&self, job: &str, worker: u32, lease: u64, round: u64) -> Result<()> {
+        let mut g = self.state.lock();
+        let open = g.round;
+        let Some(ms) = g.membership.as_mut() else {
+            return Ok(());
+        };
+        if ms.expire(Instant::now()) {
+            self.changes.send_modify(|n| *n += 1);
+        }
+        ms.check(worker, lease)?;
+        let collecting = if self.chosen(open).is_some() {
+            open + 1
+        } else {
+            open
+        };
+        if round < collecting {
+            return Err(Error::Stale {
+                job: job.to_owned(),
+                round,
+                current: collecting,
+            });
+        }
+        Ok(())
+    }
+
+    /// An elastic job's members now (expired leases ended first), and the
+    /// record a checkpoint keeps; `None` for fixed workers.
+    pub fn membership(&self) -> Option<(Vec<(u32, Lease)>, MembershipRecord)> {
+        let mut g = self.state.lock();
+        let ms = g.membership.as_mut()?;
+        ms.expire(Instant::now());
+        Some((ms.members().map(|(w, l)| (w, *l)).collect(), ms.record()))
     }
 
     /// Records shard `shard`'s report of `round` and waits, at most `wait`,
@@ -446,6 +642,7 @@ mod tests {
 
     fn policy(clip: Option<f64>) -> Policy {
         Policy {
+            elastic: None,
             base_lrs: vec![0.1, 0.01],
             schedule: Schedule::WarmupCosine {
                 warmup_steps: 2,
@@ -534,10 +731,17 @@ mod tests {
         }
     }
 
-    fn held(shards: &[&[u32]]) -> Vec<Option<Vec<bool>>> {
+    fn held(shards: &[&[u32]]) -> Held {
         shards
             .iter()
-            .map(|ws| Some((0..4).map(|w| ws.contains(&w)).collect()))
+            .map(|ws| Some(ws.iter().map(|&w| (w, 0)).collect()))
+            .collect()
+    }
+
+    fn whole(shards: &[&[u32]]) -> Vec<u32> {
+        whole_everywhere(&held(shards))
+            .into_iter()
+            .map(|(w, _)| w)
             .collect()
     }
 
@@ -545,16 +749,49 @@ mod tests {
     fn members_are_the_workers_whole_on_every_shard() {
         let p = policy(None);
         // Worker 3 reached shard 0 only; 0..3 are whole everywhere.
-        let h = held(&[&[0, 1, 2, 3], &[2, 0, 1]]);
-        assert_eq!(p.members(0, &h, false), None, "all four are expected");
-        let m = p.members(0, &h, true).expect("timed out with three whole");
+        let h = whole(&[&[0, 1, 2, 3], &[2, 0, 1]]);
+        assert_eq!(
+            p.members(0, h.clone(), false),
+            None,
+            "all four are expected"
+        );
+        let m = p.members(0, h, true).expect("timed out with three whole");
         assert_eq!((m.workers, m.dropped), (vec![0, 1, 2], vec![3]));
-        let all = held(&[&[3, 1, 0, 2], &[0, 1, 2, 3]]);
-        let m = p.members(0, &all, false).expect("everyone");
+        let all = whole(&[&[3, 1, 0, 2], &[0, 1, 2, 3]]);
+        let m = p.members(0, all, false).expect("everyone");
         assert_eq!((m.workers, m.dropped), (vec![0, 1, 2, 3], vec![]));
         let mut none_yet = held(&[&[0]]);
         none_yet.push(None);
-        assert_eq!(p.members(0, &none_yet, true), None, "shard 1 holds no push");
+        assert!(
+            whole_everywhere(&none_yet).is_empty(),
+            "shard 1 holds no push"
+        );
+        assert_eq!(p.members(0, Vec::new(), true), None);
+    }
+
+    #[test]
+    fn a_worker_is_whole_only_with_the_same_lease_on_every_shard() {
+        let mut h = held(&[&[0, 1], &[0, 1]]);
+        // Worker 1's push on shard 1 came from another membership.
+        h[1].as_mut().expect("shard 1").insert(1, 9);
+        assert_eq!(whole_everywhere(&h), vec![(0, 0)]);
+    }
+
+    #[test]
+    fn elastic_rounds_wait_for_every_member_or_the_grace() {
+        let m = |whole: &[u32], current: &[u32], grace_over| {
+            Policy::elastic_members(2, 4, whole.to_vec(), current, grace_over)
+        };
+        assert_eq!(m(&[0], &[0], true), None, "fewer than min_workers");
+        assert_eq!(m(&[0, 2], &[0, 1, 2], false), None, "worker 1 is a member");
+        let grace = m(&[0, 2], &[0, 1, 2], true).expect("the grace is over");
+        assert_eq!((grace.workers, grace.dropped), (vec![0, 2], vec![1]));
+        // A member that pushed and left still counts; the others all pushed.
+        let left = m(&[0, 1, 3], &[0, 3], false).expect("every member pushed");
+        assert_eq!(
+            (left.round, left.workers, left.dropped),
+            (4, vec![0, 1, 3], vec![])
+        );
     }
 
     #[test]
@@ -563,9 +800,9 @@ mod tests {
             backup_workers: 1,
             ..policy(None)
         };
-        assert_eq!(p.members(0, &held(&[&[0, 1], &[0, 1, 2]]), false), None);
+        assert_eq!(p.members(0, whole(&[&[0, 1], &[0, 1, 2]]), false), None);
         let m = p
-            .members(0, &held(&[&[0, 1, 3], &[3, 1, 0]]), false)
+            .members(0, whole(&[&[0, 1, 3], &[3, 1, 0]]), false)
             .expect("three of four");
         assert_eq!((m.workers, m.dropped), (vec![0, 1, 3], vec![]));
     }
@@ -582,12 +819,16 @@ mod tests {
             0,
             0,
             crate::metrics::JobHistogram::new("paramd_coordinator_shard_wait_seconds", "test", "0"),
+            None,
         ));
         let c2 = c.clone();
         let wait = Duration::from_secs(30);
-        let shard1 = tokio::spawn(async move { c2.members(0, 1, &[1, 2], wait).await });
+        let shard1 = tokio::spawn(async move { c2.members(0, 1, &[(1, 0), (2, 0)], wait).await });
         let started = Instant::now();
-        let m = c.members(0, 0, &[0, 1, 2], wait).await.expect("members");
+        let m = c
+            .members(0, 0, &[(0, 0), (1, 0), (2, 0)], wait)
+            .await
+            .expect("members");
         assert!(started.elapsed() >= Duration::from_millis(40));
         assert_eq!(
             (m.workers.clone(), m.dropped.clone()),
@@ -595,7 +836,7 @@ mod tests {
         );
         assert_eq!(shard1.await.expect("join").expect("members"), m);
         let late = c
-            .members(0, 1, &[0, 1, 2, 3], wait)
+            .members(0, 1, &[(0, 0), (1, 0), (2, 0), (3, 0)], wait)
             .await
             .expect("asked again");
         assert_eq!(late, m, "the choice stands once made");
@@ -610,6 +851,7 @@ mod tests {
             0,
             0,
             crate::metrics::JobHistogram::new("paramd_coordinator_shard_wait_seconds", "test", "0"),
+            None,
         ));
         let c2 = c.clone();
         let first = tokio::spawn(async move { c2.report(0, 0, Report::default(), wait).await });
@@ -638,6 +880,7 @@ mod tests {
             0,
             0,
             crate::metrics::JobHistogram::new("paramd_coordinator_shard_wait_seconds", "test", "0"),
+            None,
         );
         let err = c
             .report(0, 1, Report::default(), Duration::from_millis(20))

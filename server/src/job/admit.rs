@@ -60,6 +60,8 @@ pub struct Receiving<'a> {
     job: &'a Arc<Job>,
     worker: u32,
     round: u64,
+    /// The membership it was sent under (elastic jobs; 0 otherwise).
+    lease: u64,
     /// The push's weight in the merge (1 for a mean).
     weight: f32,
     staging: Staging<'a>,
@@ -102,7 +104,7 @@ impl Receiving<'_> {
             .finish(self.staging)
             .inspect_err(|e| job.refused(e, worker, round))?;
         job.read_took(self.started.elapsed());
-        job.push(worker, round, push, self.weight)
+        job.push(worker, round, push, self.weight, self.lease)
             .inspect_err(|e| job.refused(e, worker, round))
     }
 }
@@ -123,11 +125,13 @@ impl Job {
         worker: u32,
         round: u64,
         weight: f32,
+        lease: u64,
     ) -> Result<Admitted<'_>> {
         let scale = self
             .scale(weight)
+            .and_then(|s| self.check_lease(worker, round, lease).map(|()| s))
             .inspect_err(|e| self.refused(e, worker, round))?;
-        let admit = || match self.admit(worker, round) {
+        let admit = || match self.admit(worker, round, lease) {
             Ok(Admission::Duplicate) => {
                 self.metrics.duplicates.increment(1);
                 Ok(false)
@@ -160,6 +164,7 @@ impl Job {
             job: self,
             worker,
             round,
+            lease,
             weight: scale.unwrap_or(1.0),
             staging,
             no_grad: 0,
@@ -187,6 +192,27 @@ impl Job {
         }
     }
 
+    /// Checks a push's lease: none in a job of fixed workers; in an elastic
+    /// one, a lease, which the coordinator's shard checks is the worker's
+    /// current membership and that the round still takes its push (other
+    /// shards hold it apart from another lease's push for the same worker
+    /// id, and the coordinator counts only the lease that was a member).
+    fn check_lease(&self, worker: u32, round: u64, lease: u64) -> Result<()> {
+        match (&self.config.elastic, &self.coordinator) {
+            (None, _) if lease == 0 => Ok(()),
+            (None, _) => Err(invalid!(
+                "lease: job '{}' has fixed workers; lease {lease} is for a member of an elastic job",
+                self.name
+            )),
+            (Some(_), _) if lease == 0 => Err(Error::NotMember(format!(
+                "worker {worker}'s push for round {round} has no lease: job '{}' is elastic, join it and push with the lease Join gave",
+                self.name
+            ))),
+            (Some(_), Some(c)) => c.admit_push(&self.name, worker, lease, round),
+            (Some(_), None) => Ok(()),
+        }
+    }
+
     /// Counts and logs a refused push.
     fn refused(&self, e: &Error, worker: u32, round: u64) {
         self.metrics.refused(e.reason());
@@ -197,13 +223,13 @@ impl Job {
     }
 
     /// Decides, from the header of a push alone, whether to read its payload.
-    pub(super) fn admit(&self, worker: u32, round: u64) -> Result<Admission> {
+    pub(super) fn admit(&self, worker: u32, round: u64, lease: u64) -> Result<Admission> {
         self.check_serving()?;
         let c = self.collect.lock();
-        self.admit_locked(&c, worker, round)
+        self.admit_locked(&c, worker, round, lease)
     }
 
-    fn admit_locked(&self, c: &Collect, worker: u32, round: u64) -> Result<Admission> {
+    fn admit_locked(&self, c: &Collect, worker: u32, round: u64, lease: u64) -> Result<Admission> {
         if self.draining.load(Ordering::Acquire) {
             return Err(Error::Unavailable(format!(
                 "shard {} is shutting down: job '{}' takes no push; push round {round} again once the cluster is back",
@@ -232,18 +258,28 @@ impl Job {
                 current: c.round,
             });
         }
-        if c.pushed[worker as usize] {
-            Ok(Admission::Duplicate)
-        } else if c.closed {
-            // The round completed without this worker (backup workers or
-            // worker timeout): its push is stale.
-            Err(Error::Stale {
+        let held = c.pushed[worker as usize].then(|| c.leases[worker as usize]);
+        match held {
+            Some(l) if l == lease => Ok(Admission::Duplicate),
+            // Leases are given out in increasing order and a worker id has
+            // one membership at a time: a push from an older lease than the
+            // one held is from a worker whose membership ended.
+            Some(l) if l > lease => Err(Error::NotMember(format!(
+                "worker {worker} with lease {lease}: this shard holds worker {worker}'s push for round {round} of job '{}' from lease {l}, a later membership; a worker whose lease ended joins again",
+                self.name
+            ))),
+            // The round completed without this worker (backup workers,
+            // worker timeout, or an elastic job's rule): its push is stale.
+            _ if c.closed => Err(Error::Stale {
                 job: self.name.clone(),
                 round,
                 current: c.round + 1,
-            })
-        } else {
-            Ok(Admission::Accept)
+            }),
+            // New, or (on a shard other than the coordinator's, which
+            // refuses it from the start) in place of a push from an older
+            // lease of the same worker id, whose membership ended: the
+            // coordinator counts only the lease that was a member.
+            _ => Ok(Admission::Accept),
         }
     }
 
@@ -275,7 +311,11 @@ impl Job {
     ) -> (Reading<'_>, Staging<'_>) {
         self.collect.lock().reading[worker as usize] = Some(round);
         let reading = Reading { job: self, worker };
-        let in_order = self.cluster.size() == 1 && self.config.backup_workers == 0;
+        // An elastic job's worker ids come and go: a push does not wait
+        // for a lower id that may not be a member.
+        let in_order = self.cluster.size() == 1
+            && self.config.backup_workers == 0
+            && self.config.elastic.is_none();
         if in_order {
             self.wait_turn(worker, round).await;
         }
@@ -411,18 +451,23 @@ impl Job {
         round: u64,
         push: Staged,
         weight: f32,
+        lease: u64,
     ) -> Result<(Admission, u32)> {
         self.check_serving()?;
         let bytes = push.bytes;
         let mut c = self.collect.lock();
-        if self.admit_locked(&c, worker, round)? == Admission::Duplicate {
+        if self.admit_locked(&c, worker, round, lease)? == Admission::Duplicate {
             self.metrics.duplicates.increment(1);
             return Ok((Admission::Duplicate, c.count));
+        }
+        let new = !c.pushed[worker as usize];
+        if new {
+            c.count += 1;
         }
         c.pushed[worker as usize] = true;
         c.pushes[worker as usize] = Some(push);
         c.weights[worker as usize] = weight;
-        c.count += 1;
+        c.leases[worker as usize] = lease;
         c.opened.get_or_insert_with(Instant::now);
         let count = c.count;
         self.metrics.pushes.increment(1);
@@ -434,7 +479,7 @@ impl Job {
         self.arrivals.send_modify(|n| *n += 1);
         // Higher ranks waiting for this push may be read now.
         self.spare.notify();
-        if count == 1 {
+        if new && count == 1 {
             // The round's driver: the coordinator chooses the round's
             // members once it may, then the round is completed.
             tokio::spawn(Arc::clone(self).drive(round));

@@ -10,6 +10,7 @@ use paramd_proto::v1 as pb;
 use crate::error::{Error, Result};
 
 use super::Job;
+use crate::coordinator::Coordinator;
 
 impl Job {
     /// Writes this shard's part of checkpoint `round` once the shard has
@@ -61,6 +62,11 @@ impl Job {
             last: store.last.clone(),
             shard: self.cluster.shard,
             shards: self.cluster.size(),
+            membership: self
+                .coordinator
+                .as_ref()
+                .and_then(Coordinator::membership)
+                .map(|(_, record)| record),
         };
         Ok(checkpoint::write_shard(
             root,

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use crate::checkpoint::Loaded;
 use crate::chunk::ChunkState;
 use crate::cluster::Cluster;
-use crate::coordinator::{Coordinator, Policy};
+use crate::coordinator::{Coordinator, Membership, MembershipRecord, Policy};
 use crate::error::Result;
 use crate::invalid;
 use crate::layout::Layout;
@@ -31,6 +31,7 @@ struct Resume {
     skipped: u64,
     last: Option<Decision>,
     restorable: Vec<u64>,
+    membership: Option<MembershipRecord>,
 }
 
 fn check_owners(layout: &Layout, owners: &[u32], cluster: &Cluster) -> Result<()> {
@@ -104,6 +105,7 @@ impl Job {
             skipped: loaded.meta.skipped,
             last: loaded.meta.last,
             restorable,
+            membership: loaded.meta.membership,
         };
         Ok(Job::assemble(
             loaded.meta.job,
@@ -139,12 +141,20 @@ impl Job {
             workers: config.workers,
             backup_workers: config.backup_workers,
             worker_timeout: config.worker_timeout,
+            elastic: config.elastic,
         };
-        let metrics = JobMetrics::new(&name, config.groups.len());
+        let metrics = JobMetrics::new(&name, config.groups.len(), config.elastic.is_some());
         let workers = config.workers as usize;
         let every = cluster.checkpoints.as_ref().map_or(0, |c| c.every);
         let cluster_size = cluster.size();
         let cluster_history = cluster.history_rounds;
+        let membership = config
+            .elastic
+            .zip(metrics.membership.clone())
+            .map(|(rules, m)| {
+                let record = resume.membership.clone().unwrap_or_default();
+                Membership::new(&name, rules, config.workers, &record, m)
+            });
         let coordinator = (cluster.shard == 0).then(|| {
             Coordinator::new(
                 policy,
@@ -152,6 +162,7 @@ impl Job {
                 resume.round,
                 resume.step,
                 metrics.shard_wait.clone(),
+                membership,
             )
             .with_checkpoint_every(every)
         });
@@ -181,6 +192,7 @@ impl Job {
                 reading: vec![None; workers],
                 load: None,
                 weights: vec![1.0; workers],
+                leases: vec![0; workers],
             }),
             completed: watch::channel(resume.round).0,
             arrivals: watch::channel(0).0,

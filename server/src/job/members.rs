@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::coordinator::Members;
+use crate::coordinator::{Lease, Members};
 use crate::error::{Error, Result};
 use crate::spec::Merge;
 
@@ -29,13 +29,14 @@ impl Job {
         loop {
             arrivals.borrow_and_update();
             self.fold_ready(round).await?;
-            let held: Vec<u32> = {
+            let held: Vec<(u32, u64)> = {
                 let c = self.collect.lock();
                 if c.round != round || c.closed || self.deleted.load(Ordering::Acquire) {
                     return Ok(None);
                 }
                 (0..c.pushed.len() as u32)
                     .filter(|&w| c.pushed[w as usize])
+                    .map(|w| (w, c.leases[w as usize]))
                     .collect()
             };
             let answer = tokio::select! {
@@ -64,7 +65,7 @@ impl Job {
         }
     }
 
-    async fn ask_members(&self, round: u64, held: &[u32]) -> Result<Members> {
+    async fn ask_members(&self, round: u64, held: &[(u32, u64)]) -> Result<Members> {
         match &self.coordinator {
             Some(c) => {
                 c.members(round, self.cluster.shard, held, self.cluster.round_timeout)
@@ -80,11 +81,31 @@ impl Job {
         &self,
         round: u64,
         shard: usize,
-        held: &[u32],
+        held: &[(u32, u64)],
     ) -> Result<Members> {
         let c = self.coordinator()?;
         c.members(round, shard, held, self.cluster.round_timeout)
             .await
+    }
+
+    /// Makes a new member of this elastic job (on its coordinator): worker
+    /// id, lease, and the round it pushes next.
+    pub fn join(&self) -> Result<(u32, Lease, u64)> {
+        let r = self.coordinator()?.join(&self.name);
+        if let Err(e) = &r {
+            tracing::debug!(job = %self.name, error = %e, "join refused");
+        }
+        r
+    }
+
+    /// Renews a member's lease; the round being collected.
+    pub fn heartbeat(&self, worker: u32, lease: u64) -> Result<u64> {
+        self.coordinator()?.heartbeat(&self.name, worker, lease)
+    }
+
+    /// Ends a membership.
+    pub fn leave(&self, worker: u32, lease: u64) -> Result<()> {
+        self.coordinator()?.leave(&self.name, worker, lease)
     }
 
     /// On a one-shard job, sums the pushes of the next ranks into the

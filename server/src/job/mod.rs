@@ -25,7 +25,7 @@ use self::history::History;
 pub use self::load::{LoadReceiver, StagedLoad};
 use crate::chunk::ChunkState;
 use crate::cluster::Cluster;
-use crate::coordinator::{Coordinator, Decision};
+use crate::coordinator::{Coordinator, Decision, Lease};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::metrics::JobMetrics;
@@ -57,6 +57,8 @@ pub struct JobStatus {
     /// Workers without a push of the open round (none before its first
     /// push), at most `WAITING_SHOWN`.
     pub waiting_for: Vec<u32>,
+    /// An elastic job's current members (on its coordinator).
+    pub members: Vec<(u32, Lease)>,
 }
 
 /// The most late workers a status lists.
@@ -100,6 +102,8 @@ struct Collect {
     load: Option<StagedLoad>,
     /// Each worker's weight in the round's merge (1 for a mean).
     weights: Vec<f32>,
+    /// The lease each worker's push of the round came with (elastic jobs).
+    leases: Vec<u64>,
 }
 
 /// A job as held by one shard.
@@ -272,11 +276,20 @@ impl Job {
 
     /// Round, step and sizes of the job.
     pub fn status(&self) -> JobStatus {
+        let members = self
+            .coordinator
+            .as_ref()
+            .and_then(Coordinator::membership)
+            .map(|(m, _)| m)
+            .unwrap_or_default();
         let (workers_pushed, waiting_for) = {
             let c = self.collect.lock();
+            // An elastic job waits for its members only.
+            let expected =
+                |w: u32| self.config.elastic.is_none() || members.iter().any(|&(m, _)| m == w);
             let waiting = if c.count > 0 {
                 (0..c.pushed.len() as u32)
-                    .filter(|&w| !c.pushed[w as usize])
+                    .filter(|&w| !c.pushed[w as usize] && expected(w))
                     .take(WAITING_SHOWN)
                     .collect()
             } else {
@@ -294,6 +307,7 @@ impl Job {
             parameter_bytes: store.chunks.iter().map(|c| c.values.len() * 4).sum(),
             state_bytes: store.chunks.iter().map(ChunkState::state_bytes).sum(),
             waiting_for,
+            members,
         }
     }
 

@@ -78,7 +78,7 @@ async fn overlapping_pushes_are_read_in_rank_order_and_summed_as_they_stream() {
     );
 
     job.feed(&mut push0, gradient(0), &[]).expect("feed");
-    job.push(0, 0, job.finish(push0).expect("push 0"), 1.0)
+    job.push(0, 0, job.finish(push0).expect("push 0"), 1.0, 0)
         .expect("recorded");
     drop(reading0);
     // Rank 1 goes once rank 0 is summed and its buffers are back.
@@ -98,13 +98,13 @@ async fn overlapping_pushes_are_read_in_rank_order_and_summed_as_they_stream() {
     );
     assert_eq!(job.spare.allocated(), 1, "rank 1 reuses rank 0's set");
     job.feed(&mut push1, gradient(1), &[]).expect("feed");
-    job.push(1, 0, job.finish(push1).expect("push 1"), 1.0)
+    job.push(1, 0, job.finish(push1).expect("push 1"), 1.0, 0)
         .expect("recorded");
     drop(reading1);
     let (reading2, mut push2) = second.await;
     assert!(push2.summed());
     job.feed(&mut push2, gradient(2), &[]).expect("feed");
-    job.push(2, 0, job.finish(push2).expect("push 2"), 1.0)
+    job.push(2, 0, job.finish(push2).expect("push 2"), 1.0, 0)
         .expect("recorded");
     drop(reading2);
 

@@ -205,6 +205,7 @@ pub(crate) async fn raw_push(
     grads: Vec<pb::Segment>,
 ) -> Result<pb::PushResponse, tonic::Status> {
     let req = pb::PushRequest {
+        lease: 0,
         weight: 0.0,
         job: job.to_owned(),
         worker,
