@@ -282,6 +282,29 @@ async fn a_member_whose_lease_runs_out_is_not_waited_for() {
             .expect_err("expired"),
     );
     not_member(&push(&c, "run", &killed, 1).await.expect_err("expired"));
+    c.leave("run", a.worker, a.lease).await.expect("leave");
+    let (_, body) = paramd_tests::http_get(server.http, "/metrics")
+        .await
+        .expect("metrics");
+    let job = [("job", "run")];
+    let value = |name, labels: &[(&str, &str)]| paramd_tests::metric(&body, name, labels);
+    assert_eq!(value("paramd_members", &job), Some(0.0));
+    assert_eq!(value("paramd_member_joins_total", &job), Some(2.0));
+    for (reason, n) in [("expired", 1.0), ("left", 1.0)] {
+        let labels = [("job", "run"), ("reason", reason)];
+        assert_eq!(
+            value("paramd_member_leaves_total", &labels),
+            Some(n),
+            "{reason}"
+        );
+    }
+    assert_eq!(value("paramd_round_participants", &job), Some(1.0));
+    assert_eq!(
+        value("paramd_quorum_wait_seconds_count", &job),
+        Some(1.0),
+        "one round reached its quorum"
+    );
+    assert_eq!(value("paramd_grace_used_seconds_count", &job), Some(1.0));
     server.shutdown().await;
 }
 

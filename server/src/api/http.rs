@@ -94,6 +94,9 @@ pub fn router(handle: PrometheusHandle, node: Arc<Node>) -> Router {
             "/metrics",
             get(move || {
                 let jobs = scraped.jobs();
+                // Memberships whose lease ran out end before the scrape
+                // counts the members.
+                jobs.iter().for_each(|j| j.expire_leases());
                 crate::metrics::before_scrape(jobs.iter().map(|j| &j.metrics));
                 let live = jobs
                     .iter()

@@ -520,16 +520,10 @@ impl Coordinator {
 
     /// Renews a member's lease; the round being collected.
     pub fn heartbeat(&self, job: &str, worker: u32, lease: u64) -> Result<u64> {
+        self.expire_leases();
         let mut g = self.state.lock();
-        let ms = elastic(&mut g, job)?;
-        let expired = ms.expire(Instant::now());
-        let renewed = ms.heartbeat(worker, lease, Instant::now());
-        let round = g.round;
-        drop(g);
-        if expired {
-            self.changes.send_modify(|n| *n += 1);
-        }
-        renewed.map(|()| round)
+        elastic(&mut g, job)?.heartbeat(worker, lease, Instant::now())?;
+        Ok(g.round)
     }
 
     /// Ends a membership (harmless if it ended already); a round waiting
@@ -544,19 +538,30 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Ends the memberships whose lease ran out; a round waiting for one of
+    /// them looks again.
+    pub fn expire_leases(&self) {
+        let mut g = self.state.lock();
+        if g.membership
+            .as_mut()
+            .is_some_and(|ms| ms.expire(Instant::now()))
+        {
+            drop(g);
+            self.changes.send_modify(|n| *n += 1);
+        }
+    }
+
     /// Whether an elastic job's push of `round` from `worker` with `lease`
     /// may be read: the lease is the worker's membership and the round's
     /// participants are not chosen yet (then the push is stale). Any push
     /// passes in a job of fixed workers.
     pub fn admit_push(&self, job: &str, worker: u32, lease: u64, round: u64) -> Result<()> {
-        let mut g = self.state.lock();
+        self.expire_leases();
+        let g = self.state.lock();
         let open = g.round;
-        let Some(ms) = g.membership.as_mut() else {
+        let Some(ms) = g.membership.as_ref() else {
             return Ok(());
         };
-        if ms.expire(Instant::now()) {
-            self.changes.send_modify(|n| *n += 1);
-        }
         ms.check(worker, lease)?;
         let collecting = if self.chosen(open).is_some() {
             open + 1

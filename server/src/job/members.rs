@@ -103,6 +103,14 @@ impl Job {
         self.coordinator()?.heartbeat(&self.name, worker, lease)
     }
 
+    /// Ends the memberships of this elastic job whose lease ran out (on its
+    /// coordinator; nothing elsewhere).
+    pub fn expire_leases(&self) {
+        if let Some(c) = &self.coordinator {
+            c.expire_leases();
+        }
+    }
+
     /// Ends a membership.
     pub fn leave(&self, worker: u32, lease: u64) -> Result<()> {
         self.coordinator()?.leave(&self.name, worker, lease)

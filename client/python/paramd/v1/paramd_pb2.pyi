@@ -25,6 +25,11 @@ class NonFinitePolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NON_FINITE_POLICY_SKIP: _ClassVar[NonFinitePolicy]
     NON_FINITE_POLICY_ERROR: _ClassVar[NonFinitePolicy]
 
+class Membership(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MEMBERSHIP_FIXED: _ClassVar[Membership]
+    MEMBERSHIP_ELASTIC: _ClassVar[Membership]
+
 class Merge(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MERGE_MEAN: _ClassVar[Merge]
@@ -38,6 +43,8 @@ OPTIMIZER_KIND_ADAM: OptimizerKind
 OPTIMIZER_KIND_ADAMW: OptimizerKind
 NON_FINITE_POLICY_SKIP: NonFinitePolicy
 NON_FINITE_POLICY_ERROR: NonFinitePolicy
+MEMBERSHIP_FIXED: Membership
+MEMBERSHIP_ELASTIC: Membership
 MERGE_MEAN: Merge
 MERGE_WEIGHTED: Merge
 
@@ -140,7 +147,7 @@ class Clip(_message.Message):
     def __init__(self, max_norm: _Optional[float] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("params", "optimizer", "param_groups", "schedule", "clip", "workers", "non_finite", "worker_timeout_seconds", "backup_workers", "merge")
+    __slots__ = ("params", "optimizer", "param_groups", "schedule", "clip", "workers", "non_finite", "worker_timeout_seconds", "backup_workers", "merge", "membership", "min_workers", "lease_seconds")
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     PARAM_GROUPS_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +158,9 @@ class JobSpec(_message.Message):
     WORKER_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BACKUP_WORKERS_FIELD_NUMBER: _ClassVar[int]
     MERGE_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
+    MIN_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     params: _containers.RepeatedCompositeFieldContainer[ParamSpec]
     optimizer: Optimizer
     param_groups: _containers.RepeatedCompositeFieldContainer[ParamGroup]
@@ -161,7 +171,60 @@ class JobSpec(_message.Message):
     worker_timeout_seconds: float
     backup_workers: int
     merge: Merge
-    def __init__(self, params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., param_groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., clip: _Optional[_Union[Clip, _Mapping]] = ..., workers: _Optional[int] = ..., non_finite: _Optional[_Union[NonFinitePolicy, str]] = ..., worker_timeout_seconds: _Optional[float] = ..., backup_workers: _Optional[int] = ..., merge: _Optional[_Union[Merge, str]] = ...) -> None: ...
+    membership: Membership
+    min_workers: int
+    lease_seconds: float
+    def __init__(self, params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., param_groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., clip: _Optional[_Union[Clip, _Mapping]] = ..., workers: _Optional[int] = ..., non_finite: _Optional[_Union[NonFinitePolicy, str]] = ..., worker_timeout_seconds: _Optional[float] = ..., backup_workers: _Optional[int] = ..., merge: _Optional[_Union[Merge, str]] = ..., membership: _Optional[_Union[Membership, str]] = ..., min_workers: _Optional[int] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    def __init__(self, job: _Optional[str] = ...) -> None: ...
+
+class JoinResponse(_message.Message):
+    __slots__ = ("worker", "lease", "lease_seconds", "round")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    worker: int
+    lease: int
+    lease_seconds: float
+    round: int
+    def __init__(self, worker: _Optional[int] = ..., lease: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., round: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("job", "worker", "lease")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    worker: int
+    lease: int
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., lease: _Optional[int] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("round", "lease_seconds")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    lease_seconds: float
+    def __init__(self, round: _Optional[int] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("job", "worker", "lease")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    worker: int
+    lease: int
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., lease: _Optional[int] = ...) -> None: ...
+
+class LeaveResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class InitRequest(_message.Message):
     __slots__ = ("job", "spec", "values")
@@ -182,20 +245,22 @@ class InitResponse(_message.Message):
     def __init__(self, round: _Optional[int] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("job", "worker", "round", "grads", "no_grad", "weight")
+    __slots__ = ("job", "worker", "round", "grads", "no_grad", "weight", "lease")
     JOB_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
     NO_GRAD_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
     job: str
     worker: int
     round: int
     grads: _containers.RepeatedCompositeFieldContainer[Segment]
     no_grad: _containers.RepeatedScalarFieldContainer[str]
     weight: float
-    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., round: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., no_grad: _Optional[_Iterable[str]] = ..., weight: _Optional[float] = ...) -> None: ...
+    lease: int
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., round: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., no_grad: _Optional[_Iterable[str]] = ..., weight: _Optional[float] = ..., lease: _Optional[int] = ...) -> None: ...
 
 class PushResponse(_message.Message):
     __slots__ = ("duplicate", "pushed")
@@ -254,7 +319,7 @@ class StatusRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job", "round", "step", "workers_expected", "workers_pushed", "rounds_skipped", "last", "parameters", "parameter_bytes", "optimizer_state_bytes", "optimizer", "shards", "waiting_for")
+    __slots__ = ("job", "round", "step", "workers_expected", "workers_pushed", "rounds_skipped", "last", "parameters", "parameter_bytes", "optimizer_state_bytes", "optimizer", "shards", "waiting_for", "members", "min_workers")
     JOB_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +333,8 @@ class JobStatus(_message.Message):
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    MIN_WORKERS_FIELD_NUMBER: _ClassVar[int]
     job: str
     round: int
     step: int
@@ -281,7 +348,21 @@ class JobStatus(_message.Message):
     optimizer: str
     shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
     waiting_for: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, job: _Optional[str] = ..., round: _Optional[int] = ..., step: _Optional[int] = ..., workers_expected: _Optional[int] = ..., workers_pushed: _Optional[int] = ..., rounds_skipped: _Optional[int] = ..., last: _Optional[_Union[RoundOutcome, _Mapping]] = ..., parameters: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., optimizer_state_bytes: _Optional[int] = ..., optimizer: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., waiting_for: _Optional[_Iterable[int]] = ...) -> None: ...
+    members: _containers.RepeatedCompositeFieldContainer[Member]
+    min_workers: int
+    def __init__(self, job: _Optional[str] = ..., round: _Optional[int] = ..., step: _Optional[int] = ..., workers_expected: _Optional[int] = ..., workers_pushed: _Optional[int] = ..., rounds_skipped: _Optional[int] = ..., last: _Optional[_Union[RoundOutcome, _Mapping]] = ..., parameters: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., optimizer_state_bytes: _Optional[int] = ..., optimizer: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., waiting_for: _Optional[_Iterable[int]] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., min_workers: _Optional[int] = ...) -> None: ...
+
+class Member(_message.Message):
+    __slots__ = ("worker", "lease", "expires_in_seconds", "joined_round")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    JOINED_ROUND_FIELD_NUMBER: _ClassVar[int]
+    worker: int
+    lease: int
+    expires_in_seconds: float
+    joined_round: int
+    def __init__(self, worker: _Optional[int] = ..., lease: _Optional[int] = ..., expires_in_seconds: _Optional[float] = ..., joined_round: _Optional[int] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
     __slots__ = ("index", "address", "up", "chunks", "parameter_bytes", "optimizer_state_bytes", "round", "error")
@@ -488,16 +569,18 @@ class DropShardResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class MembersRequest(_message.Message):
-    __slots__ = ("job", "round", "shard", "workers")
+    __slots__ = ("job", "round", "shard", "workers", "leases")
     JOB_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
     job: str
     round: int
     shard: int
     workers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, job: _Optional[str] = ..., round: _Optional[int] = ..., shard: _Optional[int] = ..., workers: _Optional[_Iterable[int]] = ...) -> None: ...
+    leases: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, job: _Optional[str] = ..., round: _Optional[int] = ..., shard: _Optional[int] = ..., workers: _Optional[_Iterable[int]] = ..., leases: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class MembersResponse(_message.Message):
     __slots__ = ("round", "workers", "dropped")
