@@ -11,7 +11,8 @@
 //! round is refused as stale and counts from the next; a member that
 //! leaves is not waited for; a lease that runs out ends the membership (a
 //! worker killed mid-round); a push, heartbeat or leave with a lease that
-//! is not the worker id's membership is refused as `not_member`.
+//! is not the worker id's membership is refused as `not_member`. Eight
+//! members pushing bf16 and f16 average their decoded pushes.
 //! Checkpoints keep the membership: after kill -9 of every shard the
 //! members go on with their leases, bit-identical to a run that never
 //! stopped.
@@ -19,6 +20,7 @@
 use std::time::Duration;
 
 use paramd_client::{Client, Pulled, PushOptions, v1 as pb};
+use paramd_proto::wire;
 use paramd_tests::{
     Daemon, TestServer, flat_spec, on_one_and_three_shards, outer_sgd, reserve_ports,
     start_cluster, wait_serving,
@@ -245,6 +247,75 @@ async fn rounds_average_the_members_that_pushed() {
     on_one_and_three_shards(members_come_and_go).await;
 }
 
+/// Eight members pushing in bf16 and f16 by turns: each round is the step
+/// on the mean of their decoded pushes, in worker-id order.
+async fn eight_members(mut c: Client) -> Vec<(String, Vec<u32>)> {
+    init(&mut c, "eight", spec(8, 8, 600.0, None)).await;
+    init(&mut c, "eight-given", flat_spec(&SHAPES, outer_sgd(), 1)).await;
+    let mut members = Vec::new();
+    for who in 0..8 {
+        members.push(join(&c, "eight", who).await.0);
+    }
+    let dtype = |m: &Member| {
+        if m.worker.is_multiple_of(2) {
+            pb::Dtype::Bf16
+        } else {
+            pb::Dtype::F16
+        }
+    };
+    let mut last = None;
+    for r in 0..2u64 {
+        for m in &members {
+            let grads: Vec<(std::sync::Arc<str>, paramd_client::codec::Payload)> = SHAPES
+                .iter()
+                .map(|&(n, len)| {
+                    let bytes = wire::encode(&grad(n, len, m.who, r), dtype(m));
+                    (
+                        std::sync::Arc::from(n),
+                        paramd_client::codec::Payload::Owned(bytes),
+                    )
+                })
+                .collect();
+            let options = PushOptions {
+                dtype: dtype(m),
+                lease: m.lease,
+                ..Default::default()
+            };
+            c.push_payloads("eight", m.worker, r, &grads, &[], options)
+                .await
+                .expect("push");
+        }
+        let means: Vec<(&str, Vec<f32>)> = SHAPES
+            .iter()
+            .map(|&(n, len)| {
+                let mut sum = vec![0.0f32; len];
+                for (i, m) in members.iter().enumerate() {
+                    let mut g = vec![0.0; len];
+                    let bytes = wire::encode(&grad(n, len, m.who, r), dtype(m));
+                    wire::decode_into(&mut g, &bytes, dtype(m));
+                    for (s, x) in sum.iter_mut().zip(g) {
+                        *s = if i == 0 { x } else { *s + x };
+                    }
+                }
+                (n, sum.iter().map(|s| s / members.len() as f32).collect())
+            })
+            .collect();
+        let refs: Vec<(&str, &[f32])> = means.iter().map(|(n, v)| (*n, v.as_slice())).collect();
+        c.push("eight-given", 0, r, &refs).await.expect("reference");
+        let got = c.pull("eight", r + 1).await.expect("pull");
+        let want = c.pull("eight-given", r + 1).await.expect("pull");
+        assert_eq!(bits(&got), bits(&want), "round {r}");
+        assert_eq!(got.last.as_ref().expect("outcome").participants, 8);
+        last = Some(got);
+    }
+    bits(&last.expect("rounds"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_members_pushing_bf16_and_f16() {
+    on_one_and_three_shards(eight_members).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_whose_lease_runs_out_is_not_waited_for() {
     let server = TestServer::start().await;
@@ -454,6 +525,27 @@ async fn kill_9_and_restore_keeps_the_members() {
     let restored: Vec<(u32, u64)> = s.members.iter().map(|m| (m.worker, m.lease)).collect();
     let joined: Vec<(u32, u64)> = members.iter().map(|m| (m.worker, m.lease)).collect();
     assert_eq!(restored, joined, "the members and their leases");
+    // paramctl shows them.
+    let out = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || {
+            std::process::Command::new(paramd_tests::binary("paramctl"))
+                .args(["--server", &url, "status", "--job", "run"])
+                .output()
+                .expect("paramctl")
+        }
+    })
+    .await
+    .expect("join");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("members          3 (elastic: a round needs 2, at most 4 at once)"),
+        "{text}"
+    );
+    for m in &members {
+        let line = format!("worker {:<5} lease {:<8}", m.worker, m.lease);
+        assert!(text.contains(&line), "{line:?} not in {text}");
+    }
     let got = run_members(&mut c, 5, &mut members).await;
     assert_eq!(
         bits(&got),
