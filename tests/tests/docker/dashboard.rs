@@ -209,6 +209,17 @@ async fn every_dashboard_query_names_metrics_a_live_paramd_exports() {
         err.status().map(tonic::Status::code),
         Some(Code::InvalidArgument)
     );
+    // And an elastic job with a member, whose membership series the
+    // Workers panel plots.
+    let spec = paramd_client::v1::JobSpec {
+        membership: paramd_client::v1::Membership::Elastic as i32,
+        min_workers: 1,
+        ..paramd_tests::flat_spec(&[("w", 2)], paramd_tests::outer_sgd(), 2)
+    };
+    c.init("dash-elastic", spec, &[("w", &[0.0, 0.0])])
+        .await
+        .expect("init");
+    c.join("dash-elastic").await.expect("join");
     let (code, body) = http_get(http, "/metrics").await.expect("/metrics");
     assert_eq!(code, 200);
     let exported: BTreeSet<String> = body
