@@ -203,10 +203,15 @@ class _Remote(StateDict):
         self._loading = None  # see StateDict
         self._member: Optional[Member] = None
         if elastic:
-            # The first worker to arrive creates the job from its weights;
-            # the others' Init matches it, and every worker then joins and
-            # starts from the round the server gives it.
-            client.init(job, {n: p.detach().to("cpu").numpy() for n, p in named}, spec=spec)
+            # The first worker to arrive creates the job from its weights
+            # (two arriving at once both send them; one creates the job);
+            # the others' Init only checks it matches. Every worker then
+            # joins and starts from the round the server gives it.
+            try:
+                client.status(job)
+                client.init(job, [(n, tuple(p.shape)) for n, p in named], spec=spec)
+            except errors.NotFound:
+                client.init(job, {n: p.detach().to("cpu").numpy() for n, p in named}, spec=spec)
             self._member = Member(client, job)
             self.rank, r = self._member.current.worker, self._member.current
         elif self.rank == 0:

@@ -10,6 +10,7 @@ complete after the grace with the others."""
 
 import threading
 
+import numpy as np
 import pytest
 
 import paramd
@@ -238,3 +239,47 @@ def test_members_join_late_and_leave_early(cluster, job_name):
             assert torch.equal(got, w.detach()), who
     status = paramd.Client(cluster.url).job_status(job_name)
     assert list(status.members) == [], "every worker left"
+
+
+def test_a_member_whose_membership_ended_joins_again(one_shard, job_name):
+    """A worker's membership ends under it (here another client makes it
+    leave, as an expired lease would): its next synchronization is refused
+    as `not_member`, it joins again with a warning, loads the global
+    weights of the round it is given, and goes on."""
+    m = model()
+    inner = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    client = paramd.Client(one_shard.url)
+    with dl.DiLoCo(
+        m,
+        inner,
+        server=one_shard.url,
+        job=job_name,
+        sync_every=1,
+        outer=paramd.SGD(lr=0.7, momentum=0.9, nesterov=True),
+        min_workers=1,
+    ) as diloco:
+        inner_step(m, inner, 0, 0)
+        assert diloco.step() and diloco.round == 1
+        member = diloco.outer._member.current
+        client.leave(job_name, member)
+        with pytest.raises(paramd.NotMember, match="join again"):
+            client.heartbeat(job_name, member)
+        inner_step(m, inner, 0, 1)
+        with pytest.warns(UserWarning, match="joined again as worker"):
+            diloco.step()
+        assert diloco.stale_rounds == 1 and diloco.round == 1
+        inner_step(m, inner, 0, 2)
+        assert diloco.step() and diloco.round == 2 and diloco.participants == 1
+        assert [w.worker for w in client.job_status(job_name).members] == [diloco.worker]
+    assert list(client.job_status(job_name).members) == []
+
+
+def test_membership_calls_are_for_elastic_jobs(one_shard, job_name):
+    client = paramd.Client(one_shard.url)
+    client.init(job_name, {"w": np.zeros(2, np.float32)}, optimizer=paramd.SGD(lr=0.1), workers=2)
+    with pytest.raises(paramd.FailedPrecondition, match="has fixed workers"):
+        client.join(job_name)
+    with pytest.raises(paramd.InvalidArgument, match="lease_seconds is for an elastic job"):
+        paramd.config.job_spec([("w", (2,))], paramd.SGD(lr=0.1), 2, lease_seconds=3.0)
+    with pytest.raises(paramd.InvalidArgument, match="min_workers must be between 1 and workers"):
+        paramd.config.job_spec([("w", (2,))], paramd.SGD(lr=0.1), 2, min_workers=3)
