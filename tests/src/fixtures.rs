@@ -98,3 +98,15 @@ pub fn install(script: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Every parameter of a pull as the bits of its values, by name: what
+/// tests compare when they require bit-identical results.
+pub fn bits(p: &paramd_client::Pulled) -> Vec<(String, Vec<u32>)> {
+    let mut v: Vec<(String, Vec<u32>)> = p
+        .params
+        .iter()
+        .map(|(k, v)| (k.clone(), v.iter().map(|x| x.to_bits()).collect()))
+        .collect();
+    v.sort();
+    v
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use paramd_client::{Client, Pulled, v1 as pb};
 use paramd_tests::{
-    Daemon, TestServer, reserve_ports, shard_args, start_cluster, start_shard_with_env,
+    Daemon, TestServer, bits, reserve_ports, shard_args, start_cluster, start_shard_with_env,
     wait_serving,
 };
 
@@ -111,16 +111,6 @@ async fn init(c: &mut Client, job: &str) {
         ("scale", init[2].as_slice()),
     ];
     c.init(job, spec(), &named).await.expect("init");
-}
-
-fn bits(p: &Pulled) -> Vec<(String, Vec<u32>)> {
-    let mut v: Vec<(String, Vec<u32>)> = p
-        .params
-        .iter()
-        .map(|(k, v)| (k.clone(), v.iter().map(|x| x.to_bits()).collect()))
-        .collect();
-    v.sort();
-    v
 }
 
 /// The run that never stops.

@@ -22,7 +22,7 @@ use std::time::Duration;
 use paramd_client::{Client, Pulled, PushOptions, v1 as pb};
 use paramd_proto::wire;
 use paramd_tests::{
-    Daemon, TestServer, flat_spec, on_one_and_three_shards, outer_sgd, reserve_ports,
+    Daemon, TestServer, bits, flat_spec, on_one_and_three_shards, outer_sgd, reserve_ports,
     start_cluster, wait_serving,
 };
 use tonic::Code;
@@ -127,16 +127,6 @@ async fn reference(c: &mut Client, job: &str, r: u64, participants: &[&Member]) 
     }
     c.push(&given, 0, r, &refs).await.expect("reference push");
     c.pull(&given, r + 1).await.expect("reference pull")
-}
-
-fn bits(p: &Pulled) -> Vec<(String, Vec<u32>)> {
-    let mut v: Vec<_> = p
-        .params
-        .iter()
-        .map(|(n, v)| (n.clone(), v.iter().map(|x| x.to_bits()).collect()))
-        .collect();
-    v.sort();
-    v
 }
 
 fn reason(e: &paramd_client::ClientError) -> (Code, String) {

@@ -12,7 +12,7 @@ use paramd_client::codec::Payload;
 use paramd_client::v1 as pb;
 use paramd_client::{Client, PushOptions};
 use paramd_proto::wire;
-use paramd_tests::{TestServer, flat_spec, on_one_and_three_shards, outer_sgd};
+use paramd_tests::{TestServer, bits, flat_spec, on_one_and_three_shards, outer_sgd};
 use tonic::Code;
 
 const SHAPES: [(&str, usize); 2] = [("w", 9), ("b", 4)];
@@ -70,16 +70,6 @@ fn weighted_mean(name: &str, n: usize, r: u64) -> Vec<f32> {
         }
     }
     sum.iter().map(|s| s / total).collect()
-}
-
-fn bits(p: &paramd_client::Pulled) -> Vec<(String, Vec<u32>)> {
-    let mut v: Vec<_> = p
-        .params
-        .iter()
-        .map(|(n, v)| (n.clone(), v.iter().map(|x| x.to_bits()).collect()))
-        .collect();
-    v.sort();
-    v
 }
 
 async fn check(mut c: Client) -> Vec<(String, Vec<u32>)> {

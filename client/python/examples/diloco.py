@@ -71,11 +71,10 @@ def inner_step(model: nn.Module, inner: torch.optim.Optimizer, who: int, step: i
     return loss.item()
 
 
-def train(args: argparse.Namespace, who: int, until: Optional[int], out: Optional[str] = None) -> None:
-    """Worker `who`: joins the job, trains until the job has completed
-    `until` rounds (`--rounds` rounds from the one it joined at if None),
-    and leaves."""
-    model = build_model()
+def train(args: argparse.Namespace, who: int, model: nn.Module, until: Optional[int] = None) -> None:
+    """Worker `who`: joins the job, trains `model` until the job has
+    completed `until` rounds (`--rounds` rounds from the one it joined at
+    if None), and leaves."""
     inner = torch.optim.AdamW(model.parameters(), lr=4e-3)
     took: List[int] = []
     with paramd.diloco.DiLoCo(
@@ -109,10 +108,10 @@ def train(args: argparse.Namespace, who: int, until: Optional[int], out: Optiona
                 )
         worker = diloco.worker
     print("worker %d left after round %d" % (who, diloco.round - 1), flush=True)
-    if out is not None:
-        with open(os.path.join(out, "worker%d.json" % who), "w") as f:
+    if args.out is not None:
+        with open(os.path.join(args.out, "worker%d.json" % who), "w") as f:
             json.dump({"worker": worker, "rounds": took}, f)
-        torch.save(model.state_dict(), os.path.join(out, "worker%d.pt" % who))
+        torch.save(model.state_dict(), os.path.join(args.out, "worker%d.pt" % who))
 
 
 def wait_for_round(args: argparse.Namespace, round: int) -> None:
@@ -133,12 +132,15 @@ def demo(args: argparse.Namespace) -> None:
     early."""
     torch.set_num_threads(1)
     failures: Dict[int, BaseException] = {}
+    # Built here: torch's global generator, which seeds them, is not for
+    # threads to share.
+    models = [build_model() for _ in range(3)]
 
     def run(who: int, until: int, join_at: int = 0) -> None:
         try:
             if join_at:
                 wait_for_round(args, join_at)
-            train(args, who, until, args.out)
+            train(args, who, models[who], until)
         except BaseException as e:
             failures[who] = e
             raise
@@ -172,7 +174,7 @@ def main() -> None:
     if args.who is None:
         demo(args)
     else:
-        train(args, args.who, None, args.out)
+        train(args, args.who, build_model())
 
 
 if __name__ == "__main__":

@@ -327,6 +327,14 @@ _NON_FINITE = {"skip": pb.NON_FINITE_POLICY_SKIP, "error": pb.NON_FINITE_POLICY_
 _MERGE = {"mean": pb.MERGE_MEAN, "weighted": pb.MERGE_WEIGHTED}
 
 
+def _seconds(field: str, value: Any) -> float:
+    """A duration in seconds, > 0."""
+    t = _number(field, value)
+    if t <= 0:
+        raise InvalidArgument("%s must be > 0 seconds, got %r" % (field, t))
+    return t
+
+
 def job_spec(
     params: Sequence[Tuple[str, Sequence[int]]],
     optimizer: Optimizer,
@@ -410,10 +418,7 @@ def job_spec(
     if clip is not None:
         spec.clip.CopyFrom(clip.to_pb())
     if worker_timeout is not None:
-        t = _number("worker_timeout", worker_timeout)
-        if t <= 0:
-            raise InvalidArgument("worker_timeout must be > 0 seconds, got %r" % t)
-        spec.worker_timeout_seconds = t
+        spec.worker_timeout_seconds = _seconds("worker_timeout", worker_timeout)
     if min_workers is not None:
         least = _steps("min_workers", min_workers)
         if not 1 <= least <= workers:
@@ -421,10 +426,7 @@ def job_spec(
         spec.membership = pb.MEMBERSHIP_ELASTIC
         spec.min_workers = least
         if lease_seconds is not None:
-            lease = _number("lease_seconds", lease_seconds)
-            if lease <= 0:
-                raise InvalidArgument("lease_seconds must be > 0 seconds, got %r" % lease)
-            spec.lease_seconds = lease
+            spec.lease_seconds = _seconds("lease_seconds", lease_seconds)
     elif lease_seconds is not None:
         raise InvalidArgument("lease_seconds is for an elastic job (give min_workers), got %r" % (lease_seconds,))
     return spec

@@ -226,7 +226,11 @@ class _Remote(StateDict):
         # a device copy is one DMA pass and no page is faulted in per step.
         self._pull_host: Dict[str, torch.Tensor] = {}
         self._grad_host: Dict[str, torch.Tensor] = {}
-        self._sync(self.round)
+        try:
+            self._sync(self.round)
+        except BaseException:
+            self.leave()
+            raise
         # With overlap, each gradient is pushed as soon as backward has
         # accumulated it (the push is open from the first), so the network
         # works while backward computes the rest, as DDP's bucketed

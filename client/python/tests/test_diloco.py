@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import paramd
+from diloco_reference import set_outer_gradient
 
 torch = pytest.importorskip("torch")
 import paramd.diloco as dl  # noqa: E402
@@ -63,20 +64,7 @@ def simulate(wire, weighted=False, members=lambda r: range(WORKERS)):
                 inner_step(workers[w], inners[w], w, step + k)
         weights = [sum(weight_of(w, step + k) for k in range(H)) for w in ranks] if weighted else None
         step += H
-        with torch.no_grad():
-            for name, g in glob.named_parameters():
-                deltas = [(g - dict(workers[w].named_parameters())[name]).to(CASTS[wire]).float() for w in ranks]
-                if weighted:
-                    w = torch.tensor(weights, dtype=torch.float32)
-                    total, norm = w[0] * deltas[0], w[0]
-                    for i in range(1, len(ranks)):
-                        total, norm = total + w[i] * deltas[i], norm + w[i]
-                    g.grad = total / norm
-                    continue
-                total = deltas[0]
-                for d in deltas[1:]:
-                    total = total + d
-                g.grad = total / len(ranks)
+        set_outer_gradient(glob, [workers[w] for w in ranks], CASTS[wire], weights)
         outer.step()
     return glob
 

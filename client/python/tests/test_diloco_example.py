@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from conftest import EXAMPLES
+from diloco_reference import set_outer_gradient
 
 torch = pytest.importorskip("torch")
 
@@ -44,13 +45,7 @@ def simulate(ex, records):
         for k in range(H):
             for w in members:
                 ex.inner_step(copies[w], inners[w], w, r * H + k)
-        with torch.no_grad():
-            for name, g in glob.named_parameters():
-                deltas = [(g - dict(copies[w].named_parameters())[name]).to(torch.bfloat16).float() for w in members]
-                total = deltas[0]
-                for d in deltas[1:]:
-                    total = total + d
-                g.grad = total / len(members)
+        set_outer_gradient(glob, [copies[w] for w in members], torch.bfloat16)
         outer.step()
     return glob
 
@@ -72,4 +67,6 @@ def test_the_examples_workers_end_with_the_simulations_global_weights(cluster, j
     for who in (0, 2):
         got = torch.load(tmp_path / ("worker%d.pt" % who))
         for name, w in want.state_dict().items():
-            torch.testing.assert_close(got[name], w, rtol=1e-5, atol=1e-7, msg=lambda m: "%d %s: %s" % (who, name, m))
+            torch.testing.assert_close(
+                got[name], w, rtol=1e-5, atol=1e-7, msg=lambda m: "%d %s: %s\n%s" % (who, name, m, run.stdout)
+            )

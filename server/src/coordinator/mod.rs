@@ -474,12 +474,13 @@ impl Coordinator {
                 .map(tokio::time::Instant::from_std)
                 .filter(|&t| t > tokio::time::Instant::now())
                 .map_or(deadline, |t| t.min(deadline));
-            let chosen = tokio::select! {
+            // True: members were chosen; false: look again.
+            let news = tokio::select! {
                 c = rx.changed() => c.map(|()| true),
                 c = changes.changed() => c.map(|()| false),
                 () = tokio::time::sleep_until(wake) => Ok(false),
             };
-            let Ok(chosen) = chosen else {
+            let Ok(chosen) = news else {
                 return Err(Error::Internal(format!(
                     "round {round} was abandoned by the coordinator"
                 )));
