@@ -6,6 +6,7 @@ run by hand, the binaries are looked up in the cargo target directory.
 """
 
 import ctypes
+import importlib.util
 import os
 import re
 import shutil
@@ -30,6 +31,15 @@ pytest_plugins = ["fakes"]
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent.parent
 EXAMPLES = HERE.parent / "examples"
+
+
+def load_example(name: str):
+    """The example script `examples/<name>.py` as a module (its model and
+    data functions are what the tests' references use)."""
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / ("%s.py" % name))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 # The installed package is under test, never the sources beside this folder

@@ -6,14 +6,13 @@ had: a model copy per worker with its own inner AdamW on the same data,
 pseudo-gradients cast to bf16 and back, averaged in worker-id order,
 `torch.optim.SGD(0.7, 0.9, nesterov=True)` stepping the global weights."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, load_example
 from diloco_reference import set_outer_gradient
 
 torch = pytest.importorskip("torch")
@@ -22,10 +21,7 @@ ROUNDS, H, JOIN_AT, LEAVE_AFTER = 6, 5, 2, 4
 
 
 def example():
-    spec = importlib.util.spec_from_file_location("diloco_example", EXAMPLES / "diloco.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("diloco")
 
 
 def simulate(ex, records):

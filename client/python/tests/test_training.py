@@ -4,14 +4,13 @@ clipping, each on its own slice of the data; the result must be the model
 a single torch process gets from torch.optim.AdamW + LambdaLR +
 clip_grad_norm_ on the mean of the four workers' gradients."""
 
-import importlib.util
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, load_example
 
 torch = pytest.importorskip("torch")
 
@@ -20,10 +19,7 @@ ATOL, RTOL, NORM_RTOL = 1e-6, 1e-4, 1e-3
 
 
 def example():
-    spec = importlib.util.spec_from_file_location("train_mlp", EXAMPLES / "train_mlp.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("train_mlp")
 
 
 def reference(ex, steps):
