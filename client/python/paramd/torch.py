@@ -364,7 +364,9 @@ class _Remote(StateDict):
             # The round completed without this worker (dropped after the
             # job's worker_timeout): take the current parameters and join
             # the next round; these gradients were for stale parameters.
-            current = self.client.job_status(self.job).round
+            # The round is closed, though perhaps not applied yet: the
+            # next one to push for is after it.
+            current = max(self.client.job_status(self.job).round, self.round + 1)
             warnings.warn(
                 "rank %d: round %d of job %r completed without this worker; rejoining at round %d"
                 % (self.rank, self.round, self.job, current),
